@@ -1,0 +1,51 @@
+"""Per-sample augmentation: crop offset and flip drawn from (seed, epoch, sample index), so no process or worker count changes them."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CropFlip(NamedTuple):
+    top: int   # offset of the crop in the zero-padded image
+    left: int
+    flip: bool
+
+
+def sample_params(seed: int, epoch: int, index: int, size: int, crop: int, padding: int) -> CropFlip:
+    """The random crop and flip of one sample in one epoch: a pure function of its key, the same on every layout."""
+    rng = np.random.default_rng((seed, epoch, index))
+    span = size + 2 * padding - crop
+    top, left = (int(v) for v in rng.integers(0, span + 1, size=2))
+    return CropFlip(top, left, bool(rng.integers(0, 2)))
+
+
+def resize(img: Image.Image, size: int) -> torch.Tensor:
+    """The recipe's Resize((size, size)) with PIL's bilinear filter, as a uint8 CHW tensor."""
+    img = F.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return F.pil_to_tensor(img)
+
+
+def crop_flip(image: torch.Tensor, p: CropFlip, crop: int, padding: int) -> torch.Tensor:
+    """RandomCrop(crop, padding) then RandomHorizontalFlip with the given draw. F.crop zero-fills outside the image,
+    which equals cropping the zero-padded image at (top, left)."""
+    out = F.crop(image, p.top - padding, p.left - padding, crop, crop)
+    return F.horizontal_flip(out) if p.flip else out
+
+
+def center_crop(image: torch.Tensor, crop: int) -> torch.Tensor:
+    return F.center_crop(image, [crop, crop])
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW batch -> float, ImageNet-normalised, on the batch's own device (the host only moves bytes)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1) * 255
+    return (batch.float() - mean) / std

@@ -1,0 +1,123 @@
+"""The data path: resolve -d to a folder, check its layout, and build the keyed datasets and loaders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from fgic import augment
+from fgic.errors import FgicError
+from fgic.samplers import ShardSampler, TrainSampler
+
+REGISTRY = ("cub", "aircraft", "cars", "demo")
+SPLITS = ("train", "test")
+
+
+def resolve(data: str, data_root: str) -> tuple[str, Path]:
+    """-d NAME|PATH -> (dataset name for the run folder, dataset folder). `demo` is generated on first use."""
+    if data in REGISTRY:
+        root = Path(data_root) / data
+        if data == "demo":
+            from fgic.demo import ensure_demo
+            return data, Path(ensure_demo(root))
+        if not root.is_dir():
+            raise FgicError(f"-d {data}: no dataset at {root}; put it there in ImageFolder layout "
+                            f"({root}/train/CLASS/*.jpg and {root}/test/CLASS/*.jpg, see README 'Data') "
+                            f"or point --data-root / $FGIC_DATA at the folder holding {data}/")
+        return data, root
+    root = Path(data)
+    if not root.is_dir():
+        raise FgicError(f"-d {data}: no such folder; give one of {', '.join(REGISTRY)} or a folder holding train/ and test/")
+    return root.resolve().name, root
+
+
+def check_layout(root: Path) -> list[str]:
+    """The class names, after checking train/ and test/ exist, have class folders with images, and agree."""
+    classes = {}
+    for split in SPLITS:
+        folder = root / split
+        if not folder.is_dir():
+            raise FgicError(f"{folder}: missing; a dataset folder holds train/ and test/, each with one folder per class")
+        names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+        if not names:
+            raise FgicError(f"{folder}: no class folders; put each class's images in {folder}/CLASS_NAME/")
+        for name in names:
+            if not any(_is_image(f) for f in os.listdir(folder / name)):
+                raise FgicError(f"{folder / name}: no images ({', '.join(IMG_EXTENSIONS)}); add some or remove the folder")
+        classes[split] = names
+    if classes["train"] != classes["test"]:
+        only_train = sorted(set(classes["train"]) - set(classes["test"]))
+        only_test = sorted(set(classes["test"]) - set(classes["train"]))
+        raise FgicError(f"{root}: train/ and test/ have different classes (only in train: {only_train[:3]}, "
+                        f"only in test: {only_test[:3]}); both need the same class folders")
+    return classes["train"]
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB, honouring its EXIF orientation."""
+    with Image.open(path) as img:
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
+class KeyedImageFolder(ImageFolder):
+    """ImageFolder returning uint8 CHW tensors. Training items are fetched by (epoch, index) keys and augmented from
+    (seed, epoch, index); test items by index, resized and centre-cropped."""
+
+    def __init__(self, root: Path, train: bool, resize: int, crop: int, padding: int, seed: int):
+        super().__init__(str(root), loader=load_rgb)
+        self.train, self.size, self.crop, self.padding, self.seed = train, resize, crop, padding, seed
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        path, label = self.samples[index]
+        image = augment.resize(self.loader(path), self.size)
+        if self.train:
+            params = augment.sample_params(self.seed, epoch, index, self.size, self.crop, self.padding)
+            image = augment.crop_flip(image, params, self.crop, self.padding)
+        else:
+            image = augment.center_crop(image, self.crop)
+        return image, label
+
+
+def default_workers(local_world_size: int) -> int:
+    """Loader workers per process: the CPUs this process may use, shared among the processes of the node, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cpus // max(1, local_world_size))
+
+
+def build(args, root: Path, world_size: int, rank: int, pin_memory: bool):
+    """(train_set, test_set, train_loader, test_loader) for this process; the loaders' batch is the per-process one."""
+    train_set = KeyedImageFolder(root / "train", True, args.resize, args.crop, args.padding, args.seed)
+    test_set = KeyedImageFolder(root / "test", False, args.resize, args.crop, args.padding, args.seed)
+    if len(train_set) < args.batch_size:
+        raise FgicError(f"-b/--batch-size {args.batch_size} is larger than the {len(train_set)} training images "
+                        f"in {root / 'train'}; use a smaller batch")
+    per_process = args.batch_size // world_size
+    opts = dict(num_workers=args.workers, pin_memory=pin_memory, persistent_workers=args.workers > 0)
+    train_loader = DataLoader(train_set, batch_size=per_process, drop_last=True,
+                              sampler=TrainSampler(len(train_set), world_size, rank, args.seed), **opts)
+    test_loader = DataLoader(test_set, batch_size=per_process, sampler=ShardSampler(len(test_set), world_size, rank),
+                             **opts)
+    return train_set, test_set, train_loader, test_loader
+
+
+def check_batch(batch_size: int, world_size: int) -> int:
+    """The per-process batch; the global batch must split evenly so every layout trains on the same batches."""
+    if batch_size < world_size or batch_size % world_size:
+        raise FgicError(f"-b/--batch-size {batch_size} does not split evenly over {world_size} processes; "
+                        f"use a multiple of {world_size}")
+    return batch_size // world_size
+
+
+def pin(batch, device: torch.device):
+    images, labels = batch
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

@@ -1,0 +1,165 @@
+"""Train (or evaluate) with the reference FGVC recipe on 1 process or N: `python -m fgic.ddp -d cub`,
+`torchrun --nproc_per_node=4 -m fgic.ddp -d cub`, or one srun task per GPU."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fgic import checkpoint, config, data, engine, models
+from fgic import dist as dist_mod
+from fgic.config import get_args_parser  # noqa: F401  (launchers import the parser from here)
+from fgic.dist import Dist
+from fgic.errors import FgicError, run_cli
+from fgic.runlog import RunLog
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = config.resolve(config.get_args_parser().parse_args(argv))
+    launch = dist_mod.detect()
+    gpus = dist_mod.parse_gpus(args.gpu)
+    if launch.kind == "single" and len(gpus) > 1:
+        dist_mod.relaunch_per_gpu(gpus, argv)
+    # Checks that fail the same way on every process come before the process group exists.
+    device = dist_mod.pick_device(args.device, gpus, launch.local_rank)
+    per_process_batch = data.check_batch(args.batch_size, launch.world_size)
+    models.check_arch(args.arch)
+    dataset, root = data.resolve(args.data, args.data_root)
+    classes = data.check_layout(root)
+    if args.workers is None:
+        args.workers = data.default_workers(launch.local_world_size)
+    run_dir = Path(args.output_dir) / dataset / config.run_name(args)
+    cfg = {**vars(args), "dataset": dataset, "data_path": str(root.resolve()), "num_classes": len(classes),
+           "world_size": launch.world_size, "per_process_batch": per_process_batch, "launcher": launch.kind,
+           "device": str(device), "run_dir": str(run_dir), "torch": str(torch.__version__),
+           "torchvision": str(torchvision.__version__)}
+    d = Dist.start(launch, device)
+    try:
+        return train(cfg, args, d, root, classes, run_dir)
+    finally:
+        d.close()
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Path) -> int:
+    say = print if d.is_main else (lambda *a, **k: None)
+    seed_everything(args.seed, args.deterministic)
+
+    # Model: same seed on every rank gives the same initial weights (DDP broadcasts rank 0's anyway).
+    model = d.agree(lambda: models.build(args.arch, len(classes), args.weights))
+    model = models.sync_batchnorm(model, d.device, d.distributed).to(d.device)
+    train_set, test_set, train_loader, test_loader = data.build(args, root, d.world_size, d.rank,
+                                                                pin_memory=d.device.type == "cuda")
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
+    log = RunLog(run_dir, d.is_main)
+
+    # Resume: the run folder's checkpoint (auto), a named one, or none.
+    start_epoch, best, wall_before = 0, {"acc": -1.0, "epoch": 0}, 0.0
+    ckpt_path = d.agree(lambda: checkpoint.select(args.resume, run_dir))
+    if ckpt_path is not None:
+        ckpt = d.agree(lambda: checkpoint.load(ckpt_path))
+        model.load_state_dict(ckpt["model"])
+        if not args.eval_only:
+            diff = checkpoint.differences(ckpt["config"], cfg)
+            if diff:
+                raise FgicError(f"--resume {ckpt_path}: made with other options ({'; '.join(diff)}); "
+                                f"use --resume none to start over, or another --note / --output-dir")
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler") and scaler.is_enabled():
+                scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, best, wall_before = ckpt["epoch"], ckpt["best"], ckpt.get("wall_seconds", 0.0)
+            say(f"fgic: resuming {ckpt_path} after epoch {start_epoch}/{args.epochs}")
+
+    if args.eval_only:
+        if ckpt_path is None and args.weights in ("imagenet", "none"):
+            raise FgicError("--eval-only needs --resume PATH or --weights PATH (a trained model)")
+        result = engine.evaluate(model, test_loader, criterion, d, args.amp, len(classes))
+        per_class = {c: 100.0 * k / n if n else None
+                     for c, k, n in zip(classes, result["class_correct"], result["class_total"])}
+        log.write("eval.json", {"acc": result["test_acc"], "top5": result["test_top5"],
+                                "correct": result["test_correct"], "total": result["test_total"],
+                                "loss": result["test_loss"], "per_class_acc": per_class,
+                                "model": str(ckpt_path or args.weights)})
+        say(f"fgic: eval top-1 {result['test_acc']:.2f}% top-5 {result['test_top5']:.2f}% "
+            f"({result['test_correct']}/{result['test_total']}) -> {run_dir / 'eval.json'}")
+        return 0
+    if start_epoch >= args.epochs:
+        say(f"fgic: {run_dir} already finished its {args.epochs} epochs; nothing to do (--resume none starts over)")
+        return 0
+
+    say(f"fgic: run folder {run_dir}")
+    say(f"fgic: {cfg['dataset']} {len(train_set)} train / {len(test_set)} test images, {len(classes)} classes; "
+        f"{args.arch} on {d.world_size} x {d.device.type}, batch {args.batch_size} "
+        f"({cfg['per_process_batch']} per process), lr {args.lr:g}, amp {args.amp}")
+    log.start(cfg, start_epoch)
+    ddp_model = (DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+                 if d.distributed else model)
+    started = time.perf_counter()
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.perf_counter()
+        train_loader.sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        tr = engine.train_one_epoch(ddp_model, train_loader, optimizer, scaler, criterion, d, args.amp,
+                                    desc=f"epoch {epoch + 1}/{args.epochs}")
+        scheduler.step()
+        te = engine.evaluate(model, test_loader, criterion, d, args.amp, len(classes))
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"],
+                  "test_loss": te["test_loss"], "test_acc": te["test_acc"], "test_top5": te["test_top5"],
+                  "test_correct": te["test_correct"], "test_total": te["test_total"],
+                  "epoch_seconds": time.perf_counter() - t0,
+                  "train_images_per_second": tr["train_images_per_second"]}
+        if te["test_acc"] > best["acc"]:
+            best = {"acc": te["test_acc"], "epoch": epoch + 1}
+            if d.is_main:
+                checkpoint.save_atomic(model.state_dict(), run_dir / checkpoint.BEST)
+        log.epoch(record)
+        if d.is_main:
+            checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                    "epoch": epoch + 1, "best": best, "config": cfg,
+                                    "wall_seconds": wall_before + time.perf_counter() - started},
+                                   run_dir / checkpoint.CHECKPOINT)
+        say(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {tr['train_loss']:.3f} acc "
+            f"{tr['train_acc']:.2f}%  |  test loss {te['test_loss']:.3f} acc {te['test_acc']:.2f}% top5 "
+            f"{te['test_top5']:.2f}% ({te['test_correct']}/{te['test_total']})  |  {record['epoch_seconds']:.1f} s, "
+            f"{tr['train_images_per_second']:.0f} img/s", flush=True)
+
+    summary = {"final_test_acc": record["test_acc"], "best_test_acc": best["acc"], "best_epoch": best["epoch"],
+               "epochs": args.epochs, "test_total": record["test_total"], "world_size": d.world_size,
+               "wall_seconds": wall_before + time.perf_counter() - started}
+    log.write("summary.json", summary)
+    say(f"fgic: done. final top-1 {summary['final_test_acc']:.2f}% (last epoch); best {best['acc']:.2f}% at epoch "
+        f"{best['epoch']} (selected on the test set); {run_dir}")
+    del ddp_model  # before the process group goes (see Dist.close)
+    return 0
+
+
+def cli() -> None:
+    run_cli(main, "fgic.ddp")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,177 @@
+"""Where we run: detect torchrun / srun / a single process, pick the device, start and stop torch.distributed, reduce."""
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fgic.errors import FgicError
+
+# How long a collective may wait for a peer before the process group gives up (torch's default is 10-30 min).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How this process was started and where it sits among its peers."""
+    kind: str  # "single", "torchrun" or "srun"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+def detect(env: os._Environ | dict = os.environ) -> Launch:
+    """torchrun sets RANK/WORLD_SIZE; srun steps set SLURM_PROCID/SLURM_NTASKS/SLURM_STEP_ID; else a single process.
+
+    A batch script (sbatch without srun) also carries SLURM_NTASKS but no step id: it runs as a single process.
+    """
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                      int(env.get("LOCAL_WORLD_SIZE", 1)), env.get("MASTER_ADDR"), _int_or_none(env.get("MASTER_PORT")))
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+    if step is not None and int(env.get("SLURM_NTASKS", 1)) > 1:
+        addr, port = slurm_master(env)
+        tasks_here = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1"))
+        return Launch("srun", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                      int(re.match(r"\d+", tasks_here).group()), addr, port)
+    return Launch("single")
+
+
+def slurm_master(env: os._Environ | dict = os.environ) -> tuple[str, int]:
+    """The rendezvous of a Slurm job: its first host, and MASTER_PORT or a port derived from the job id."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise FgicError("Slurm sets no SLURM_JOB_NODELIST here: run inside an allocation (sbatch/salloc) or use torchrun")
+    port = _int_or_none(env.get("MASTER_PORT")) or 10000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
+    return first_host(nodelist), port
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list, by `scontrol show hostnames` where available ("gpu[003-005],cpu1" -> "gpu003")."""
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    # Fallback for a node list without scontrol: prefix plus the first number of the first bracket.
+    m = re.match(r"([^,\[]+)(?:\[([^],-]+))?", nodelist)
+    return m.group(1) + (m.group(2) or "")
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value else None
+
+
+def parse_gpus(gpu_flag: str | None) -> list[int]:
+    if not gpu_flag:
+        return []
+    try:
+        return [int(g) for g in gpu_flag.split(",") if g.strip()]
+    except ValueError:
+        raise FgicError(f"-g/--gpu {gpu_flag!r}: give GPU ids such as 0 or 0,1,2,3") from None
+
+
+def relaunch_per_gpu(gpus: list[int], argv: list[str]) -> None:
+    """`python -m fgic.ddp -g 0,1` on a workstation: replace this process by torch's launcher, one process per GPU."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(gpus)}",
+           "-m", "fgic.ddp", *argv]
+    print("fgic: starting one process per GPU:", " ".join(cmd), file=sys.stderr, flush=True)
+    os.execv(sys.executable, cmd)
+
+
+def pick_device(device_flag: str, gpus: list[int], local_rank: int) -> torch.device:
+    """The device this process trains on; names the flag when CUDA or a GPU id isn't there."""
+    cuda = torch.cuda.is_available()
+    if device_flag == "cpu":
+        if gpus:
+            raise FgicError(f"-g/--gpu {','.join(map(str, gpus))} with --device cpu: drop one of them")
+        return torch.device("cpu")
+    if device_flag == "cuda" and not cuda:
+        raise FgicError("--device cuda: no CUDA GPU is visible here; use --device cpu (or check CUDA_VISIBLE_DEVICES)")
+    if gpus and not cuda:
+        raise FgicError(f"-g/--gpu {','.join(map(str, gpus))}: no CUDA GPU is visible here; drop -g to train on the CPU")
+    if not cuda:
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    missing = [g for g in gpus if g >= count]
+    if missing:
+        raise FgicError(f"-g/--gpu {missing[0]}: this machine shows {count} GPU(s), ids 0..{count - 1}")
+    if gpus and local_rank >= len(gpus):
+        raise FgicError(f"-g/--gpu names {len(gpus)} GPU(s) but this node runs {local_rank + 1}+ processes")
+    return torch.device("cuda", gpus[local_rank] if gpus else local_rank % count)
+
+
+class Dist:
+    """This process's place in the job: rank, world size, device, and the few collectives fgic needs."""
+
+    def __init__(self, launch: Launch, device: torch.device):
+        self.launch, self.device = launch, device
+        self.rank, self.world_size, self.local_rank = launch.rank, launch.world_size, launch.local_rank
+        self.is_main = self.rank == 0
+
+    @classmethod
+    def start(cls, launch: Launch, device: torch.device) -> "Dist":
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if launch.world_size > 1:
+            if launch.kind == "srun":  # torchrun exports these itself
+                os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+                os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                    rank=launch.rank, world_size=launch.world_size, timeout=COLLECTIVE_TIMEOUT)
+        return cls(launch, device)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over all processes, in place; returns it."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def agree(self, fn):
+        """Run a set-up step on every process; if it fails on any, all of them raise (none waits for a dead peer)."""
+        error = None
+        try:
+            result = fn()
+        except FgicError as exc:
+            error = exc
+        if self.distributed:
+            failed = torch.tensor([float(error is not None)], device=self.device)
+            dist.all_reduce(failed)
+            if failed.item() and error is None:
+                raise FgicError("another process failed during set-up; its message is above")
+        if error is not None:
+            raise error
+        return result
+
+    def broadcast_object(self, obj):
+        """Rank 0's value of a small picklable object, on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        """Tear the process group down. Callers drop their DDP model first: a DDP module alive at interpreter exit
+        makes gloo abort ("terminate called without an active exception") in about a quarter of runs."""
+        gc.collect()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

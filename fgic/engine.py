@@ -1,0 +1,90 @@
+"""The training step and the exact evaluation: one epoch of each, with totals summed over all processes."""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from fgic.augment import normalize
+from fgic.dist import Dist
+from fgic.models import logits
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+POSTFIX_EVERY = 10  # steps between progress-bar loss updates (each one reads the device)
+
+
+def autocast(device: torch.device, amp: str):
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp in AMP_DTYPES else nullcontext()
+
+
+def progress(loader, dist: Dist, desc: str):
+    """tqdm on rank 0 only; in a log file (not a terminal) it writes a line every 30 s instead of redrawing."""
+    return tqdm(loader, desc=desc, disable=not dist.is_main, leave=False, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30)
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, scaler, criterion, dist: Dist, amp: str, desc: str) -> dict:
+    """One pass over this process's share of every global batch. Loss and accuracy accumulate on the device."""
+    model.train()
+    device = dist.device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
+    start = time.perf_counter()
+    bar = progress(loader, dist, desc)
+    for step, (images, labels) in enumerate(bar):
+        images = normalize(images.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            out = logits(model(images))
+            loss = criterion(out, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        totals += torch.stack([loss.detach().double() * len(labels), (out.argmax(1) == labels).sum().double(),
+                               torch.tensor(len(labels), dtype=torch.float64, device=device)])
+        if dist.is_main and step % POSTFIX_EVERY == 0:
+            bar.set_postfix(loss=f"{totals[0].item() / max(totals[2].item(), 1):.3f}", refresh=False)
+    dist.all_reduce_sum(totals)
+    seconds = time.perf_counter() - start
+    loss_sum, correct, count = totals.tolist()
+    return {"train_loss": loss_sum / max(count, 1), "train_acc": 100.0 * correct / max(count, 1),
+            "train_images": int(count), "train_seconds": seconds,
+            "train_images_per_second": count / seconds if seconds > 0 else 0.0}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_classes: int, desc: str = "test") -> dict:
+    """Exact top-1/top-5 over the test set: each process scores its own shard (no padded duplicates) and the
+    counts are summed. Pass the bare model, not the DDP wrapper: evaluation needs no collective per batch, so a
+    process with fewer or no batches cannot stall the others."""
+    model.eval()
+    device = dist.device
+    k = min(5, num_classes)
+    totals = torch.zeros(3 + 2 * num_classes, dtype=torch.float64, device=device)
+    # loss sum, top-1 correct, top-k correct, then per-class correct and per-class total
+    for images, labels in progress(loader, dist, desc):
+        images = normalize(images.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            out = logits(model(images))
+        loss = nn.functional.cross_entropy(out.float(), labels, reduction="sum",
+                                           label_smoothing=criterion.label_smoothing)
+        hit1 = out.argmax(1) == labels
+        hitk = (out.topk(k, dim=1).indices == labels[:, None]).any(1)
+        totals[0] += loss.double()
+        totals[1] += hit1.sum()
+        totals[2] += hitk.sum()
+        totals[3:3 + num_classes] += torch.bincount(labels[hit1], minlength=num_classes)
+        totals[3 + num_classes:] += torch.bincount(labels, minlength=num_classes)
+    dist.all_reduce_sum(totals)
+    loss_sum, correct, correct_k = totals[:3].tolist()
+    class_correct = totals[3:3 + num_classes].long().tolist()
+    class_total = totals[3 + num_classes:].long().tolist()
+    total = sum(class_total)
+    return {"test_loss": loss_sum / max(total, 1), "test_acc": 100.0 * correct / max(total, 1),
+            "test_top5": 100.0 * correct_k / max(total, 1), "test_correct": int(correct), "test_total": total,
+            "class_correct": class_correct, "class_total": class_total}

@@ -1,0 +1,60 @@
+"""The run folder's record files (config.json, metrics.jsonl, train_log.csv, summary.json, eval.json), written by rank 0."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+CSV_COLUMNS = ("Epoch", "lr", "Train_Loss", "Train_Acc", "Test_Acc")  # the seed train.py's log
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON through a temporary file and os.replace, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """Appends one record per finished epoch; every method is a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, is_main: bool):
+        self.dir, self.is_main = run_dir, is_main
+        self.metrics, self.csv = run_dir / "metrics.jsonl", run_dir / "train_log.csv"
+
+    def start(self, config: dict, done_epochs: int) -> None:
+        """Write config.json and keep only the records of the epochs the starting point has (all of them when
+        resuming, none when starting over), so a record written after the last checkpoint is not repeated."""
+        if not self.is_main:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / "config.json", config)
+        kept = [r for r in self.records() if r["epoch"] <= done_epochs]
+        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        with open(self.csv, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(CSV_COLUMNS)
+            writer.writerows(_csv_row(r) for r in kept)
+
+    def records(self) -> list[dict]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def epoch(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        with open(self.csv, "a", newline="") as f:
+            csv.writer(f).writerow(_csv_row(record))
+
+    def write(self, name: str, obj: dict) -> None:
+        if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.dir / name, obj)
+
+
+def _csv_row(r: dict) -> list:
+    return [r["epoch"], f"{r['lr']:.6g}", f"{r['train_loss']:.4f}", f"{r['train_acc']:.2f}", f"{r['test_acc']:.2f}"]

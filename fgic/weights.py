@@ -1,0 +1,131 @@
+"""Pretrained weights: torchvision's ImageNet weights through the local torch cache, state_dict files, and
+`python -m fgic.weights fetch ARCH...` to fill the cache on a machine with internet."""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import socket
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torchvision import models
+
+from fgic.errors import FgicError, run_cli
+
+DOWNLOAD_TIMEOUT_S = 30
+
+
+def imagenet_weights(arch: str, spec: str = "imagenet"):
+    """The torchvision weights enum member for `--weights imagenet[:NAME]`.
+
+    Plain `imagenet` means IMAGENET1K_V1 where the arch has it: the weights of torchvision's legacy
+    `pretrained=True`, which the reference recipe (and its published numbers) used; else the arch's DEFAULT.
+    """
+    try:
+        enum = models.get_model_weights(arch)
+    except (ValueError, KeyError):
+        raise FgicError(f"--arch {arch}: torchvision has no pretrained weights for it; use --weights none") from None
+    _, _, name = spec.partition(":")
+    name = name or ("IMAGENET1K_V1" if "IMAGENET1K_V1" in enum.__members__ else "DEFAULT")
+    if name not in enum.__members__:
+        raise FgicError(f"--weights {spec}: {arch} has {', '.join(enum.__members__)}")
+    return enum[name]
+
+
+def cache_file(weights) -> Path:
+    """Where torch.hub keeps this weights file ($TORCH_HOME/hub/checkpoints/...)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def fetch(arch: str, spec: str = "imagenet") -> Path:
+    """Download the weights into the torch cache (a no-op when present); verifies torchvision's hash prefix."""
+    weights = imagenet_weights(arch, spec)
+    path = cache_file(weights)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stem = path.name.split(".")[0]
+        hash_prefix = stem.rsplit("-", 1)[-1] if "-" in stem else None
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:  # torch.hub writes a temporary file and moves it into place, so concurrent fetches are safe
+            torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=hash_prefix, progress=sys.stderr.isatty())
+        except Exception as exc:  # network errors come in many types; all mean "not here"
+            raise FgicError(f"--weights {spec}: {arch}'s ImageNet weights are not in {path.parent} and could not be "
+                            f"downloaded ({type(exc).__name__}); on a machine with internet run "
+                            f"`python -m fgic.weights fetch {arch}` (TORCH_HOME={Path(torch.hub.get_dir()).parent}), "
+                            f"or pass --weights PATH or --weights none") from None
+        finally:
+            socket.setdefaulttimeout(old)
+    return path
+
+
+def load_imagenet(arch: str, spec: str = "imagenet", download: bool = True) -> dict:
+    """torchvision's ImageNet state_dict for the arch, from the torch cache (fetched first when `download`)."""
+    weights = imagenet_weights(arch, spec)
+    path = fetch(arch, spec) if download else cache_file(weights)
+    if not path.is_file():
+        raise FgicError(f"--weights {spec}: {path} is missing; run `python -m fgic.weights fetch {arch}` on a machine "
+                        f"with internet, or pass --weights PATH or --weights none")
+    return read_state_dict(path, flag="--weights")
+
+
+def read_state_dict(path: str | os.PathLike, flag: str = "--weights") -> dict:
+    """A model state_dict from a file, loaded with weights_only=True. Accepts a plain state_dict, an fgic checkpoint
+    (its "model" entry) or a {"state_dict": ...} file; strips a DDP "module." prefix."""
+    obj = safe_load(path, flag)
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise FgicError(f"{flag} {path}: not a model state_dict (a dict of tensors)")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def safe_load(path: str | os.PathLike, flag: str):
+    """torch.load with weights_only=True: tensors and plain containers only, nothing in the file is executed."""
+    if not Path(path).is_file():
+        raise FgicError(f"{flag} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise FgicError(f"{flag} {path}: refused, the file holds pickled objects other than tensors and plain "
+                            f"types, which fgic does not execute ({first[:120]})") from None
+        raise FgicError(f"{flag} {path}: unreadable ({first[:120]}); is it a torch state_dict file?") from None
+    except Exception as exc:  # a torn or foreign file fails in many ways (zip, unpickler, storage errors)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FgicError(f"{flag} {path}: unreadable, truncated or not a torch file ({first[:120]})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser("fgic.weights", description="Fill the torch cache with torchvision's ImageNet weights "
+                                                            "so that offline training nodes find them.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fetch", help="download the weights of each ARCH into the torch cache")
+    f.add_argument("arch", nargs="+")
+    f.add_argument("--weights", default="imagenet", help="imagenet (IMAGENET1K_V1 where there is one) or imagenet:NAME")
+    w = sub.add_parser("path", help="print where the weights of each ARCH are (or would be) cached")
+    w.add_argument("arch", nargs="+")
+    w.add_argument("--weights", default="imagenet")
+    args = p.parse_args(argv)
+    for arch in args.arch:
+        if args.cmd == "fetch":
+            print(f"{arch}: {fetch(arch, args.weights)}")
+        else:
+            path = cache_file(imagenet_weights(arch, args.weights))
+            print(f"{arch}: {path} ({'present' if path.is_file() else 'missing'})")
+    return 0
+
+
+def cli() -> None:
+    run_cli(main, "fgic.weights")
+
+
+if __name__ == "__main__":
+    cli()

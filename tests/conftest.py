@@ -1,0 +1,59 @@
+"""Shared test helpers: tiny generated datasets and a runner for fgic.ddp under torchrun or as one process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+# Small enough for CPU tests: resnet18 at 64 px (smaller inputs leave 1x1 maps whose BatchNorm statistics over a
+# few values make training chaotic), global batch 12 (splits over 1, 2 and 3 processes), 2 steps per epoch.
+TINY_ARGS = ["--arch", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--padding", "4",
+             "-b", "12", "--epochs", "2", "--device", "cpu", "--deterministic"]
+
+
+def make_dataset(root: Path, train_counts=(8, 8, 8), test_counts=(34, 34, 33), size=40, seed=0) -> Path:
+    """An ImageFolder dataset of random JPEGs whose classes differ by a colour cast (learnable, tiny)."""
+    rng = np.random.default_rng(seed)
+    for split, counts in (("train", train_counts), ("test", test_counts)):
+        for c, n in enumerate(counts):
+            folder = root / split / f"class_{c:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = (rng.random((size, size, 3)) * 90).astype(np.uint8)
+                pixels[..., c % 3] += 150
+                Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """3 classes, 24 train images, 101 test images (34 + 34 + 33)."""
+    return make_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+def fgic_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_",
+                                                                      "SLURM_", "TORCHELASTIC"))}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run_fgic(args: list[str], nproc: int = 1, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    """`python -m fgic.ddp ARGS` (nproc 1) or `torchrun --standalone --nproc_per_node=N -m fgic.ddp ARGS`."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "fgic.ddp", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "fgic.ddp", *args]
+    return subprocess.run(cmd, cwd=REPO, env=fgic_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,119 @@
+import pytest
+import torch
+import torch.nn.functional as tf
+
+from fgic import augment, data
+from fgic.errors import FgicError
+from fgic.samplers import ShardSampler, TrainSampler
+from tests.conftest import make_dataset
+
+
+def global_batches(n, batch, world, seed, epoch):
+    """The set of sample indices in each global step, gathered over all ranks."""
+    per = batch // world
+    steps = None
+    for rank in range(world):
+        s = TrainSampler(n, world, rank, seed)
+        s.set_epoch(epoch)
+        keys = list(s)
+        assert all(e == epoch for e, _ in keys)
+        chunks = [keys[i:i + per] for i in range(0, len(keys) - per + 1, per)]  # DataLoader drop_last=True
+        steps = steps or [set() for _ in chunks]
+        assert len(chunks) == len(steps)
+        for step, chunk in zip(steps, chunks):
+            step.update(i for _, i in chunk)
+    return steps
+
+
+@pytest.mark.parametrize("n", [24, 101, 97])
+def test_global_batches_do_not_depend_on_the_world_size(n):
+    for epoch in (0, 1):
+        one = global_batches(n, 6, 1, 7, epoch)
+        assert len(one) == n // 6
+        assert global_batches(n, 6, 2, 7, epoch) == one
+        assert global_batches(n, 6, 3, 7, epoch) == one
+    assert global_batches(n, 6, 1, 7, 0) != global_batches(n, 6, 1, 7, 1)  # set_epoch reshuffles
+
+
+@pytest.mark.parametrize("n,world", [(101, 1), (101, 2), (101, 3), (2, 3), (0, 2)])
+def test_shards_cover_every_sample_exactly_once(n, world):
+    seen = [i for r in range(world) for i in ShardSampler(n, world, r)]
+    assert sorted(seen) == list(range(n))
+    assert sum(len(ShardSampler(n, world, r)) for r in range(world)) == n
+
+
+def test_sample_params_are_a_pure_function_of_the_key():
+    a = augment.sample_params(2020, 3, 17, 512, 448, 8)
+    assert a == augment.sample_params(2020, 3, 17, 512, 448, 8)
+    draws = {augment.sample_params(2020, e, i, 512, 448, 8) for e in range(4) for i in range(50)}
+    assert len(draws) > 150
+    assert all(0 <= p.top <= 512 + 16 - 448 and 0 <= p.left <= 80 for p in draws)
+    assert {p.flip for p in draws} == {True, False}
+    assert min(p.top for p in draws) <= 10 and max(p.top for p in draws) >= 70  # spans the range
+
+
+def test_crop_flip_equals_padding_then_cropping():
+    img = torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8)
+    padded = tf.pad(img, (4, 4, 4, 4))
+    for p in [augment.CropFlip(0, 0, False), augment.CropFlip(8, 3, True), augment.CropFlip(5, 8, False)]:
+        want = padded[:, p.top:p.top + 16, p.left:p.left + 16]
+        want = want.flip(-1) if p.flip else want
+        assert torch.equal(augment.crop_flip(img, p, 16, 4), want)
+
+
+def test_normalize_matches_torchvision():
+    from torchvision.transforms import v2
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    ref = v2.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)(x.float() / 255)
+    torch.testing.assert_close(augment.normalize(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dataset_items_follow_their_keys(tmp_path):
+    root = make_dataset(tmp_path / "d", (3, 3), (2, 2))
+    train = data.KeyedImageFolder(root / "train", True, 36, 32, 4, seed=1)
+    x, y = train[(0, 4)]
+    assert x.dtype == torch.uint8 and x.shape == (3, 32, 32) and y == 1
+    assert torch.equal(x, train[(0, 4)][0])
+    assert any(not torch.equal(x, train[(e, 4)][0]) for e in range(1, 6))  # a new epoch, a new crop/flip
+    test = data.KeyedImageFolder(root / "test", False, 36, 32, 4, seed=1)
+    assert test[0][0].shape == (3, 32, 32) and torch.equal(test[0][0], test[0][0])
+
+
+def test_layout_checks_name_the_folder(tmp_path):
+    root = make_dataset(tmp_path / "d", (2, 2), (1, 1))
+    (root / "train" / ".DS_Store").write_text("x")
+    (root / "train" / "class_00" / "Thumbs.db").write_text("x")
+    assert data.check_layout(root) == ["class_00", "class_01"]
+
+    (root / "test" / "class_02").mkdir()
+    with pytest.raises(FgicError, match="class_02: no images"):
+        data.check_layout(root)
+    (root / "test" / "class_02" / "a.png").write_bytes(b"")
+    with pytest.raises(FgicError, match="different classes"):
+        data.check_layout(root)
+    with pytest.raises(FgicError, match="test: missing"):
+        data.check_layout(_only_train(tmp_path))
+    (tmp_path / "f" / "train").mkdir(parents=True)
+    with pytest.raises(FgicError, match="no class folders"):
+        data.check_layout(tmp_path / "f")
+
+
+def _only_train(tmp_path):
+    return make_dataset(tmp_path / "g", (1,), ())  # no test counts: no test/ folder
+
+
+def test_registry_names_point_at_the_data_root(tmp_path):
+    with pytest.raises(FgicError, match=r"-d cub: no dataset at .*cub.*README"):
+        data.resolve("cub", str(tmp_path))
+    (tmp_path / "cub").mkdir()
+    assert data.resolve("cub", str(tmp_path)) == ("cub", tmp_path / "cub")
+    with pytest.raises(FgicError, match="-d /nowhere: no such folder"):
+        data.resolve("/nowhere", str(tmp_path))
+    assert data.resolve(str(tmp_path / "cub"), "unused")[0] == "cub"
+
+
+@pytest.mark.parametrize("batch,world", [(64, 3), (2, 3), (5, 2)])
+def test_batch_must_split_evenly(batch, world):
+    with pytest.raises(FgicError, match=f"-b/--batch-size {batch} does not split evenly over {world}"):
+        data.check_batch(batch, world)
+    assert data.check_batch(6, 3) == 2

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from fgic import dist
+from fgic.errors import FgicError
+
+
+def test_single_process_by_default():
+    assert dist.detect({}) == dist.Launch("single")
+
+
+def test_torchrun_environment():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "n1", "MASTER_PORT": "29500", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}
+    assert dist.detect(env) == dist.Launch("torchrun", 3, 8, 1, 2, "n1", 29500)
+
+
+def test_srun_task_environment(monkeypatch):
+    monkeypatch.setattr(dist.shutil, "which", lambda name: None)  # no scontrol: the built-in parser
+    env = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+           "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123456"}
+    launch = dist.detect(env)
+    assert launch == dist.Launch("srun", 5, 8, 1, 4, "gpu007", 10000 + 123456 % 20000)
+    assert dist.detect({**env, "MASTER_PORT": "1234"}).master_port == 1234
+
+
+def test_batch_script_without_srun_is_a_single_process():
+    # sbatch --ntasks=4 runs the script once: SLURM_NTASKS is set but there is no step id.
+    assert dist.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "a1"}).kind == "single"
+
+
+@pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("gpu[003-005,9],cpu1", "gpu003"),
+                                            ("a1,b2", "a1"), ("rack2-n[10-12]", "rack2-n10")])
+def test_first_host_without_scontrol(monkeypatch, nodelist, first):
+    monkeypatch.setattr(dist.shutil, "which", lambda name: None)
+    assert dist.first_host(nodelist) == first
+
+
+def test_parse_gpus():
+    assert dist.parse_gpus("0,2") == [0, 2] and dist.parse_gpus(None) == []
+    with pytest.raises(FgicError, match="-g/--gpu"):
+        dist.parse_gpus("zero")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
+@pytest.mark.parametrize("flag,gpus,match", [("cuda", [], "--device cuda"), ("auto", [0], "-g/--gpu 0"),
+                                             ("cpu", [1], "--device cpu")])
+def test_missing_cuda_names_the_flag(flag, gpus, match):
+    with pytest.raises(FgicError, match=match):
+        dist.pick_device(flag, gpus, 0)
+
+
+def test_cpu_device_without_cuda():
+    assert dist.pick_device("cpu", [], 0) == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_pick_and_absent_id():
+    n = torch.cuda.device_count()
+    assert dist.pick_device("auto", [], 0) == torch.device("cuda", 0)
+    assert dist.pick_device("auto", [n - 1], 0) == torch.device("cuda", n - 1)
+    with pytest.raises(FgicError, match=f"-g/--gpu {n}"):
+        dist.pick_device("auto", [n], 0)
