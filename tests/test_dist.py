@@ -62,3 +62,11 @@ def test_gpu_pick_and_absent_id():
     assert dist.pick_device("auto", [n - 1], 0) == torch.device("cuda", n - 1)
     with pytest.raises(FgicError, match=f"-g/--gpu {n}"):
         dist.pick_device("auto", [n], 0)
+
+
+def test_several_gpus_on_a_workstation_relaunch_through_torchrun(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(dist.os, "execv", lambda exe, cmd: seen.update(exe=exe, cmd=cmd))
+    dist.relaunch_per_gpu([0, 2], ["-d", "cub", "-g", "0,2"])
+    assert seen["cmd"][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "fgic.ddp", "-d", "cub", "-g", "0,2"]

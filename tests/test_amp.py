@@ -1,0 +1,21 @@
+"""Mixed precision: bf16 and fp16 autocast train end to end (on the CPU here; tests/test_gpu.py covers CUDA)."""
+import json
+
+import pytest
+import torch
+
+from tests.conftest import TINY_ARGS, run_fgic
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_modes_train(tiny_data, tmp_path, amp):
+    i = TINY_ARGS.index("--epochs")
+    args = [*TINY_ARGS[:i], "--epochs", "1", *TINY_ARGS[i + 2:]]
+    res = run_fgic(["-d", str(tiny_data), *args, "-a", amp, "-w", "0", "--output-dir", str(tmp_path)])
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "tiny" / f"resnet18-{amp}-s2020"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_total"] == 101
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for k, v in ckpt["model"].items() if v.is_floating_point())
+    assert bool(ckpt["scaler"]) == (amp == "fp16")  # fp16 scales the loss, bf16 needs no scaler
