@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fgic.errors import FgicError
@@ -61,3 +64,67 @@ def differences(saved: dict, current: dict) -> list[str]:
     """The meaning-changing options whose values differ, as 'option: saved -> current'."""
     return [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {current.get(k)!r}"
             for k in MEANING if saved.get(k) != current.get(k)]
+
+
+@dataclass
+class Progress:
+    """Where a run stands: finished epochs, steps done inside the next one, the running training totals of each
+    rank for that epoch (loss sum, correct, images), the best test accuracy so far, and the time spent."""
+    epoch: int = 0
+    step: int = 0
+    totals: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": 0})
+    wall_seconds: float = 0.0
+
+    def totals_of(self, rank: int, world_size: int) -> list[float] | None:
+        """This rank's running totals. Resumed on another world size, rank 0 carries the sum of all of them (the
+        reported train metrics then match an uninterrupted run up to rounding, not bitwise)."""
+        if not self.totals:
+            return None
+        if len(self.totals) == world_size:
+            return self.totals[rank]
+        return [sum(col) for col in zip(*self.totals)] if rank == 0 else None
+
+
+def state(model, optimizer, scheduler, scaler, progress: Progress, config: dict) -> dict:
+    """Everything needed to continue exactly, in types that torch.load(weights_only=True) accepts."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": progress.epoch, "step": progress.step,
+            "train_totals": progress.totals, "best": progress.best, "wall_seconds": progress.wall_seconds,
+            "rng": rng_state(), "config": config}
+
+
+def restore(ckpt: dict, path: Path, config: dict, model, optimizer, scheduler, scaler) -> Progress:
+    """Load a checkpoint into the run's objects after checking it was made with the same meaning-changing options."""
+    diff = differences(ckpt["config"], config)
+    if diff:
+        raise FgicError(f"--resume {path}: made with other options ({'; '.join(diff)}); use --resume none to start "
+                        f"over, or another --note / --output-dir")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler") and scaler.is_enabled():  # a disabled scaler saves {} and must not load it
+        scaler.load_state_dict(ckpt["scaler"])
+    if ckpt.get("rng"):
+        set_rng_state(ckpt["rng"])
+    return Progress(ckpt["epoch"], ckpt.get("step", 0), ckpt.get("train_totals") or [], ckpt["best"],
+                    ckpt.get("wall_seconds", 0.0))
+
+
+def rng_state() -> dict:
+    """The global generators (every rank seeds them alike, so rank 0's stand for all)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate()}
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))

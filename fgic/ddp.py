@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,9 @@ from fgic.config import get_args_parser  # noqa: F401  (launchers import the par
 from fgic.dist import Dist
 from fgic.errors import FgicError, run_cli
 from fgic.runlog import RunLog
+from fgic.signals import EXIT_PREEMPTED, StopRequest
+
+STOP_CHECK_EVERY = 8  # steps between the ranks' agreement on a stop request on GPUs (each one syncs the host)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +60,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # a few CUDA backward kernels have no such variant
 
 
 def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Path) -> int:
@@ -76,37 +80,19 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
     log = RunLog(run_dir, d.is_main)
 
     # Resume: the run folder's checkpoint (auto), a named one, or none.
-    start_epoch, best, wall_before = 0, {"acc": -1.0, "epoch": 0}, 0.0
+    progress = checkpoint.Progress()
     ckpt_path = d.agree(lambda: checkpoint.select(args.resume, run_dir))
     if ckpt_path is not None:
         ckpt = d.agree(lambda: checkpoint.load(ckpt_path))
-        model.load_state_dict(ckpt["model"])
-        if not args.eval_only:
-            diff = checkpoint.differences(ckpt["config"], cfg)
-            if diff:
-                raise FgicError(f"--resume {ckpt_path}: made with other options ({'; '.join(diff)}); "
-                                f"use --resume none to start over, or another --note / --output-dir")
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if ckpt.get("scaler") and scaler.is_enabled():
-                scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, best, wall_before = ckpt["epoch"], ckpt["best"], ckpt.get("wall_seconds", 0.0)
-            say(f"fgic: resuming {ckpt_path} after epoch {start_epoch}/{args.epochs}")
-
+        if args.eval_only:
+            model.load_state_dict(ckpt["model"])
+        else:
+            progress = checkpoint.restore(ckpt, ckpt_path, cfg, model, optimizer, scheduler, scaler)
+            say(f"fgic: resuming {ckpt_path} at epoch {progress.epoch + 1}, step {progress.step}")
+        del ckpt
     if args.eval_only:
-        if ckpt_path is None and args.weights in ("imagenet", "none"):
-            raise FgicError("--eval-only needs --resume PATH or --weights PATH (a trained model)")
-        result = engine.evaluate(model, test_loader, criterion, d, args.amp, len(classes))
-        per_class = {c: 100.0 * k / n if n else None
-                     for c, k, n in zip(classes, result["class_correct"], result["class_total"])}
-        log.write("eval.json", {"acc": result["test_acc"], "top5": result["test_top5"],
-                                "correct": result["test_correct"], "total": result["test_total"],
-                                "loss": result["test_loss"], "per_class_acc": per_class,
-                                "model": str(ckpt_path or args.weights)})
-        say(f"fgic: eval top-1 {result['test_acc']:.2f}% top-5 {result['test_top5']:.2f}% "
-            f"({result['test_correct']}/{result['test_total']}) -> {run_dir / 'eval.json'}")
-        return 0
-    if start_epoch >= args.epochs:
+        return evaluate_only(args, d, model, test_loader, criterion, classes, log, ckpt_path)
+    if progress.epoch >= args.epochs:
         say(f"fgic: {run_dir} already finished its {args.epochs} epochs; nothing to do (--resume none starts over)")
         return 0
 
@@ -114,16 +100,32 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
     say(f"fgic: {cfg['dataset']} {len(train_set)} train / {len(test_set)} test images, {len(classes)} classes; "
         f"{args.arch} on {d.world_size} x {d.device.type}, batch {args.batch_size} "
         f"({cfg['per_process_batch']} per process), lr {args.lr:g}, amp {args.amp}")
-    log.start(cfg, start_epoch)
+    log.start(cfg, progress.epoch)
     ddp_model = (DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
                  if d.distributed else model)
-    started = time.perf_counter()
-    for epoch in range(start_epoch, args.epochs):
+    stop = StopRequest().install()
+    every = 1 if d.device.type == "cpu" else STOP_CHECK_EVERY
+
+    def save(prog: checkpoint.Progress) -> None:
+        if d.is_main:
+            prog.wall_seconds = wall_before + time.perf_counter() - started
+            checkpoint.save_atomic(checkpoint.state(model, optimizer, scheduler, scaler, prog, cfg),
+                                   run_dir / checkpoint.CHECKPOINT)
+
+    started, wall_before = time.perf_counter(), progress.wall_seconds
+    for epoch in range(progress.epoch, args.epochs):
         t0 = time.perf_counter()
-        train_loader.sampler.set_epoch(epoch)
+        first_step = progress.step if epoch == progress.epoch else 0
+        train_loader.sampler.set_epoch(epoch, skip=first_step * cfg["per_process_batch"])
         lr = optimizer.param_groups[0]["lr"]
         tr = engine.train_one_epoch(ddp_model, train_loader, optimizer, scaler, criterion, d, args.amp,
-                                    desc=f"epoch {epoch + 1}/{args.epochs}")
+                                    desc=f"epoch {epoch + 1}/{args.epochs}", start_step=first_step,
+                                    totals=progress.totals_of(d.rank, d.world_size),
+                                    stop=lambda step: step % every == 0 and stop.agree(d.max))
+        if tr["stopped_at"] is not None:  # a stop signal: checkpoint this step boundary and leave
+            save(checkpoint.Progress(epoch, tr["stopped_at"], d.gather(tr["totals"]), progress.best))
+            d.barrier()  # nobody leaves before the checkpoint is on disk (torchrun kills the rest when one exits)
+            return preempted(d, stop, run_dir, f"epoch {epoch + 1}, step {tr['stopped_at']}")
         scheduler.step()
         te = engine.evaluate(model, test_loader, criterion, d, args.amp, len(classes))
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"],
@@ -131,29 +133,48 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
                   "test_correct": te["test_correct"], "test_total": te["test_total"],
                   "epoch_seconds": time.perf_counter() - t0,
                   "train_images_per_second": tr["train_images_per_second"]}
+        best = progress.best
         if te["test_acc"] > best["acc"]:
             best = {"acc": te["test_acc"], "epoch": epoch + 1}
             if d.is_main:
                 checkpoint.save_atomic(model.state_dict(), run_dir / checkpoint.BEST)
         log.epoch(record)
-        if d.is_main:
-            checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                    "epoch": epoch + 1, "best": best, "config": cfg,
-                                    "wall_seconds": wall_before + time.perf_counter() - started},
-                                   run_dir / checkpoint.CHECKPOINT)
+        progress = checkpoint.Progress(epoch + 1, 0, [], best)
+        save(progress)
         say(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {tr['train_loss']:.3f} acc "
             f"{tr['train_acc']:.2f}%  |  test loss {te['test_loss']:.3f} acc {te['test_acc']:.2f}% top5 "
             f"{te['test_top5']:.2f}% ({te['test_correct']}/{te['test_total']})  |  {record['epoch_seconds']:.1f} s, "
             f"{tr['train_images_per_second']:.0f} img/s", flush=True)
 
-    summary = {"final_test_acc": record["test_acc"], "best_test_acc": best["acc"], "best_epoch": best["epoch"],
-               "epochs": args.epochs, "test_total": record["test_total"], "world_size": d.world_size,
-               "wall_seconds": wall_before + time.perf_counter() - started}
+    summary = {"final_test_acc": record["test_acc"], "best_test_acc": progress.best["acc"],
+               "best_epoch": progress.best["epoch"], "epochs": args.epochs, "test_total": record["test_total"],
+               "world_size": d.world_size, "wall_seconds": progress.wall_seconds}
     log.write("summary.json", summary)
-    say(f"fgic: done. final top-1 {summary['final_test_acc']:.2f}% (last epoch); best {best['acc']:.2f}% at epoch "
-        f"{best['epoch']} (selected on the test set); {run_dir}")
+    say(f"fgic: done. final top-1 {summary['final_test_acc']:.2f}% (last epoch); best {summary['best_test_acc']:.2f}% "
+        f"at epoch {summary['best_epoch']} (selected on the test set); {run_dir}")
     del ddp_model  # before the process group goes (see Dist.close)
+    return 0
+
+
+def preempted(d: Dist, stop: StopRequest, run_dir: Path, where: str) -> int:
+    if d.is_main:
+        print(f"fgic: stopped by {signal.Signals(stop.signum).name} at {where}; checkpoint "
+              f"written, resume with the same command; {run_dir}", file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED
+
+
+def evaluate_only(args, d: Dist, model, test_loader, criterion, classes, log: RunLog, ckpt_path) -> int:
+    if ckpt_path is None and args.weights in ("imagenet", "none"):
+        raise FgicError("--eval-only needs --resume PATH or --weights PATH (a trained model)")
+    result = engine.evaluate(model, test_loader, criterion, d, args.amp, len(classes))
+    per_class = {c: 100.0 * k / n if n else None
+                 for c, k, n in zip(classes, result["class_correct"], result["class_total"])}
+    log.write("eval.json", {"acc": result["test_acc"], "top5": result["test_top5"], "correct": result["test_correct"],
+                            "total": result["test_total"], "loss": result["test_loss"], "per_class_acc": per_class,
+                            "model": str(ckpt_path or args.weights)})
+    if d.is_main:
+        print(f"fgic: eval top-1 {result['test_acc']:.2f}% top-5 {result['test_top5']:.2f}% "
+              f"({result['test_correct']}/{result['test_total']}) -> {log.dir / 'eval.json'}")
     return 0
 
 

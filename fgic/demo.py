@@ -22,11 +22,14 @@ JPEG_QUALITY = 90
 SEED = 20240601
 _SS = 3  # supersampling factor for anti-aliased drawing
 
-# A class is a wing-bar colour plus one head/tail detail; everything else is nuisance shared by all classes.
-WINGBARS = {"red": (200, 30, 35), "yellow": (235, 205, 40)}
-TRAITS = ("crested", "eyering", "longbill", "bandedtail", "plain")
-_CLASS_TRAITS = [(bar, trait) for bar in WINGBARS for trait in TRAITS]
-DEMO_CLASSES = [f"{i:02d}_{bar}_wingbar_{trait}" for i, (bar, trait) in enumerate(_CLASS_TRAITS)]
+# A class is a wing-bar colour plus a set of head/bill/tail details; within one bar colour any two classes differ
+# in at least two details. Body colour, background, pose and lighting are nuisance shared by all classes.
+WINGBARS = {"red": (200, 30, 35), "yellow": (235, 205, 40), "white": (240, 240, 232)}
+_CLASS_TRAITS = [("red", ()), ("red", ("crested", "eyering")), ("red", ("longbill", "bandedtail")),
+                 ("red", ("crested", "longbill")), ("yellow", ("eyering", "bandedtail")),
+                 ("yellow", ("crested", "bandedtail")), ("yellow", ("eyering", "longbill")),
+                 ("white", ()), ("white", ("crested", "eyering")), ("white", ("longbill", "bandedtail"))]
+DEMO_CLASSES = [f"{i:02d}_{bar}_wingbar_{'_'.join(traits) or 'plain'}" for i, (bar, traits) in enumerate(_CLASS_TRAITS)]
 NUM_CLASSES = len(DEMO_CLASSES)
 
 BODY_PALETTE = [(125, 92, 60), (112, 112, 106), (98, 108, 62), (72, 82, 104), (165, 134, 92), (64, 58, 52)]
@@ -72,7 +75,7 @@ def _background(rng, size):
     return img, draw
 
 
-def _bird(draw, rng, bar, trait, size):
+def _bird(draw, rng, bar, traits, size):
     """Draw one bird facing left or right; local units: body length about 1, origin at the body centre."""
     scale = rng.uniform(0.6, 0.7) * size
     angle = rng.uniform(-0.3, 0.3)
@@ -91,20 +94,20 @@ def _bird(draw, rng, bar, trait, size):
     for dx in (-0.06, 0.06):  # legs
         poly([(dx - 0.012, 0.15), (dx + 0.012, 0.15), (dx + 0.012, 0.33), (dx - 0.012, 0.33)], bill)
     poly([(-0.3, -0.06), (-0.64, -0.15), (-0.66, 0.05), (-0.3, 0.06)], wing)  # tail
-    if trait == "bandedtail":
+    if "bandedtail" in traits:
         for x in (-0.38, -0.5, -0.62):
             poly([(x, -0.1), (x - 0.06, -0.13), (x - 0.06, 0.06), (x, 0.06)], (235, 235, 225))
     poly(_ellipse(0, 0, 0.38, 0.21), body)
     poly(_ellipse(0.04, 0.07, 0.3, 0.13), belly)
     poly(_ellipse(-0.06, -0.03, 0.27, 0.12), wing)
     poly(_band(-0.06, -0.03, 0.27, 0.12, -0.05, 0.09), WINGBARS[bar])
-    if trait == "crested":
+    if "crested" in traits:
         poly([(hx - 0.12, hy - 0.06), (hx - 0.26, hy - 0.34), (hx - 0.04, hy - 0.13), (hx - 0.08, hy - 0.4),
               (hx + 0.05, hy - 0.12)], body * 0.6)
     poly(_ellipse(hx, hy, hr, hr), body)
-    tip = 0.3 if trait == "longbill" else 0.08
+    tip = 0.3 if "longbill" in traits else 0.08
     poly([(hx + 0.1, hy - 0.06), (hx + hr + tip, hy + 0.02), (hx + 0.1, hy + 0.07)], bill)
-    if trait == "eyering":
+    if "eyering" in traits:
         poly(_ellipse(hx + 0.05, hy - 0.03, 0.085, 0.085), (245, 245, 240))
     poly(_ellipse(hx + 0.05, hy - 0.03, 0.028, 0.028), (10, 10, 10))
 
@@ -187,8 +190,12 @@ def ensure_demo(root: str | os.PathLike) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    usage = "usage: python -m fgic.demo [ROOT]  (generate the demo dataset in ROOT, default ./data/demo)"
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if len(argv) > 1 or argv and argv[0].startswith("-"):
-        raise FgicError("usage: python -m fgic.demo [ROOT]  (default ./data/demo)")
+        raise FgicError(usage)
     root = ensure_demo(argv[0] if argv else "data/demo")
     counts = ", ".join(f"{n * NUM_CLASSES} {split}" for split, n in SPLITS.items())
     print(f"demo: {NUM_CLASSES} classes, {counts} images ({IMAGE_SIZE}x{IMAGE_SIZE} JPEG) in {root}")

@@ -161,13 +161,21 @@ class Dist:
             raise error
         return result
 
-    def broadcast_object(self, obj):
-        """Rank 0's value of a small picklable object, on every rank."""
+    def max(self, value: int) -> int:
+        """The largest of the ranks' values of a small integer, on every rank."""
         if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def gather(self, obj) -> list:
+        """Every rank's value of a small picklable object, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def close(self) -> None:
         """Tear the process group down. Callers drop their DDP model first: a DDP module alive at interpreter exit

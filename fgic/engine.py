@@ -27,14 +27,21 @@ def progress(loader, dist: Dist, desc: str):
                 mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scaler, criterion, dist: Dist, amp: str, desc: str) -> dict:
-    """One pass over this process's share of every global batch. Loss and accuracy accumulate on the device."""
+def train_one_epoch(model: nn.Module, loader, optimizer, scaler, criterion, dist: Dist, amp: str, desc: str,
+                    start_step: int = 0, totals: list[float] | None = None, stop=None) -> dict:
+    """One pass over this process's share of every global batch, from `start_step` on (resuming inside an epoch,
+    with this rank's running `totals` from the checkpoint). Loss and accuracy accumulate on the device.
+
+    `stop(step)` is asked after each step; when it returns True (every rank gets the same answer) the epoch ends
+    early and the result has "stopped_at" (steps done) and this rank's unreduced "totals" for a checkpoint."""
     model.train()
     device = dist.device
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
+    local = torch.tensor(totals or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)  # loss sum, correct, images
+    images_before = local[2].item()
     start = time.perf_counter()
     bar = progress(loader, dist, desc)
-    for step, (images, labels) in enumerate(bar):
+    step = start_step
+    for step, (images, labels) in enumerate(bar, start=start_step + 1):
         images = normalize(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
         with autocast(device, amp):
@@ -44,16 +51,19 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, criterion, dist
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        totals += torch.stack([loss.detach().double() * len(labels), (out.argmax(1) == labels).sum().double(),
-                               torch.tensor(len(labels), dtype=torch.float64, device=device)])
+        local += torch.stack([loss.detach().double() * len(labels), (out.argmax(1) == labels).sum().double(),
+                              torch.tensor(len(labels), dtype=torch.float64, device=device)])
         if dist.is_main and step % POSTFIX_EVERY == 0:
-            bar.set_postfix(loss=f"{totals[0].item() / max(totals[2].item(), 1):.3f}", refresh=False)
-    dist.all_reduce_sum(totals)
+            bar.set_postfix(loss=f"{local[0].item() / max(local[2].item(), 1):.3f}", refresh=False)
+        if stop is not None and step < start_step + len(loader) and stop(step):
+            bar.close()
+            return {"stopped_at": step, "totals": local.tolist()}
     seconds = time.perf_counter() - start
-    loss_sum, correct, count = totals.tolist()
-    return {"train_loss": loss_sum / max(count, 1), "train_acc": 100.0 * correct / max(count, 1),
+    images_now = local[2].item() - images_before
+    loss_sum, correct, count = dist.all_reduce_sum(local.clone()).tolist()
+    return {"stopped_at": None, "train_loss": loss_sum / max(count, 1), "train_acc": 100.0 * correct / max(count, 1),
             "train_images": int(count), "train_seconds": seconds,
-            "train_images_per_second": count / seconds if seconds > 0 else 0.0}
+            "train_images_per_second": images_now * dist.world_size / seconds if seconds > 0 else 0.0}
 
 
 @torch.inference_mode()

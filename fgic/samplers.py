@@ -1,6 +1,7 @@
 """Samplers: a training order that keeps each global batch whatever the process count, and exact evaluation shards."""
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 from torch.utils.data import DistributedSampler, Sampler
@@ -18,10 +19,19 @@ class TrainSampler(DistributedSampler):
     def __init__(self, dataset_len: int, world_size: int, rank: int, seed: int):
         super().__init__(range(dataset_len), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                          drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's permutation; `skip` drops this rank's first samples (resuming inside an epoch)."""
+        super().set_epoch(epoch)
+        self.skip = skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
-        return ((epoch, i) for i in super().__iter__())
+        return ((epoch, i) for i in itertools.islice(super().__iter__(), self.skip, None))
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
 
 
 class ShardSampler(Sampler[int]):

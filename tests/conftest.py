@@ -14,8 +14,14 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 # Small enough for CPU tests: resnet18 at 64 px (smaller inputs leave 1x1 maps whose BatchNorm statistics over a
 # few values make training chaotic), global batch 12 (splits over 1, 2 and 3 processes), 2 steps per epoch.
-TINY_ARGS = ["--arch", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--padding", "4",
-             "-b", "12", "--epochs", "2", "--device", "cpu", "--deterministic"]
+TINY = {"arch": "resnet18", "weights": "none", "resize": 72, "crop": 64, "padding": 4, "batch-size": 12, "epochs": 2,
+        "device": "cpu", "workers": 0}
+
+
+def tiny_args(**overrides) -> list[str]:
+    """fgic.ddp flags for the tiny CPU runs, e.g. tiny_args(epochs=3, batch_size=6)."""
+    opts = {**TINY, **{k.replace("_", "-"): v for k, v in overrides.items()}}
+    return [x for k, v in opts.items() for x in (f"--{k}", str(v))] + ["--deterministic"]
 
 
 def make_dataset(root: Path, train_counts=(8, 8, 8), test_counts=(34, 34, 33), size=40, seed=0) -> Path:

@@ -4,14 +4,12 @@ import json
 import pytest
 import torch
 
-from tests.conftest import TINY_ARGS, run_fgic
+from tests.conftest import run_fgic, tiny_args
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_modes_train(tiny_data, tmp_path, amp):
-    i = TINY_ARGS.index("--epochs")
-    args = [*TINY_ARGS[:i], "--epochs", "1", *TINY_ARGS[i + 2:]]
-    res = run_fgic(["-d", str(tiny_data), *args, "-a", amp, "-w", "0", "--output-dir", str(tmp_path)])
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(epochs=1), "-a", amp, "--output-dir", str(tmp_path)])
     assert res.returncode == 0, res.stderr
     run = tmp_path / "tiny" / f"resnet18-{amp}-s2020"
     summary = json.loads((run / "summary.json").read_text())

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import TINY_ARGS, read_jsonl, run_fgic
+from tests.conftest import read_jsonl, run_fgic, tiny_args
 
 WORLDS = (1, 2, 3)
 
@@ -22,7 +22,7 @@ def runs(tiny_data, tmp_path_factory):
     out = {}
     for world in WORLDS:
         folder = tmp_path_factory.mktemp(f"w{world}")
-        res = run_fgic(["-d", str(tiny_data), *TINY_ARGS, "-w", "0", "--output-dir", str(folder)], nproc=world)
+        res = run_fgic(["-d", str(tiny_data), *tiny_args(), "--output-dir", str(folder)], nproc=world)
         assert res.returncode == 0, res.stdout + res.stderr
         out[world] = (folder, res)
     return out
@@ -87,7 +87,7 @@ def test_output_contract(runs):
 
 
 def test_loader_workers_do_not_change_the_result(tiny_data, runs, tmp_path):
-    res = run_fgic(["-d", str(tiny_data), *TINY_ARGS, "-w", "2", "--output-dir", str(tmp_path)])
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(workers=2), "--output-dir", str(tmp_path)])
     assert res.returncode == 0, res.stderr
     ref = weights(runs[1][0])
     assert all(torch.equal(v, ref[k]) for k, v in weights(tmp_path).items())
@@ -97,7 +97,7 @@ def test_loader_workers_do_not_change_the_result(tiny_data, runs, tmp_path):
 def test_eval_only_reproduces_the_last_epoch(tiny_data, runs, tmp_path, world):
     folder = runs[1][0]
     ckpt = run_dir(folder) / "checkpoint.pt"
-    res = run_fgic(["-d", str(tiny_data), *TINY_ARGS, "--eval-only", "--resume", str(ckpt), "-w", "0",
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(), "--eval-only", "--resume", str(ckpt),
                     "--output-dir", str(tmp_path)], nproc=world)
     assert res.returncode == 0, res.stderr
     ev = json.loads((run_dir(tmp_path) / "eval.json").read_text())
@@ -110,10 +110,8 @@ def test_eval_only_reproduces_the_last_epoch(tiny_data, runs, tmp_path, world):
 def test_finished_run_is_not_trained_again_and_changed_options_are_refused(tiny_data, runs):
     folder = runs[1][0]
     before = (run_dir(folder) / "checkpoint.pt").stat().st_mtime_ns
-    res = run_fgic(["-d", str(tiny_data), *TINY_ARGS, "--output-dir", str(folder)])
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(), "--output-dir", str(folder)])
     assert res.returncode == 0 and "already finished" in res.stdout
     assert (run_dir(folder) / "checkpoint.pt").stat().st_mtime_ns == before
-    i = TINY_ARGS.index("--epochs")
-    args = [*TINY_ARGS[:i], "--epochs", "3", *TINY_ARGS[i + 2:]]
-    res = run_fgic(["-d", str(tiny_data), *args, "--output-dir", str(folder)])
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(epochs=3), "--output-dir", str(folder)])
     assert res.returncode == 2 and "--epochs: 2 -> 3" in res.stderr and "Traceback" not in res.stderr

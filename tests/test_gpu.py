@@ -5,15 +5,13 @@ import pytest
 import torch
 
 from fgic import models
-from tests.conftest import TINY_ARGS, read_jsonl, run_fgic
+from tests.conftest import read_jsonl, run_fgic, tiny_args
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def cuda_args(epochs="1"):
-    args = [a for a in TINY_ARGS if a not in ("--device", "cpu")]
-    i = args.index("--epochs")
-    return [*args[:i], "--epochs", epochs, *args[i + 2:], "--device", "cuda"]
+def cuda_args(epochs=1, workers=2):
+    return tiny_args(epochs=epochs, device="cuda", workers=workers)
 
 
 def test_sync_batchnorm_on_cuda_is_torchs():
@@ -24,7 +22,7 @@ def test_sync_batchnorm_on_cuda_is_torchs():
 
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
 def test_one_gpu_trains_with_each_amp_mode(tiny_data, tmp_path, amp):
-    res = run_fgic(["-d", str(tiny_data), *cuda_args(), "-a", amp, "-w", "2", "--output-dir", str(tmp_path)])
+    res = run_fgic(["-d", str(tiny_data), *cuda_args(), "-a", amp, "--output-dir", str(tmp_path)])
     assert res.returncode == 0, res.stderr
     run = tmp_path / "tiny" / f"resnet18-{amp}-s2020"
     assert json.loads((run / "config.json").read_text())["device"].startswith("cuda")
@@ -36,7 +34,7 @@ def test_one_gpu_trains_with_each_amp_mode(tiny_data, tmp_path, amp):
 def test_two_gpus_nccl_sync_bn_match_one(tiny_data, tmp_path):
     out = {}
     for n in (1, 2):
-        res = run_fgic(["-d", str(tiny_data), *cuda_args("2"), "-w", "0", "--output-dir", str(tmp_path / str(n))],
+        res = run_fgic(["-d", str(tiny_data), *cuda_args(epochs=2, workers=0), "--output-dir", str(tmp_path / str(n))],
                        nproc=n)
         assert res.returncode == 0, res.stderr
         run = tmp_path / str(n) / "tiny" / "resnet18-off-s2020"

@@ -1,0 +1,46 @@
+"""Signals: SIGTERM/SIGUSR1/SIGUSR2 (Slurm's preemption and time-limit warnings) ask training to stop at the next
+step boundary that every rank agrees on; the handler only records the request.
+
+A signal that comes during evaluation or a checkpoint write is acted on after the next training step (the
+end-of-epoch checkpoint already holds everything); in the last epoch the run simply finishes."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# A run stopped by a signal, its checkpoint written: not finished, resume it (EX_TEMPFAIL, "try again later").
+EXIT_PREEMPTED = 75
+
+
+class StopRequest:
+    """Set by a stop signal. Further signals while the checkpoint is written change nothing."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+        self._pid = os.getpid()  # forked loader workers inherit the handler; only this process speaks
+
+    def install(self) -> "StopRequest":
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None and os.getpid() == self._pid:
+            print(f"fgic: got {signal.Signals(signum).name}; stopping at the next step boundary", file=sys.stderr,
+                  flush=True)
+        self.signum = self.signum or signum
+
+    def agree(self, reduce_max) -> bool:
+        """Whether any rank got a stop signal (`reduce_max` is the ranks' max); afterwards every rank knows which."""
+        signum = reduce_max(self.signum or 0)
+        if signum:
+            self.signum = signum
+        return bool(signum)

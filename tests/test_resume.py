@@ -1,0 +1,129 @@
+"""Preemption: a stop signal mid-epoch checkpoints the step boundary, and the resumed run ends bitwise-identical."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fgic.signals import EXIT_PREEMPTED
+from tests.conftest import REPO, fgic_env, make_dataset, read_jsonl, run_fgic, tiny_args
+
+RUN = ("tiny8", "resnet18-off-s2020")
+TIMING = ("epoch_seconds", "train_images_per_second")
+
+
+@pytest.fixture(scope="module")
+def data8(tmp_path_factory):
+    """48 train images: 8 steps per epoch at the global batch of 6."""
+    return make_dataset(tmp_path_factory.mktemp("d") / "tiny8", (16, 16, 16), (10, 10, 10))
+
+
+def args_for(data, out):
+    return ["-d", str(data), *tiny_args(epochs=3, batch_size=6), "--output-dir", str(out)]
+
+
+@pytest.fixture(scope="module")
+def references(data8, tmp_path_factory):
+    """Uninterrupted runs, one per process count (bitwise equality is promised for the same layout)."""
+    cache = {}
+
+    def get(nproc: int):
+        if nproc not in cache:
+            out = tmp_path_factory.mktemp(f"ref{nproc}")
+            res = run_fgic(args_for(data8, out), nproc=nproc)
+            assert res.returncode == 0, res.stderr
+            cache[nproc] = out.joinpath(*RUN)
+        return cache[nproc]
+    return get
+
+
+def start(args, nproc):
+    cmd = [sys.executable, "-m", "fgic.ddp", *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "fgic.ddp",
+         *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=fgic_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def workers(proc, nproc):
+    """The training processes: the process itself, or torchrun's children."""
+    if nproc == 1:
+        return [proc.pid]
+    for _ in range(600):
+        pids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if len(pids) == nproc:
+            return [int(p) for p in pids]
+        time.sleep(0.1)
+    raise AssertionError("torchrun did not start its workers")
+
+
+def same_result(run, reference):
+    a = torch.load(run / "checkpoint.pt", weights_only=True)
+    b = torch.load(reference / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3 and a["step"] == 0
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items()), "weights differ"
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(read_jsonl(run / "metrics.jsonl")) == strip(read_jsonl(reference / "metrics.jsonl"))
+    ours, theirs = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
+    assert {k: v for k, v in ours.items() if k != "wall_seconds"} == \
+           {k: v for k, v in theirs.items() if k != "wall_seconds"}
+
+
+@pytest.mark.parametrize("sig,nproc,target", [
+    pytest.param(signal.SIGUSR2, 1, "all", id="USR2"), pytest.param(signal.SIGTERM, 1, "all", id="TERM"),
+    pytest.param(signal.SIGUSR1, 1, "all", id="USR1"),
+    pytest.param(signal.SIGUSR2, 2, "one", id="USR2-torchrun-one-rank"),  # both ranks must stop at the same step
+])
+def test_stop_mid_epoch_and_resume_bitwise(data8, references, tmp_path, sig, nproc, target):
+    args = args_for(data8, tmp_path)
+    run = tmp_path.joinpath(*RUN)
+    proc = start(args, nproc)
+    pids = workers(proc, nproc)
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").is_file() or not read_jsonl(run / "metrics.jsonl"):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    for pid in (pids if target == "all" else pids[-1:]):
+        subprocess.run(["kill", f"-{sig.name[3:]}", str(pid)], check=True)
+    out, err = proc.communicate(timeout=300)
+    if nproc == 1:
+        assert proc.returncode == EXIT_PREEMPTED, err
+    else:
+        assert proc.returncode != 0, err
+    assert f"stopped by {sig.name}" in err and not re.search(r'File ".*/fgic/', err)  # no traceback of ours
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], 0 < ckpt["step"] < 8) == (1, True), (ckpt["epoch"], ckpt["step"])
+    assert len(read_jsonl(run / "metrics.jsonl")) == 1
+
+    res = run_fgic(args, nproc=nproc)  # the same command resumes
+    assert res.returncode == 0, res.stderr
+    assert f"resuming {run / 'checkpoint.pt'} at epoch 2, step {ckpt['step']}" in res.stdout
+    same_result(run, references(nproc))
+
+
+def test_resume_on_another_world_size(data8, references, tmp_path):
+    """Stop on 2 processes, resume on 3: allowed (the layout does not change the run's meaning); the result equals
+    the uninterrupted run up to float rounding, not bitwise (bitwise is promised for the same layout)."""
+    args = args_for(data8, tmp_path)
+    run = tmp_path.joinpath(*RUN)
+    proc = start(args, 2)
+    pids = workers(proc, 2)
+    while not (run / "metrics.jsonl").is_file() or not read_jsonl(run / "metrics.jsonl"):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    for pid in pids:
+        subprocess.run(["kill", "-TERM", str(pid)], check=True)
+    proc.communicate(timeout=300)
+    step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert step > 0
+    res = run_fgic(args, nproc=3)
+    assert res.returncode == 0, res.stderr
+    assert f"at epoch 2, step {step}" in res.stdout
+    ours, ref = read_jsonl(run / "metrics.jsonl"), read_jsonl(references(2) / "metrics.jsonl")
+    assert [m["epoch"] for m in ours] == [1, 2, 3] and ours[-1]["test_total"] == 30
+    assert ours[1]["train_loss"] == pytest.approx(ref[1]["train_loss"], rel=1e-2)
