@@ -50,6 +50,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--resize", type=int, help=f"resize to N x N before cropping (default {RECIPE['resize']})")
     g.add_argument("--crop", type=int, help=f"crop size (default {RECIPE['crop']})")
     g.add_argument("--padding", type=int, help=f"zero padding before the random crop (default {RECIPE['padding']})")
+    g.add_argument("--check-images", default="fast", choices=("fast", "full", "off"),
+                   help="before training: fast (headers and end markers), full (decode every image) or off")
+    g.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (with a count) "
+                                                                  "instead of stopping")
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", help="any torchvision classification model (default resnet50)")

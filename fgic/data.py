@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from fgic import augment
+from fgic import augment, scan
 from fgic.errors import FgicError
 from fgic.samplers import ShardSampler, TrainSampler
 
@@ -63,9 +65,13 @@ def _is_image(name: str) -> bool:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, honouring its EXIF orientation."""
+    """Open an image as 8-bit RGB, honouring its EXIF orientation (grayscale, palette, CMYK, RGBA and 16-bit
+    images included)."""
     with Image.open(path) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits, not a clipped copy
+            img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
+        return img.convert("RGB")
 
 
 class KeyedImageFolder(ImageFolder):
@@ -88,6 +94,22 @@ class KeyedImageFolder(ImageFolder):
         return image, label
 
 
+def drop_bad_images(ds: ImageFolder, mode: str, skip: bool, workers: int) -> None:
+    """Scan a split; bad files are an error naming them, or (with --skip-bad-images) left out with a count."""
+    bad = scan.scan([p for p, _ in ds.samples], mode, workers=max(workers, 2))
+    if not bad:
+        return
+    if not skip:
+        for path, why in sorted(bad.items()):
+            print(f"fgic: bad image {path}: {why}", file=sys.stderr)
+        first = sorted(bad)[0]
+        raise FgicError(f"{ds.root}: {len(bad)} unreadable or truncated image(s) (first: {first}: {bad[first]}); "
+                        f"replace or remove them, or pass --skip-bad-images to train without them")
+    ds.samples = [s for s in ds.samples if s[0] not in bad]
+    ds.imgs, ds.targets = ds.samples, [t for _, t in ds.samples]
+    print(f"fgic: notice: left out {len(bad)} bad image(s) of {ds.root} (--skip-bad-images)", file=sys.stderr)
+
+
 def default_workers(local_world_size: int) -> int:
     """Loader workers per process: the CPUs this process may use, shared among the processes of the node, at most 8."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -98,6 +120,8 @@ def build(args, root: Path, world_size: int, rank: int, pin_memory: bool):
     """(train_set, test_set, train_loader, test_loader) for this process; the loaders' batch is the per-process one."""
     train_set = KeyedImageFolder(root / "train", True, args.resize, args.crop, args.padding, args.seed)
     test_set = KeyedImageFolder(root / "test", False, args.resize, args.crop, args.padding, args.seed)
+    for split in (train_set, test_set):
+        drop_bad_images(split, args.check_images, args.skip_bad_images, args.workers)
     if len(train_set) < args.batch_size:
         raise FgicError(f"-b/--batch-size {args.batch_size} is larger than the {len(train_set)} training images "
                         f"in {root / 'train'}; use a smaller batch")

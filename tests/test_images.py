@@ -1,0 +1,71 @@
+"""Unusual but valid images load as RGB; broken ones are all found by the scan before training."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fgic import data, scan
+from tests.conftest import make_dataset, run_fgic, tiny_args
+
+
+def rgb_array(h=30, w=40):
+    return (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def write_unusual(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    base = Image.fromarray(rgb_array())
+    base.convert("L").save(folder / "gray.jpg")
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    base.convert("P").save(folder / "palette.png")
+    base.convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray((np.arange(30 * 40, dtype=np.uint16).reshape(30, 40) * 50)).save(folder / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    base.save(folder / "rotated.jpg", exif=exif)
+    return sorted(folder.iterdir())
+
+
+def test_unusual_images_load_as_rgb(tmp_path):
+    for path in write_unusual(tmp_path):
+        img = data.load_rgb(str(path))
+        assert img.mode == "RGB", path.name
+        assert img.size == ((30, 40) if path.name == "rotated.jpg" else (40, 30)), path.name
+        assert scan.problem(str(path), "full") is None and scan.problem(str(path), "fast") is None
+    deep = np.asarray(data.load_rgb(str(tmp_path / "deep.png")))
+    assert deep.max() > 200 and deep.min() < 10  # scaled to 8 bits, not clipped to white
+
+
+def write_broken(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    good = io.BytesIO()
+    Image.fromarray(rgb_array()).save(good, format="JPEG")
+    (folder / "cut.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (folder / "text.jpg").write_text("not an image")
+    (folder / "empty.png").write_bytes(b"")
+    return ["cut.jpg", "empty.png", "text.jpg"]
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_scan_finds_every_broken_file(tmp_path, mode):
+    names = write_broken(tmp_path)
+    write_unusual(tmp_path / "ok")
+    paths = [str(p) for p in sorted(tmp_path.rglob("*")) if p.is_file()]
+    bad = scan.scan(paths, mode)
+    assert sorted(p.rsplit("/", 1)[1] for p in bad) == names
+    assert scan.scan(paths, "off") == {}
+
+
+def test_training_stops_on_bad_images_or_skips_them(tmp_path):
+    root = make_dataset(tmp_path / "d", (6, 6), (3, 3))
+    write_broken(root / "train" / "class_00")
+    args = ["-d", str(root), *tiny_args(epochs=1, batch_size=6), "--output-dir", str(tmp_path / "runs")]
+    res = run_fgic(args)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "3 unreadable or truncated image(s)" in res.stderr.splitlines()[-1]
+    assert "--skip-bad-images" in res.stderr.splitlines()[-1]
+    assert sum("fgic: bad image" in line for line in res.stderr.splitlines()) == 3
+    res = run_fgic(args + ["--skip-bad-images"])
+    assert res.returncode == 0, res.stderr
+    assert "left out 3 bad image(s)" in res.stderr
