@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if os.environ.get("FGIC_TEST_STALL_SAVE_S") and path.name == CHECKPOINT and path.exists():
+            time.sleep(float(os.environ["FGIC_TEST_STALL_SAVE_S"]))  # test hook: a slow overwrite, to kill it
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

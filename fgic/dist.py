@@ -15,8 +15,10 @@ import torch.distributed as dist
 
 from fgic.errors import FgicError
 
-# How long a collective may wait for a peer before the process group gives up (torch's default is 10-30 min).
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+# How long a collective may wait for a peer before the process group gives up (torch's defaults: 10-30 min). A dead
+# peer is normally noticed sooner: torchrun stops the other workers at once, srun --kill-on-bad-exit=1 likewise,
+# and gloo sees the closed connection; this bounds the rest (a hung peer, NCCL). FGIC_COLLECTIVE_TIMEOUT_S changes it.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("FGIC_COLLECTIVE_TIMEOUT_S", 120)))
 
 
 @dataclass(frozen=True)

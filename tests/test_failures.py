@@ -1,0 +1,88 @@
+"""Crashes: a kill -9 during a checkpoint write loses nothing; one dead rank takes the others down quickly."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from tests.conftest import REPO, fgic_env, make_dataset, read_jsonl, run_fgic, tiny_args
+from tests.test_resume import workers
+
+RUN = ("tiny8", "resnet18-off-s2020")
+DEATH_BOUND_S = 60  # README, "Failures": all processes gone within this after one rank dies
+
+
+def args_for(tmp_path, out="runs"):
+    data = make_dataset(tmp_path / "tiny8", (16, 16, 16), (4, 4, 4))
+    return ["-d", str(data), *tiny_args(epochs=2, batch_size=6), "--output-dir", str(tmp_path / out)]
+
+
+def popen(args, nproc=1, **env):
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return subprocess.Popen([sys.executable, *launcher, "-m", "fgic.ddp", *args], cwd=REPO, env=fgic_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(cond, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not cond():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.02)
+
+
+def test_kill_9_during_a_checkpoint_write_loses_nothing(tmp_path):
+    args = args_for(tmp_path)
+    run = (tmp_path / "runs").joinpath(*RUN)
+    ref = run_fgic(args_for(tmp_path, "ref"))
+    assert ref.returncode == 0, ref.stderr
+    # The epoch-2 checkpoint overwrites epoch 1's; the hook holds the finished temporary file back before the rename.
+    proc = popen(args, FGIC_TEST_STALL_SAVE_S="60")
+    wait_for(lambda: (run / "checkpoint.pt").is_file() and list(run.glob(".checkpoint.pt.*.tmp")), proc)
+    proc.kill()
+    proc.communicate()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the previous one, intact
+    res = run_fgic(args)  # the same command resumes from it
+    assert res.returncode == 0, res.stderr
+    assert "resuming" in res.stdout
+    a = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load((tmp_path / "ref").joinpath(*RUN, "checkpoint.pt"), weights_only=True)["model"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert [m["epoch"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+
+
+def test_one_dead_rank_takes_the_others_down(tmp_path):
+    args = args_for(tmp_path)
+    run = (tmp_path / "runs").joinpath(*RUN)
+    proc = popen(args, nproc=2)
+    pids = workers(proc, 2)
+    wait_for(lambda: (run / "config.json").is_file(), proc)  # training has started
+    time.sleep(1)
+    t0 = time.time()
+    os.kill(pids[1], 9)
+    proc.communicate(timeout=DEATH_BOUND_S * 3)
+    elapsed = time.time() - t0
+    print(f"one rank killed: all processes gone after {elapsed:.1f} s")
+    assert proc.returncode != 0
+    assert elapsed < DEATH_BOUND_S
+    assert all(not os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_carrying_code_is_refused_end_to_end(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "epoch": 1, "config": Exploit(str(marker))}, tmp_path / "evil.pt")
+    res = run_fgic(args_for(tmp_path) + ["--resume", str(tmp_path / "evil.pt")])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "evil.pt: refused" in res.stderr.strip().splitlines()[-1]
+    assert not marker.exists()
