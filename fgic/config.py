@@ -30,7 +30,6 @@ DEMO = {
     "resize": 72,
     "crop": 64,
     "padding": 4,
-    "lr": 0.1,
 }
 AMP_MODES = ("off", "fp16", "bf16")
 # The seed's -a took 0 (off), 1 (NVIDIA apex O1) and 2 (native fp16 AMP).
@@ -70,7 +69,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=float, help="label smoothing (default 0.1)")
     g.add_argument("-a", "--amp", default="off", help="mixed precision: off|fp16|bf16 (the seed's 0/1/2 are accepted)")
     g.add_argument("-s", "--seed", type=int, default=2020, help="seed of the weights, order and augmentation (default 2020)")
-    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower; for exact comparisons)")
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms and, on the CPU, the same BatchNorm code on 1 or N "
+                        "processes (slower; for exact comparisons)")
 
     g = p.add_argument_group("run")
     g.add_argument("-g", "--gpu", help="GPU ids, e.g. 0 or 0,1,2,3 (several start one process each)")

@@ -69,7 +69,7 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
 
     # Model: same seed on every rank gives the same initial weights (DDP broadcasts rank 0's anyway).
     model = d.agree(lambda: models.build(args.arch, len(classes), args.weights))
-    model = models.sync_batchnorm(model, d.device, d.distributed).to(d.device)
+    model = models.sync_batchnorm(model, d.device, d.distributed, same_code=args.deterministic).to(d.device)
     train_set, test_set, train_loader, test_loader = data.build(args, root, d.world_size, d.rank,
                                                                 pin_memory=d.device.type == "cuda")
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)

@@ -17,7 +17,7 @@ def cuda_args(epochs=1, workers=2):
 def test_sync_batchnorm_on_cuda_is_torchs():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
     assert isinstance(models.sync_batchnorm(model, torch.device("cuda"), True)[1], torch.nn.SyncBatchNorm)
-    assert type(models.sync_batchnorm(model, torch.device("cuda"), False)[1]) is torch.nn.BatchNorm2d
+    assert type(models.sync_batchnorm(model, torch.device("cuda"), False, True)[1]) is torch.nn.BatchNorm2d
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])

@@ -103,3 +103,15 @@ def test_unreadable_files_are_named(tmp_path):
             weights.read_state_dict(tmp_path / name)
     with pytest.raises(FgicError, match="nope.pt: no such file"):
         weights.read_state_dict(tmp_path / "nope.pt")
+
+
+def test_batchnorm_policy_on_the_cpu():
+    from fgic.syncbn import AllReduceBatchNorm
+    cpu = torch.device("cpu")
+
+    def kinds(**kw):
+        return {type(m) for m in models.sync_batchnorm(tvm.resnet18(weights=None), cpu, **kw).modules()
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert kinds(distributed=True) == {AllReduceBatchNorm}
+    assert kinds(distributed=False, same_code=True) == {AllReduceBatchNorm}  # --deterministic on one process
+    assert kinds(distributed=False) == {torch.nn.BatchNorm2d}
