@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +64,32 @@ def run_fgic(args: list[str], nproc: int = 1, timeout: int = 600, **env) -> subp
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def popen(args: list[str], nproc: int = 1, **env) -> subprocess.Popen:
+    """Start fgic.ddp in the background (under torchrun for nproc > 1)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return subprocess.Popen([sys.executable, *launcher, "-m", "fgic.ddp", *args], cwd=REPO, env=fgic_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def workers(proc: subprocess.Popen, nproc: int) -> list[int]:
+    """The training processes: the process itself, or torchrun's children."""
+    if nproc == 1:
+        return [proc.pid]
+    for _ in range(600):
+        pids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if len(pids) == nproc:
+            return [int(p) for p in pids]
+        time.sleep(0.1)
+    raise AssertionError("torchrun did not start its workers")
+
+
+class PickledCode:
+    """An object whose unpickling would create `marker`: what a malicious checkpoint carries."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

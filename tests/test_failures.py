@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import torch
 
-from tests.conftest import REPO, fgic_env, make_dataset, read_jsonl, run_fgic, tiny_args
-from tests.test_resume import workers
+from tests.conftest import PickledCode, make_dataset, popen, read_jsonl, run_fgic, tiny_args, workers
 
 RUN = ("tiny8", "resnet18-off-s2020")
 DEATH_BOUND_S = 60  # README, "Failures": all processes gone within this after one rank dies
@@ -18,12 +15,6 @@ DEATH_BOUND_S = 60  # README, "Failures": all processes gone within this after o
 def args_for(tmp_path, out="runs"):
     data = make_dataset(tmp_path / "tiny8", (16, 16, 16), (4, 4, 4))
     return ["-d", str(data), *tiny_args(epochs=2, batch_size=6), "--output-dir", str(tmp_path / out)]
-
-
-def popen(args, nproc=1, **env):
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    return subprocess.Popen([sys.executable, *launcher, "-m", "fgic.ddp", *args], cwd=REPO, env=fgic_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(cond, proc, timeout=300):
@@ -71,17 +62,9 @@ def test_one_dead_rank_takes_the_others_down(tmp_path):
     assert all(not os.path.exists(f"/proc/{pid}") for pid in pids)
 
 
-class Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_checkpoint_carrying_code_is_refused_end_to_end(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"model": {}, "epoch": 1, "config": Exploit(str(marker))}, tmp_path / "evil.pt")
+    torch.save({"model": {}, "epoch": 1, "config": PickledCode(str(marker))}, tmp_path / "evil.pt")
     res = run_fgic(args_for(tmp_path) + ["--resume", str(tmp_path / "evil.pt")])
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "evil.pt: refused" in res.stderr.strip().splitlines()[-1]

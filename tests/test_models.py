@@ -4,6 +4,7 @@ from torchvision import models as tvm
 
 from fgic import models, weights
 from fgic.errors import FgicError
+from tests.conftest import PickledCode
 
 
 @pytest.mark.parametrize("arch,head", [
@@ -77,17 +78,9 @@ def test_weights_file_whole_model_or_backbone(tmp_path):
         models.build("resnet18", 5, str(tmp_path / "other.pt"))
 
 
-class Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_pickled_code_is_refused_and_not_run(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"model": Exploit(str(marker))}, tmp_path / "evil.pt")
+    torch.save({"model": PickledCode(str(marker))}, tmp_path / "evil.pt")
     with pytest.raises(FgicError, match="evil.pt: refused"):
         models.build("resnet18", 5, str(tmp_path / "evil.pt"))
     assert not marker.exists()

@@ -5,14 +5,13 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from fgic.signals import EXIT_PREEMPTED
-from tests.conftest import REPO, fgic_env, make_dataset, read_jsonl, run_fgic, tiny_args
+from tests.conftest import make_dataset, popen, read_jsonl, run_fgic, tiny_args, workers
 
 RUN = ("tiny8", "resnet18-off-s2020")
 TIMING = ("epoch_seconds", "train_images_per_second")
@@ -43,25 +42,6 @@ def references(data8, tmp_path_factory):
     return get
 
 
-def start(args, nproc):
-    cmd = [sys.executable, "-m", "fgic.ddp", *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "fgic.ddp",
-         *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=fgic_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def workers(proc, nproc):
-    """The training processes: the process itself, or torchrun's children."""
-    if nproc == 1:
-        return [proc.pid]
-    for _ in range(600):
-        pids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        if len(pids) == nproc:
-            return [int(p) for p in pids]
-        time.sleep(0.1)
-    raise AssertionError("torchrun did not start its workers")
-
-
 def same_result(run, reference):
     a = torch.load(run / "checkpoint.pt", weights_only=True)
     b = torch.load(reference / "checkpoint.pt", weights_only=True)
@@ -82,7 +62,7 @@ def same_result(run, reference):
 def test_stop_mid_epoch_and_resume_bitwise(data8, references, tmp_path, sig, nproc, target):
     args = args_for(data8, tmp_path)
     run = tmp_path.joinpath(*RUN)
-    proc = start(args, nproc)
+    proc = popen(args, nproc)
     pids = workers(proc, nproc)
     deadline = time.time() + 300
     while not (run / "metrics.jsonl").is_file() or not read_jsonl(run / "metrics.jsonl"):
@@ -111,7 +91,7 @@ def test_resume_on_another_world_size(data8, references, tmp_path):
     the uninterrupted run up to float rounding, not bitwise (bitwise is promised for the same layout)."""
     args = args_for(data8, tmp_path)
     run = tmp_path.joinpath(*RUN)
-    proc = start(args, 2)
+    proc = popen(args, 2)
     pids = workers(proc, 2)
     while not (run / "metrics.jsonl").is_file() or not read_jsonl(run / "metrics.jsonl"):
         assert proc.poll() is None, proc.communicate()
