@@ -20,6 +20,7 @@ from fgic import dist as dist_mod
 from fgic.config import get_args_parser  # noqa: F401  (launchers import the parser from here)
 from fgic.dist import Dist
 from fgic.errors import FgicError, run_cli
+from fgic.requeue import requeue
 from fgic.runlog import RunLog
 from fgic.signals import EXIT_PREEMPTED, StopRequest
 
@@ -157,9 +158,11 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
 
 
 def preempted(d: Dist, stop: StopRequest, run_dir: Path, where: str) -> int:
+    """After the stop checkpoint: say so, requeue a Slurm job (rank 0), and leave with EXIT_PREEMPTED."""
     if d.is_main:
-        print(f"fgic: stopped by {signal.Signals(stop.signum).name} at {where}; checkpoint "
-              f"written, resume with the same command; {run_dir}", file=sys.stderr, flush=True)
+        print(f"fgic: stopped by {signal.Signals(stop.signum).name} at {where}; checkpoint written, resume with the "
+              f"same command; {run_dir}", file=sys.stderr, flush=True)
+        print(f"fgic: {requeue()}", file=sys.stderr, flush=True)
     return EXIT_PREEMPTED
 
 

@@ -1,0 +1,35 @@
+"""Slurm self-requeue: after a stop signal's checkpoint, put the job back in the queue when Slurm allows it."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+
+def job_id(env=os.environ) -> str | None:
+    """The id to requeue: an array task's own id, or the job's."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
+def requeue(env=os.environ) -> str:
+    """Requeue this Slurm job if it runs under Slurm, may be requeued (Requeue=1) and no submitit job manages it
+    (submitit requeues its own); returns what happened, for the log. FGIC_REQUEUE=0 turns it off."""
+    job = job_id(env)
+    if not job:
+        return "not a Slurm job"
+    if env.get("FGIC_REQUEUE", "1") == "0" or env.get("SUBMITIT_EXECUTOR"):
+        return "requeue left to the launcher"
+    if not shutil.which("scontrol"):
+        return "no scontrol on PATH"
+    try:
+        info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60)
+        if "Requeue=1" not in info.stdout:
+            return f"job {job} may not be requeued (sbatch --requeue allows it)"
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "scontrol did not answer"
+    if done.returncode != 0:
+        return f"scontrol requeue {job} failed: {done.stderr.strip()[:200]}"
+    return f"requeued Slurm job {job}"
