@@ -1,0 +1,71 @@
+"""Bad input through the real command: exit code 2, one line naming the file or flag and what to do, no traceback."""
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import torch
+
+from tests.conftest import make_dataset, run_fgic, tiny_args
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("d") / "good", (6, 6), (2, 2))
+
+
+def broken(tmp_path, good, what):
+    root = tmp_path / what
+    shutil.copytree(good, root)
+    if what == "no_test":
+        shutil.rmtree(root / "test")
+    elif what == "no_classes":
+        shutil.rmtree(root / "train")
+        (root / "train").mkdir()
+    elif what == "empty_class":
+        for f in (root / "test" / "class_01").iterdir():
+            f.unlink()
+        (root / "test" / "class_01" / "README").write_text("no images here")
+    elif what == "other_classes":
+        (root / "test" / "class_01").rename(root / "test" / "class_09")
+    return root
+
+
+CASES = [  # (case, extra flags, what the one line must say)
+    ("missing_folder", [], "no such folder"),
+    ("registry_name", ["-d", "cub"], "-d cub: no dataset at"),
+    ("no_test", [], "test: missing"),
+    ("no_classes", [], "no class folders"),
+    ("empty_class", [], "class_01: no images"),
+    ("other_classes", [], "different classes"),
+    ("unknown_arch", ["--arch", "resnet5"], "--arch resnet5: not a torchvision classification model"),
+    ("bad_amp", ["-a", "fp8"], "-a/--amp"),
+    ("big_batch", ["--batch-size", "64"], "larger than the 12 training images"),
+    ("weights_file", ["--weights", "nowhere.pt"], "--weights nowhere.pt: no such file"),
+    ("resume_file", ["--resume", "nowhere.pt"], "--resume nowhere.pt: no such file"),
+]
+if not torch.cuda.is_available():
+    CASES += [("no_cuda", ["--device", "cuda"], "--device cuda: no CUDA GPU"),
+              ("no_gpu_id", ["--device", "auto", "-g", "3"], "-g/--gpu 3: no CUDA GPU")]
+
+
+@pytest.mark.parametrize("case,extra,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_clear_line(tmp_path, good, case, extra, message):
+    data = tmp_path / "absent" if case == "missing_folder" else (
+        broken(tmp_path, good, case) if case in ("no_test", "no_classes", "empty_class", "other_classes") else good)
+    args = ["-d", str(data), *tiny_args(epochs=1, batch_size=6), "--data-root", str(tmp_path / "root"),
+            "--output-dir", str(tmp_path / "runs"), *extra]
+    res = run_fgic(args)
+    lines = res.stderr.strip().splitlines()
+    print(f"{case}: {lines[-1] if lines else ''}")
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert lines[-1].startswith("fgic.ddp: error: ") and message in lines[-1], lines[-1]
+
+
+def test_batch_that_does_not_split_over_the_processes(tmp_path, good):
+    res = run_fgic(["-d", str(good), *tiny_args(epochs=1, batch_size=7), "--output-dir", str(tmp_path)], nproc=2)
+    assert res.returncode != 0
+    assert "-b/--batch-size 7 does not split evenly over 2 processes; use a multiple of 2" in res.stderr
+    assert not re.search(r'File ".*/fgic/', res.stderr)  # torchrun reports the failed workers; no fgic traceback
