@@ -1,4 +1,5 @@
-"""Bad input through the real command: exit code 2, one line naming the file or flag and what to do, no traceback."""
+"""Bad input: exit code 2, one line naming the file or flag and what to do, no traceback (the command-line entry
+run in-process for each case, and the real command once)."""
 from __future__ import annotations
 
 import re
@@ -7,6 +8,8 @@ import shutil
 import pytest
 import torch
 
+from fgic import ddp
+from fgic.errors import run_cli
 from tests.conftest import make_dataset, run_fgic, tiny_args
 
 
@@ -50,18 +53,34 @@ if not torch.cuda.is_available():
               ("no_gpu_id", ["--device", "auto", "-g", "3"], "-g/--gpu 3: no CUDA GPU")]
 
 
+@pytest.fixture
+def in_process(monkeypatch):
+    """fgic.ddp's command-line entry run in this process: (exit code, last line of stderr)."""
+    def run(args, capsys):
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(lambda: ddp.main(args), "fgic.ddp")
+        lines = capsys.readouterr().err.strip().splitlines()
+        return exit_.value.code, lines[-1] if lines else ""
+    yield run
+    torch.use_deterministic_algorithms(False)  # --deterministic may have set it before the error
+
+
 @pytest.mark.parametrize("case,extra,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gets_one_clear_line(tmp_path, good, case, extra, message):
+def test_bad_input_gets_one_clear_line(tmp_path, good, case, extra, message, in_process, capsys):
     data = tmp_path / "absent" if case == "missing_folder" else (
         broken(tmp_path, good, case) if case in ("no_test", "no_classes", "empty_class", "other_classes") else good)
     args = ["-d", str(data), *tiny_args(epochs=1, batch_size=6), "--data-root", str(tmp_path / "root"),
             "--output-dir", str(tmp_path / "runs"), *extra]
-    res = run_fgic(args)
-    lines = res.stderr.strip().splitlines()
-    print(f"{case}: {lines[-1] if lines else ''}")
-    assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr
-    assert lines[-1].startswith("fgic.ddp: error: ") and message in lines[-1], lines[-1]
+    code, line = in_process(args, capsys)
+    print(f"{case}: {line}")
+    assert code == 2 and line.startswith("fgic.ddp: error: ") and message in line, line
+
+
+def test_the_real_command_prints_one_line_and_exits_2(tmp_path, good):
+    res = run_fgic(["-d", str(good), *tiny_args(epochs=1), "--arch", "resnet5", "--output-dir", str(tmp_path)])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == ["fgic.ddp: error: --arch resnet5: not a torchvision classification "
+                                               "model; did you mean resnet50, resnet152, resnet34?"]
 
 
 def test_batch_that_does_not_split_over_the_processes(tmp_path, good):
