@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
@@ -140,8 +139,3 @@ def check_batch(batch_size: int, world_size: int) -> int:
         raise FgicError(f"-b/--batch-size {batch_size} does not split evenly over {world_size} processes; "
                         f"use a multiple of {world_size}")
     return batch_size // world_size
-
-
-def pin(batch, device: torch.device):
-    images, labels = batch
-    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

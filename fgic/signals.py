@@ -19,18 +19,12 @@ class StopRequest:
 
     def __init__(self):
         self.signum: int | None = None
-        self._previous = {}
         self._pid = os.getpid()  # forked loader workers inherit the handler; only this process speaks
 
     def install(self) -> "StopRequest":
         for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            signal.signal(sig, self._handle)
         return self
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
         if self.signum is None and os.getpid() == self._pid:
