@@ -62,14 +62,9 @@ def fetch(arch: str, spec: str = "imagenet") -> Path:
     return path
 
 
-def load_imagenet(arch: str, spec: str = "imagenet", download: bool = True) -> dict:
-    """torchvision's ImageNet state_dict for the arch, from the torch cache (fetched first when `download`)."""
-    weights = imagenet_weights(arch, spec)
-    path = fetch(arch, spec) if download else cache_file(weights)
-    if not path.is_file():
-        raise FgicError(f"--weights {spec}: {path} is missing; run `python -m fgic.weights fetch {arch}` on a machine "
-                        f"with internet, or pass --weights PATH or --weights none")
-    return read_state_dict(path, flag="--weights")
+def load_imagenet(arch: str, spec: str = "imagenet") -> dict:
+    """torchvision's ImageNet state_dict for the arch, from the torch cache (fetched first if it is not there)."""
+    return read_state_dict(fetch(arch, spec), flag="--weights")
 
 
 def read_state_dict(path: str | os.PathLike, flag: str = "--weights") -> dict:
