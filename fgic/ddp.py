@@ -29,6 +29,7 @@ STOP_CHECK_EVERY = 8  # steps between the ranks' agreement on a stop request on 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    stop = StopRequest().install()  # from the start: a warning during set-up is acted on at the first step
     args = config.resolve(config.get_args_parser().parse_args(argv))
     launch = dist_mod.detect()
     gpus = dist_mod.parse_gpus(args.gpu)
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
            "torchvision": str(torchvision.__version__)}
     d = Dist.start(launch, device)
     try:
-        return train(cfg, args, d, root, classes, run_dir)
+        return train(cfg, args, d, root, classes, run_dir, stop)
     finally:
         d.close()
 
@@ -64,7 +65,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)  # a few CUDA backward kernels have no such variant
 
 
-def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Path) -> int:
+def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Path, stop: StopRequest) -> int:
     say = print if d.is_main else (lambda *a, **k: None)
     seed_everything(args.seed, args.deterministic)
 
@@ -104,7 +105,6 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
     log.start(cfg, progress.epoch)
     ddp_model = (DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
                  if d.distributed else model)
-    stop = StopRequest().install()
     every = 1 if d.device.type == "cpu" else STOP_CHECK_EVERY
 
     def save(prog: checkpoint.Progress) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fgic import signals
 from fgic.errors import FgicError
 
 # How long a collective may wait for a peer before the process group gives up (torch's defaults: 10-30 min). A dead
@@ -88,6 +89,7 @@ def relaunch_per_gpu(gpus: list[int], argv: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(gpus)}",
            "-m", "fgic.ddp", *argv]
     print("fgic: starting one process per GPU:", " ".join(cmd), file=sys.stderr, flush=True)
+    signals.leave_to_workers()
     os.execv(sys.executable, cmd)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # A run stopped by a signal, its checkpoint written: not finished, resume it (EX_TEMPFAIL, "try again later").
@@ -34,7 +35,17 @@ class StopRequest:
 
     def agree(self, reduce_max) -> bool:
         """Whether any rank got a stop signal (`reduce_max` is the ranks' max); afterwards every rank knows which."""
+        if os.environ.get("FGIC_TEST_STEP_SLEEP_S"):  # test hook: slow steps, so that a signal lands mid-training
+            time.sleep(float(os.environ["FGIC_TEST_STEP_SLEEP_S"]))
         signum = reduce_max(self.signum or 0)
         if signum:
             self.signum = signum
         return bool(signum)
+
+
+def leave_to_workers() -> None:
+    """In a process about to exec torchrun: ignore USR1/USR2. torchrun has no handler for them and would die of the
+    first one (Slurm signals every process of a step), taking its workers down before their checkpoint. The ignored
+    disposition is inherited; each worker installs its own handlers (StopRequest) and acts on the signal."""
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)

@@ -2,13 +2,16 @@
 
 Inside a Slurm allocation (one task per node: `srun --ntasks-per-node=1 python -m launch.torchrun ...`): the first
 host of the node list and a port derived from the job id (or MASTER_PORT), this node's rank, and one process per
-allocated GPU (one on the CPU). Outside Slurm: one process per visible GPU, or a plain process for one GPU or none.
+allocated GPU (one on the CPU). Outside Slurm: one process per visible GPU. One process in all is a plain process,
+not torchrun, so its exit code (2 for bad input, 75 for "stopped, resume me") reaches the job; torchrun turns any
+failure into 1.
 """
 from __future__ import annotations
 
 import os
 import sys
 
+from fgic import signals
 from fgic.dist import slurm_master
 
 
@@ -26,7 +29,7 @@ def command(argv: list[str], env=os.environ) -> list[str]:
     """The command line that runs fgic.ddp here."""
     gpus = local_gpus(env)
     per_node = max(gpus, 1)
-    if env.get("SLURM_JOB_ID") and env.get("SLURM_NNODES"):
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_NNODES") and (per_node > 1 or int(env["SLURM_NNODES"]) > 1):
         addr, port = slurm_master(env)
         return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={env['SLURM_NNODES']}",
                 f"--node_rank={env.get('SLURM_NODEID', 0)}", f"--nproc_per_node={per_node}",
@@ -40,6 +43,8 @@ def command(argv: list[str], env=os.environ) -> list[str]:
 def main() -> None:
     cmd = command(sys.argv[1:])
     print("launch.torchrun:", " ".join(cmd), file=sys.stderr, flush=True)
+    if "torch.distributed.run" in cmd:
+        signals.leave_to_workers()
     os.execv(cmd[0], cmd)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,22 @@ def run_fgic(args: list[str], nproc: int = 1, timeout: int = 600, **env) -> subp
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+TIMING = ("epoch_seconds", "train_images_per_second")
+
+
+def same_result(run: Path, reference: Path) -> None:
+    """A resumed run ended exactly as the uninterrupted one: bitwise weights, the same records but for timings."""
+    a = torch.load(run / "checkpoint.pt", weights_only=True)
+    b = torch.load(reference / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] and a["step"] == b["step"] == 0
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items()), "weights differ"
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(read_jsonl(run / "metrics.jsonl")) == strip(read_jsonl(reference / "metrics.jsonl"))
+    ours, theirs = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
+    assert {k: v for k, v in ours.items() if k != "wall_seconds"} == \
+           {k: v for k, v in theirs.items() if k != "wall_seconds"}
 
 
 def popen(args: list[str], nproc: int = 1, **env) -> subprocess.Popen:

@@ -20,11 +20,16 @@ def test_two_slurm_nodes_with_four_gpus_each():
         "--master_addr=gpu12", f"--master_port={10000 + 777}", "-m", "fgic.ddp", "-d", "cub"]
 
 
-def test_slurm_cpu_node_runs_one_process():
-    env = {"SLURM_JOB_ID": "5", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1", "CUDA_VISIBLE_DEVICES": "",
+def test_slurm_cpu_nodes_run_one_process_each():
+    env = {"SLURM_JOB_ID": "5", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n[1-2]", "CUDA_VISIBLE_DEVICES": "",
            "MASTER_PORT": "4000"}
     cmd = torchrun.command([], env)
     assert "--nproc_per_node=1" in cmd and "--master_port=4000" in cmd and "--master_addr=n1" in cmd
+
+
+def test_one_process_in_all_is_a_plain_process_with_its_own_exit_code():
+    env = {"SLURM_JOB_ID": "5", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1", "SLURM_GPUS_ON_NODE": "1"}
+    assert torchrun.command(["-d", "x"], env) == [sys.executable, "-m", "fgic.ddp", "-d", "x"]
 
 
 @pytest.mark.parametrize("visible,expected", [("", ["-m", "fgic.ddp", "-d", "x"]), ("0", ["-m", "fgic.ddp", "-d", "x"]),

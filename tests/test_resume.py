@@ -1,7 +1,6 @@
 """Preemption: a stop signal mid-epoch checkpoints the step boundary, and the resumed run ends bitwise-identical."""
 from __future__ import annotations
 
-import json
 import re
 import signal
 import subprocess
@@ -11,10 +10,9 @@ import pytest
 import torch
 
 from fgic.signals import EXIT_PREEMPTED
-from tests.conftest import make_dataset, popen, read_jsonl, run_fgic, tiny_args, workers
+from tests.conftest import make_dataset, popen, read_jsonl, run_fgic, same_result, tiny_args, workers
 
 RUN = ("tiny8", "resnet18-off-s2020")
-TIMING = ("epoch_seconds", "train_images_per_second")
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +38,6 @@ def references(data8, tmp_path_factory):
             cache[nproc] = out.joinpath(*RUN)
         return cache[nproc]
     return get
-
-
-def same_result(run, reference):
-    a = torch.load(run / "checkpoint.pt", weights_only=True)
-    b = torch.load(reference / "checkpoint.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2 and a["step"] == 0
-    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items()), "weights differ"
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
-    assert strip(read_jsonl(run / "metrics.jsonl")) == strip(read_jsonl(reference / "metrics.jsonl"))
-    ours, theirs = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
-    assert {k: v for k, v in ours.items() if k != "wall_seconds"} == \
-           {k: v for k, v in theirs.items() if k != "wall_seconds"}
 
 
 @pytest.mark.parametrize("sig,nproc,target", [

@@ -1,0 +1,139 @@
+"""`python -m launch.submitit --datasets cub cars --seeds 0 1 2 [--amps off bf16] [fgic.ddp flags]`: a sweep as one submitit job array.
+
+One job per dataset x seed x AMP mode, each running fgic.ddp (one task per GPU, or --tasks-per-node on CPUs). On
+Slurm's warning signal fgic checkpoints at a step boundary, then submitit requeues the job and the restart resumes
+from the run folder (--resume auto). `--cluster local|debug` runs the same without Slurm, `--dry-run` only prints.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import signal
+import sys
+from pathlib import Path
+
+import submitit
+
+from fgic import config, data, ddp
+from fgic.errors import FgicError, run_cli
+from fgic.signals import EXIT_PREEMPTED
+
+
+def launcher_parser(add_help: bool) -> argparse.ArgumentParser:
+    """The sweep's and the cluster's own flags (every other flag is fgic.ddp's)."""
+    p = argparse.ArgumentParser(add_help=add_help, allow_abbrev=False)
+    g = p.add_argument_group("sweep (launch.submitit)")
+    g.add_argument("--datasets", nargs="+", metavar="NAME|PATH", help="datasets to sweep (default: -d's)")
+    g.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds to sweep (default: --seed's)")
+    g.add_argument("--amps", nargs="+", metavar="MODE", help="AMP modes to sweep (default: --amp's)")
+    g.add_argument("--dry-run", action="store_true", help="print the jobs that would be submitted and stop")
+    g.add_argument("--wait", action="store_true", help="wait for the jobs and print how each ended")
+    g = p.add_argument_group("cluster (launch.submitit)")
+    g.add_argument("--cluster", choices=("auto", "slurm", "local", "debug"), default="auto",
+                   help="auto: Slurm when srun is on PATH, else local processes; debug: in this process")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one process each (default 0: CPU)")
+    g.add_argument("--tasks-per-node", type=int, help="processes per node (default: --gpus-per-node, at least 1)")
+    g.add_argument("--cpus-per-task", type=int, help="CPUs per process")
+    g.add_argument("--mem-gb", type=float, help="memory per node")
+    g.add_argument("--partition", help="Slurm partition")
+    g.add_argument("--account", help="Slurm account")
+    g.add_argument("--constraint", help="Slurm constraint, e.g. a GPU type")
+    g.add_argument("--timeout", type=int, default=24 * 60, metavar="MIN", help="time limit per job (default 1440)")
+    g.add_argument("--max-parallel", type=int, default=64, help="array jobs running at once")
+    g.add_argument("--max-timeouts", type=int, default=10, help="how often a job may time out and be requeued")
+    g.add_argument("--logs", help="submitit's folder (default: OUTPUT_DIR/submitit)")
+    return p
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """fgic.ddp's parser as the parent, the launcher's flags beside it: the plural flags sweep, -d/--seed/--amp
+    give the value when their plural is absent."""
+    return argparse.ArgumentParser("launch.submitit", description=__doc__.splitlines()[0],
+                                   parents=[config.get_args_parser(add_help=False), launcher_parser(add_help=False)])
+
+
+class Train(submitit.helpers.Checkpointable):
+    """One fgic.ddp run as a submitit job. submitit pickles it; after preemption or a timeout it is requeued as it is,
+    and fgic resumes from the run folder's checkpoint."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = list(argv)
+
+    def __call__(self) -> int:
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:  # RANK, WORLD_SIZE, MASTER_ADDR... for torch.distributed, as torchrun would set them
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        usr_sig = signal.SIGUSR2
+        on_signal = signal.getsignal(usr_sig)  # submitit's: checkpoint(), then requeue on rank 0
+        code = ddp.main(self.argv)  # installs fgic's handlers: it stops at a step boundary with a checkpoint
+        if code == EXIT_PREEMPTED and callable(on_signal):
+            on_signal(usr_sig, None)  # rank 0 requeues and exits here; the other ranks go on to return
+        if code not in (0, EXIT_PREEMPTED):
+            raise RuntimeError(f"fgic.ddp {' '.join(self.argv)} exited with {code}")
+        return code
+
+
+def jobs(args: argparse.Namespace, fgic_argv: list[str]) -> list[tuple[list[str], Path]]:
+    """(fgic.ddp argv, run folder) per combination; each argv is checked the way fgic.ddp will check it."""
+    out = []
+    for dataset, seed, amp in itertools.product(args.datasets, args.seeds, args.amps):
+        argv = [*fgic_argv, "-d", dataset, "--seed", str(seed), "--amp", amp]  # the last occurrence wins
+        run = config.resolve(config.get_args_parser().parse_args(argv))
+        name, _ = data.resolve(run.data, run.data_root)
+        out.append((argv, Path(run.output_dir) / name / config.run_name(run)))
+    return out
+
+
+def executor(args: argparse.Namespace, folder: Path) -> submitit.AutoExecutor:
+    cluster = None if args.cluster == "auto" else args.cluster
+    ex = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster, slurm_max_num_timeout=args.max_timeouts)
+    params = dict(name="fgic", timeout_min=args.timeout, nodes=args.nodes,
+                  tasks_per_node=args.tasks_per_node or max(args.gpus_per_node, 1),
+                  slurm_array_parallelism=args.max_parallel,
+                  slurm_additional_parameters={"requeue": True})
+    for key, value in (("gpus_per_node", args.gpus_per_node or None), ("cpus_per_task", args.cpus_per_task),
+                       ("mem_gb", args.mem_gb), ("slurm_partition", args.partition),
+                       ("slurm_account", args.account), ("slurm_constraint", args.constraint)):
+        if value is not None:
+            params[key] = value
+    ex.update_parameters(**{k: v for k, v in params.items() if ex.cluster == "slurm" or not k.startswith("slurm_")})
+    return ex
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    full = get_args_parser().parse_args(argv)  # --help, and every flag checked before anything is submitted
+    args, fgic_argv = launcher_parser(add_help=False).parse_known_args(argv)
+    args.datasets = args.datasets or ([full.data] if full.data else None)
+    if not args.datasets:
+        raise FgicError("--datasets: name at least one dataset (cub, aircraft, cars, demo or a folder), or give -d")
+    args.seeds = args.seeds or [full.seed]
+    args.amps = args.amps or [full.amp]
+    planned = jobs(args, fgic_argv)
+    folder = Path(args.logs or Path(full.output_dir) / "submitit")
+    for argv_i, run_dir in planned:
+        print(f"{'would submit' if args.dry_run else 'job'}: fgic.ddp {' '.join(argv_i)}  ->  {run_dir}")
+    if args.dry_run:
+        print(f"{len(planned)} job(s); logs would go to {folder}, runs to {full.output_dir}")
+        return 0
+    ex = executor(args, folder)
+    with ex.batch():
+        submitted = [ex.submit(Train(argv_i)) for argv_i, _ in planned]
+    print(f"submitted {len(submitted)} job(s) to {ex.cluster}: {' '.join(j.job_id for j in submitted)}")
+    print(f"logs: {folder}   runs: {full.output_dir}   results: python -m fgic.report {full.output_dir}")
+    if not (args.wait or ex.cluster in ("local", "debug")):
+        return 0
+    failed = 0
+    for job, (_, run_dir) in zip(submitted, planned):
+        try:
+            job.results()
+            print(f"{job.job_id}: done  {run_dir}")
+        except Exception as exc:  # submitit re-raises the job's error; report it and go on with the others
+            failed += 1
+            print(f"{job.job_id}: FAILED ({str(exc).strip().splitlines()[-1][:200]}); log {job.paths.stderr}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_cli(main, "launch.submitit")
