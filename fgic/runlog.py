@@ -25,11 +25,13 @@ class RunLog:
 
     def start(self, config: dict, done_epochs: int) -> None:
         """Write config.json and keep only the records of the epochs the starting point has (all of them when
-        resuming, none when starting over), so a record written after the last checkpoint is not repeated."""
+        resuming, none when starting over), so a record written after the last checkpoint is not repeated. A
+        summary.json of an earlier attempt goes: the run is unfinished until this one writes its own."""
         if not self.is_main:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "config.json", config)
+        (self.dir / "summary.json").unlink(missing_ok=True)
         kept = [r for r in self.records() if r["epoch"] <= done_epochs]
         self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         with open(self.csv, "w", newline="") as f:
