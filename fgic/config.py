@@ -84,6 +84,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default="runs", help="runs go to OUTPUT_DIR/DATASET/RUN_NAME (default ./runs)")
     g.add_argument("--resume", default="auto", metavar="auto|none|PATH",
                    help="auto: continue the run folder's checkpoint.pt if any; none: start over; or a checkpoint")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars per epoch to "
+                                                              "RUN_DIR/tb (needs the tensorboard package)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --resume PATH or --weights PATH and write eval.json")
     return p
 
