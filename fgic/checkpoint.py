@@ -10,15 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fgic.config import MEANING
 from fgic.errors import FgicError
 from fgic.weights import safe_load
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
-# Options that change what a run computes: resuming across a change of any of them is refused. The world size and
-# the worker count are not among them: fgic gives the same result on any layout, so a run may resume on another.
-MEANING = ("dataset", "num_classes", "arch", "weights", "batch_size", "epochs", "lr", "momentum", "weight_decay",
-           "label_smoothing", "resize", "crop", "padding", "seed", "amp")
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:

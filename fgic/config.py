@@ -32,6 +32,11 @@ DEMO = {
     "padding": 4,
 }
 AMP_MODES = ("off", "fp16", "bf16")
+# Options that change what a run computes: resuming across a change of any of them is refused, and fgic.report
+# groups runs by them. The world size and the worker count are not among them: fgic gives the same result on any
+# layout, so a run may resume on another.
+MEANING = ("dataset", "num_classes", "arch", "weights", "batch_size", "epochs", "lr", "momentum", "weight_decay",
+           "label_smoothing", "resize", "crop", "padding", "seed", "amp")
 # The seed's -a took 0 (off), 1 (NVIDIA apex O1) and 2 (native fp16 AMP).
 _LEGACY_AMP = {"0": "off", "1": "fp16", "2": "fp16"}
 
@@ -79,6 +84,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default="runs", help="runs go to OUTPUT_DIR/DATASET/RUN_NAME (default ./runs)")
     g.add_argument("--resume", default="auto", metavar="auto|none|PATH",
                    help="auto: continue the run folder's checkpoint.pt if any; none: start over; or a checkpoint")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars per epoch to "
+                                                              "RUN_DIR/tb (needs the tensorboard package)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --resume PATH or --weights PATH and write eval.json")
     return p
 

@@ -79,7 +79,7 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     scaler = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
-    log = RunLog(run_dir, d.is_main)
+    log = RunLog(run_dir, d.is_main, tensorboard=args.tensorboard)
 
     # Resume: the run folder's checkpoint (auto), a named one, or none.
     progress = checkpoint.Progress()

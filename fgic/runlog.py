@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from fgic import tblog
+
 CSV_COLUMNS = ("Epoch", "lr", "Train_Loss", "Train_Acc", "Test_Acc")  # the seed train.py's log
 
 
@@ -19,23 +21,27 @@ def write_json(path: Path, obj) -> None:
 class RunLog:
     """Appends one record per finished epoch; every method is a no-op on ranks other than 0."""
 
-    def __init__(self, run_dir: Path, is_main: bool):
-        self.dir, self.is_main = run_dir, is_main
+    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool = False):
+        self.dir, self.is_main, self.tensorboard, self.tb = run_dir, is_main, tensorboard, None
         self.metrics, self.csv = run_dir / "metrics.jsonl", run_dir / "train_log.csv"
 
     def start(self, config: dict, done_epochs: int) -> None:
         """Write config.json and keep only the records of the epochs the starting point has (all of them when
-        resuming, none when starting over), so a record written after the last checkpoint is not repeated."""
+        resuming, none when starting over), so a record written after the last checkpoint is not repeated. A
+        summary.json of an earlier attempt goes: the run is unfinished until this one writes its own."""
         if not self.is_main:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "config.json", config)
+        (self.dir / "summary.json").unlink(missing_ok=True)
         kept = [r for r in self.records() if r["epoch"] <= done_epochs]
         self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         with open(self.csv, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(CSV_COLUMNS)
             writer.writerows(_csv_row(r) for r in kept)
+        if self.tensorboard:
+            self.tb = tblog.open_writer(self.dir, done_epochs)
 
     def records(self) -> list[dict]:
         if not self.metrics.is_file():
@@ -49,6 +55,8 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
         with open(self.csv, "a", newline="") as f:
             csv.writer(f).writerow(_csv_row(record))
+        if self.tb is not None:
+            tblog.write(self.tb, record)
 
     def write(self, name: str, obj: dict) -> None:
         if self.is_main:

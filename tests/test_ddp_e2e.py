@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -84,6 +85,18 @@ def test_output_contract(runs):
     assert best.keys() == ckpt["model"].keys()
     assert sorted(p.name for p in rd.iterdir()) == ["best.pt", "checkpoint.pt", "config.json", "metrics.jsonl",
                                                     "summary.json", "train_log.csv"]
+
+
+def test_report_reads_real_run_folders(runs, tmp_path):
+    from fgic import report
+    folders = [runs[world][0] for world in WORLDS]  # the same options and seed on 1, 2, 3 processes: one group
+    for folder in folders:
+        shutil.copytree(folder, tmp_path / folder.name, ignore=shutil.ignore_patterns("*.pt"))
+    assert report.main([str(tmp_path), "--no-plot"]) == 0
+    text = (tmp_path / "results.md").read_text()
+    finals = [json.loads((run_dir(f) / "summary.json").read_text())["final_test_acc"] for f in folders]
+    assert f"| resnet18 | off | {report.spread(finals)} |" in text and "seed 2020 counted more than once" in text
+    assert "Unfinished" not in text
 
 
 def test_loader_workers_do_not_change_the_result(tiny_data, runs, tmp_path):

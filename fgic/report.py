@@ -1,0 +1,324 @@
+"""The results table of a folder of runs, mean ± std over seeds per dataset and config: `python -m fgic.report RUNS`.
+
+A run is a folder holding config.json (fgic.ddp writes RUNS_DIR/DATASET/RUN_NAME/); it is finished when its
+summary.json exists and metrics.jsonl has a record for every epoch of the config. Finished runs are grouped by
+dataset and configuration: the options that change what a run computes (fgic.config.MEANING, and the note),
+less the dataset and the seed. Every other run is listed as unfinished, never averaged in.
+
+Failures that leave no run folder (a sweep task whose data path was wrong, say) are read from small JSON files
+RUNS_DIR/failed/*.json, one per failed combination, written by whoever launched it (e.g. the Slurm sweep script):
+
+    {"dataset": "cub", "seed": 1, "amp": "off", "args": ["--epochs", "128"], "exit_code": 2,
+     "log": "logs/sweep_1234_5.out"}
+
+dataset as given to -d (a name or a path), args the extra fgic.ddp flags (a list or one string), log the path of
+the job's log. Any key may be missing or null. A launcher that retries a combination successfully removes its
+file (a name per combination, e.g. failed/DATASET-sSEED-AMP.json, makes that easy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fgic.config import MEANING
+from fgic.errors import FgicError, run_cli
+
+# The configuration of a run: what changes its result, less the dataset and the seed (the table's columns and the
+# spread). arch and amp are always shown; the others only when they differ among the runs.
+ALWAYS_SHOWN = ("arch", "amp")
+CONFIG_KEYS = ALWAYS_SHOWN + tuple(k for k in MEANING if k not in ("dataset", "num_classes", "seed", *ALWAYS_SHOWN)) \
+    + ("note",)
+# Published top-1 of the single-GPU ResNet-50 recipe, best epoch selected on the test set.
+PUBLISHED = {"cub": 86.74, "aircraft": 93.25, "cars": 94.09}
+PUBLISHED_ARCH = "resnet50"
+BEST_LABEL = "best epoch (selected on the test set)"
+CHECKPOINT = "checkpoint.pt"  # fgic.checkpoint.CHECKPOINT, not imported from there: that would load torch
+FAILURE_KEYS = ("dataset", "seed", "amp", "args", "exit_code", "log")
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    records: list = field(default_factory=list)
+    summary: dict | None = None
+    why: str = ""  # empty when finished
+
+    @property
+    def finished(self) -> bool:
+        return not self.why
+
+    @property
+    def dataset(self) -> str:
+        return str(self.config.get("dataset") or self.path.parent.name)
+
+    def key(self, keys) -> tuple:
+        return tuple(self.config.get(k) for k in keys)
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise FgicError(f"{path}: unreadable ({why}); fix or remove the file") from None
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise FgicError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); fix or remove the file") from None
+
+
+def read_object(path: Path) -> dict:
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise FgicError(f"{path}: expected a JSON object, found {type(obj).__name__}; fix or remove the file")
+    return obj
+
+
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records (fgic.runlog.RunLog writes them), naming the line that is not JSON."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FgicError(f"{path}: line {number} is not valid JSON ({exc.msg}); fix or remove the line") from None
+        if not isinstance(record, dict):
+            raise FgicError(f"{path}: line {number} is not a JSON object; fix or remove the line")
+        records.append(record)
+    return records
+
+
+def load_run(folder: Path) -> Run:
+    """A run folder's files, and why it is not finished (empty when it is)."""
+    run = Run(folder, read_object(folder / "config.json"))
+    run.records = read_records(folder / "metrics.jsonl")
+    if (folder / "summary.json").is_file():
+        run.summary = read_object(folder / "summary.json")
+    epochs = run.config.get("epochs")
+    done = [r.get("epoch") for r in run.records]
+    if not isinstance(epochs, int):
+        run.why = "config.json has no epochs"
+    elif done != list(range(1, len(done) + 1)):
+        run.why = f"metrics.jsonl has epochs {done}, expected 1, 2, ..."
+    elif len(done) < epochs or run.summary is None:
+        last = datetime.fromtimestamp((folder / "metrics.jsonl").stat().st_mtime, timezone.utc).strftime(
+            "%Y-%m-%d %H:%M UTC") if done else None
+        state = ("all epochs recorded but no summary.json" if len(done) >= epochs else
+                 "checkpoint.pt present: stopped, crashed or still running; the same command resumes it"
+                 if (folder / CHECKPOINT).is_file() else "no checkpoint")
+        run.why = f"{len(done)}/{epochs} epochs; {state}" + (f"; last record {last}" if last else "")
+    elif not all(isinstance(run.summary.get(k), (int, float)) for k in ("final_test_acc", "best_test_acc")):
+        run.why = "summary.json lacks final_test_acc or best_test_acc"
+    return run
+
+
+def find_runs(root: Path) -> list[Run]:
+    return [load_run(p.parent) for p in sorted(root.rglob("config.json"))]
+
+
+def find_failures(root: Path) -> list[dict]:
+    """The records of RUNS_DIR/failed/*.json (see the module docstring), each with its file as "file"."""
+    folder = root / "failed"
+    out = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        rec = read_object(path)
+        out.append({**{k: rec.get(k) for k in FAILURE_KEYS}, "file": path})
+    return out
+
+
+def shown_keys(runs: list[Run]) -> list[str]:
+    """arch, amp and every other configuration option that differs among the runs."""
+    return [k for k in CONFIG_KEYS if k in ALWAYS_SHOWN or len({json.dumps(r.config.get(k)) for r in runs}) > 1]
+
+
+def spread(values: list[float], with_n: bool = True) -> str:
+    """'mean ± sample std (n)', or 'value (1)' for one run."""
+    n = f" ({len(values)})" if with_n else ""
+    if len(values) == 1:
+        return f"{values[0]:.2f}{n}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}{n}"
+
+
+def duration(seconds) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "–"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def fmt(value) -> str:
+    if value is None or value == "":
+        return "–"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def order(values) -> tuple:
+    return tuple((0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+                 for v in values)
+
+
+def dataset_rank(name: str) -> tuple:
+    """The recipe's datasets first, in the recipe's order, then the others by name."""
+    return (list(PUBLISHED).index(name) if name in PUBLISHED else len(PUBLISHED), name)
+
+
+def dataset_order(names) -> list[str]:
+    return sorted(set(names), key=dataset_rank)
+
+
+def table(finished: list[Run]) -> list[str]:
+    """Rows: configurations; per dataset two columns, the last epoch and the best epoch."""
+    keys = shown_keys(finished)
+    datasets = dataset_order(r.dataset for r in finished)
+    groups: dict[tuple, dict[str, list[Run]]] = {}
+    for run in finished:
+        groups.setdefault(run.key(keys), {}).setdefault(run.dataset, []).append(run)
+    head = [k.replace("_", " ") for k in keys]
+    head += [c for d in datasets for c in (f"{d} final epoch", f"{d} {BEST_LABEL}")]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(keys) + " ---: |" * 2 * len(datasets)]
+    for config in sorted(groups, key=order):
+        cells = [fmt(v) for v in config]
+        for d in datasets:
+            runs = groups[config].get(d, [])
+            cells += [spread([r.summary["final_test_acc"] for r in runs]) if runs else "",
+                      spread([r.summary["best_test_acc"] for r in runs], with_n=False) if runs else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    published = [d for d in datasets if d in PUBLISHED]
+    if published and any(r.config.get("arch") == PUBLISHED_ARCH and r.dataset in PUBLISHED for r in finished):
+        cells = [f"{PUBLISHED_ARCH}, published" if k == "arch" else "" for k in keys]
+        for d in datasets:
+            cells += ["", f"{PUBLISHED[d]:.2f}" if d in PUBLISHED else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    for (config, d), seeds in sorted(repeated_seeds(groups).items(), key=lambda kv: (order(kv[0][0]), kv[0][1])):
+        lines.append(f"\nNote: {d}, {', '.join(f'{k} {fmt(v)}' for k, v in zip(keys, config))}: seed "
+                     f"{', '.join(map(fmt, seeds))} counted more than once (the same run in several folders?)")
+    return lines
+
+
+def repeated_seeds(groups: dict) -> dict:
+    out = {}
+    for config, by_dataset in groups.items():
+        for d, runs in by_dataset.items():
+            seeds = [r.config.get("seed") for r in runs]
+            again = sorted({json.dumps(s) for s in seeds if seeds.count(s) > 1})
+            if again:
+                out[(config, d)] = [json.loads(s) for s in again]
+    return out
+
+
+def render(root: Path, runs: list[Run], failures: list[dict]) -> str:
+    finished = [r for r in runs if r.finished]
+    out = [f"# Results: {root}", ""]
+    if finished:
+        out += ["Top-1 test accuracy (%) of the finished runs: mean ± sample standard deviation over seeds (number of "
+                "runs). *final epoch*: the last epoch, the honest number. "
+                f"*{BEST_LABEL}*: the best of all epochs, chosen by looking at the test set, so optimistic; the "
+                "published numbers were reported this way.", ""]
+        out += table(finished)
+        out += ["", "## Finished runs", "", "| dataset | run | seed | final epoch | best epoch (epoch) | wall time |",
+                "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for r in sorted(finished, key=lambda r: (dataset_rank(r.dataset), str(r.path))):
+            s = r.summary
+            out.append(f"| {r.dataset} | {r.path.relative_to(root)} | {fmt(r.config.get('seed'))} | "
+                       f"{s['final_test_acc']:.2f} | {s['best_test_acc']:.2f} ({fmt(s.get('best_epoch'))}) | "
+                       f"{duration(s.get('wall_seconds'))} |")
+    else:
+        out.append("No finished runs yet.")
+    unfinished = [r for r in runs if not r.finished]
+    if unfinished:
+        out += ["", "## Unfinished runs (not in the table)", ""]
+        out += [f"- `{r.path.relative_to(root)}`: {r.why}" for r in unfinished]
+    if failures:
+        out += ["", "## Failed runs (not in the table)", ""]
+        for f in failures:
+            args = " ".join(map(str, f["args"])) if isinstance(f["args"], list) else f["args"]
+            out.append(f"- {fmt(f['dataset'])}, seed {fmt(f['seed'])}, amp {fmt(f['amp'])}: exit code "
+                       f"{fmt(f['exit_code'])}; args `{fmt(args)}`; log `{fmt(f['log'])}` "
+                       f"({f['file'].relative_to(root)})")
+    return "\n".join(out) + "\n"
+
+
+def plot(runs: list[Run], path: Path) -> bool:
+    """Test accuracy per epoch, one panel per dataset and one line per run (dashed: unfinished). False without
+    matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        return False
+    runs = [r for r in runs if r.records]
+    datasets = dataset_order(r.dataset for r in runs)
+    fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(5 * max(len(datasets), 1), 4), squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        for r in sorted((r for r in runs if r.dataset == d), key=lambda r: r.path.name):
+            ax.plot([x["epoch"] for x in r.records], [x["test_acc"] for x in r.records],
+                    "-" if r.finished else "--", label=r.path.name + ("" if r.finished else " (unfinished)"))
+        ax.set(title=d, xlabel="epoch", ylabel="test top-1 (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise FgicError(f"--plot {path}: cannot write ({exc.strerror})") from None
+    finally:
+        plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser("fgic.report", description="Print and save the results table of the runs under "
+                                "RUNS_DIR (mean ± std over seeds), and plot test accuracy per epoch.")
+    p.add_argument("runs_dir", metavar="RUNS_DIR", type=Path, help="a folder of fgic.ddp runs (its --output-dir)")
+    p.add_argument("-o", "--output", type=Path, help="the markdown table (default RUNS_DIR/results.md)")
+    p.add_argument("--plot", type=Path, help="the PNG plot (default RUNS_DIR/results.png; needs matplotlib)")
+    p.add_argument("--no-plot", action="store_true", help="skip the plot")
+    args = p.parse_args(argv)
+    root = args.runs_dir
+    if not root.is_dir():
+        raise FgicError(f"RUNS_DIR {root}: no such folder; give fgic.ddp's --output-dir (default ./runs)")
+    runs, failures = find_runs(root), find_failures(root)
+    if not runs and not failures:
+        raise FgicError(f"RUNS_DIR {root}: no runs found (no config.json below it, no failed/*.json); give "
+                        f"fgic.ddp's --output-dir")
+    text = render(root, runs, failures)
+    output = args.output or root / "results.md"
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        raise FgicError(f"-o {output}: cannot write ({exc.strerror})") from None
+    print(text, end="")
+    print(f"fgic.report: table written to {output}", file=sys.stderr)
+    if not args.no_plot:
+        png = args.plot or root / "results.png"
+        if plot(runs, png):
+            print(f"fgic.report: plot written to {png}", file=sys.stderr)
+        else:
+            print("fgic.report: notice: matplotlib is not installed (pip install matplotlib, or the 'report' extra); "
+                  "no plot", file=sys.stderr)
+    return 0
+
+
+def cli() -> None:
+    run_cli(main, "fgic.report")
+
+
+if __name__ == "__main__":
+    cli()

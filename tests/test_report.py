@@ -1,0 +1,190 @@
+"""fgic.report: the results table over seeds from run folders written by fgic's own RunLog, unfinished and failed
+runs listed apart, the plot, and bad input."""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from fgic import config, report
+from fgic.errors import FgicError
+from fgic.runlog import RunLog, write_json
+from tests.conftest import REPO, fgic_env
+
+
+def make_run(root, dataset, seed, accs, epochs=None, finish=True, flags=()):
+    """A run folder as fgic.ddp leaves it: config.json from the real parser, one record per epoch in `accs` (test
+    top-1), and summary.json when `finish`."""
+    args = config.resolve(config.get_args_parser().parse_args(
+        ["-d", dataset, "-s", str(seed), "--epochs", str(epochs or len(accs)), *flags]))
+    folder = root / dataset / config.run_name(args)
+    log = RunLog(folder, is_main=True)
+    log.start({**vars(args), "dataset": dataset, "num_classes": 200}, 0)
+    for epoch, acc in enumerate(accs, 1):
+        log.epoch({"epoch": epoch, "lr": 0.1 / epoch, "train_loss": 1.0 / epoch, "train_acc": acc + 5, "test_acc": acc})
+    if finish:
+        best = max(accs)
+        log.write("summary.json", {"final_test_acc": accs[-1], "best_test_acc": best,
+                                   "best_epoch": accs.index(best) + 1, "epochs": len(accs), "wall_seconds": 100.0})
+    return folder
+
+
+def spread(values, n=True):
+    tail = f" ({len(values)})" if n else ""
+    if len(values) == 1:
+        return f"{values[0]:.2f}{tail}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}{tail}"
+
+
+def results_table(text):
+    """The first markdown table as {first cells joined by '/': {column: cell}} (config columns as the row key)."""
+    lines = [line for line in text.split("\n## ")[0].splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    n_keys = sum(1 for h in head if not h.endswith(("final epoch", "(selected on the test set)")))
+    return head[:n_keys], {"/".join(r[:n_keys]): dict(zip(head, r)) for r in rows}
+
+
+def run_report(root):
+    """The table fgic.report writes to RUNS_DIR/results.md."""
+    assert report.main([str(root), "--no-plot"]) == 0
+    return (root / "results.md").read_text()
+
+
+def test_mean_and_sample_std_over_seeds_per_dataset_and_amp(tmp_path, capsys):
+    finals = {("cub", "off"): [[80.0, 85.5], [81.0, 86.25], [79.0, 84.0]],
+              ("cub", "bf16"): [[82.0, 85.0], [86.0, 84.5]],
+              ("aircraft", "off"): [[90.0, 91.0], [92.0, 92.5]],
+              ("cars", "off"): [[93.0, 92.0]]}
+    for (dataset, amp), runs in finals.items():
+        for seed, accs in enumerate(runs):
+            make_run(tmp_path, dataset, seed, accs, flags=("-a", amp))
+    text = run_report(tmp_path)
+    assert capsys.readouterr().out == text  # printed and written alike
+    keys, rows = results_table(text)
+    assert keys == ["arch", "amp"]  # nothing else differs among these runs
+    assert set(rows) == {"resnet50/off", "resnet50/bf16", "resnet50, published/"}
+    for (dataset, amp), runs in finals.items():
+        row = rows[f"resnet50/{amp}"]
+        assert row[f"{dataset} final epoch"] == spread([accs[-1] for accs in runs])
+        assert row[f"{dataset} best epoch (selected on the test set)"] == spread([max(a) for a in runs], n=False)
+    assert rows["resnet50/bf16"]["aircraft final epoch"] == ""
+    published = rows["resnet50, published/"]
+    assert [published[f"{d} best epoch (selected on the test set)"] for d in ("cub", "aircraft", "cars")] == \
+        ["86.74", "93.25", "94.09"]
+    assert published["cub final epoch"] == ""
+    assert "## Unfinished" not in text and "## Failed" not in text
+    assert text.count("| cub | cub/resnet50-") == 5  # every finished run listed once
+
+
+def test_groups_by_the_options_that_differ_and_only_shows_those(tmp_path):
+    for seed in (0, 1):
+        make_run(tmp_path, "birds", seed, [50.0 + seed, 60.0 + seed])
+        make_run(tmp_path, "birds", seed, [40.0 + seed, 45.0, 55.0 + 2 * seed], flags=("-b", "32", "-n", "b32"))
+    keys, rows = results_table(run_report(tmp_path))
+    # the batch changes the lr (the rule) and the epochs differ; weights, crop etc. are alike and not shown
+    assert keys == ["arch", "amp", "batch size", "epochs", "lr", "note"]
+    assert set(rows) == {"resnet50/off/64/2/0.025/–", "resnet50/off/32/3/0.0125/b32"}
+    assert rows["resnet50/off/64/2/0.025/–"]["birds final epoch"] == spread([60.0, 61.0])
+    assert rows["resnet50/off/32/3/0.0125/b32"]["birds final epoch"] == spread([55.0, 57.0])
+    assert not any(k.startswith("resnet50, published") for k in rows)  # birds has no published number
+
+
+def test_unfinished_and_failed_runs_are_listed_not_averaged(tmp_path):
+    make_run(tmp_path, "cub", 0, [70.0, 80.0])
+    make_run(tmp_path, "cub", 1, [60.0, 82.0])
+    crashed = make_run(tmp_path, "cub", 2, [10.0, 20.0], epochs=4, finish=False)
+    (crashed / "checkpoint.pt").write_bytes(b"")
+    # an earlier attempt's summary.json beside a restarted, unfinished run: must not count
+    stale = make_run(tmp_path, "cub", 3, [5.0], epochs=2, finish=False)
+    write_json(stale / "summary.json", {"final_test_acc": 99.0, "best_test_acc": 99.0, "best_epoch": 2, "epochs": 2})
+    (tmp_path / "failed").mkdir()
+    write_json(tmp_path / "failed" / "aircraft-s0-off.json",
+               {"dataset": "/data/nowhere/aircraft", "seed": 0, "amp": "off", "args": ["--epochs", "2"],
+                "exit_code": 2, "log": "logs/sweep_7_3.out"})
+    text = run_report(tmp_path)
+    _, rows = results_table(text)
+    assert rows["resnet50/off"]["cub final epoch"] == spread([80.0, 82.0])
+    assert rows["resnet50/off"]["cub best epoch (selected on the test set)"] == spread([80.0, 82.0], n=False)
+    assert "aircraft final epoch" not in rows["resnet50/off"]
+    unfinished = text.split("## Unfinished runs (not in the table)")[1].split("##")[0]
+    assert f"`{crashed.relative_to(tmp_path)}`: 2/4 epochs; checkpoint.pt present" in unfinished
+    assert f"`{stale.relative_to(tmp_path)}`: 1/2 epochs; no checkpoint" in unfinished
+    failed = text.split("## Failed runs (not in the table)")[1]
+    assert "/data/nowhere/aircraft, seed 0, amp off: exit code 2; args `--epochs 2`; log `logs/sweep_7_3.out`" in failed
+
+
+def test_restarting_a_run_removes_the_earlier_summary(tmp_path):
+    folder = make_run(tmp_path, "cub", 0, [50.0])
+    RunLog(folder, is_main=True).start(json.loads((folder / "config.json").read_text()), 0)  # --resume none
+    assert not (folder / "summary.json").exists()
+    assert run_report(tmp_path).count("0/1 epochs") == 1
+
+
+def test_only_failures_still_give_a_report(tmp_path, capsys):
+    (tmp_path / "failed").mkdir()
+    write_json(tmp_path / "failed" / "x.json", {"dataset": "cars", "exit_code": 1})
+    text = run_report(tmp_path)
+    assert "No finished runs yet." in text and "cars, seed –, amp –: exit code 1" in text
+
+
+def test_output_file_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    make_run(tmp_path / "runs", "cub", 0, [50.0, 60.0])
+    make_run(tmp_path / "runs", "cars", 0, [20.0, 30.0, 40.0], epochs=4, finish=False)
+    out, png = tmp_path / "table.md", tmp_path / "acc.png"
+    assert report.main([str(tmp_path / "runs"), "-o", str(out), "--plot", str(png)]) == 0
+    assert out.read_text() == capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "runs" / "results.md").exists() and not (tmp_path / "runs" / "results.png").exists()
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_a_notice(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    make_run(tmp_path, "cub", 0, [50.0, 60.0])
+    assert report.main([str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "matplotlib is not installed" in err and "no plot" in err
+    assert (tmp_path / "results.md").is_file() and not (tmp_path / "results.png").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "config", "metrics", "summary", "failed", "not-an-object"])
+def test_bad_input_is_one_clear_error(tmp_path, case):
+    folder = make_run(tmp_path, "cub", 0, [50.0]) if case not in ("missing", "empty") else None
+    root, named = tmp_path, str(tmp_path)
+    if case == "missing":
+        root = tmp_path / "nowhere"
+        named = str(root)
+    elif case == "config":
+        (folder / "config.json").write_text('{"arch": "resnet50",')
+        named = str(folder / "config.json")
+    elif case == "metrics":
+        with open(folder / "metrics.jsonl", "a") as f:
+            f.write('{"epoch": 2, "test_a\n')
+        named = f"{folder / 'metrics.jsonl'}: line 2"
+    elif case == "summary":
+        (folder / "summary.json").write_text("")
+        named = str(folder / "summary.json")
+    elif case in ("failed", "not-an-object"):
+        (tmp_path / "failed").mkdir()
+        (tmp_path / "failed" / "a.json").write_text("{oops" if case == "failed" else "[1, 2]")
+        named = str(tmp_path / "failed" / "a.json")
+    with pytest.raises(FgicError, match="no such folder|no runs found|not valid JSON|expected a JSON object") as exc:
+        report.main([str(root), "--no-plot"])
+    assert named in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_the_checkpoint_name_is_fgic_checkpoints():
+    from fgic import checkpoint  # report avoids importing it (torch): the copy of the name must agree
+    assert report.CHECKPOINT == checkpoint.CHECKPOINT
+
+
+def test_command_line_error_is_one_line_and_exit_2(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "fgic.report", str(tmp_path)], cwd=REPO, env=fgic_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip() == f"fgic.report: error: RUNS_DIR {tmp_path}: no runs found (no config.json below it, " \
+                                 f"no failed/*.json); give fgic.ddp's --output-dir"
