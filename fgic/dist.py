@@ -89,7 +89,7 @@ def relaunch_per_gpu(gpus: list[int], argv: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(gpus)}",
            "-m", "fgic.ddp", *argv]
     print("fgic: starting one process per GPU:", " ".join(cmd), file=sys.stderr, flush=True)
-    signals.leave_to_workers()
+    signals.hold()
     os.execv(sys.executable, cmd)
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+HELD = (signal.SIGUSR1, signal.SIGUSR2)  # blocked by launchers until the handlers are in place (hold)
 # A run stopped by a signal, its checkpoint written: not finished, resume it (EX_TEMPFAIL, "try again later").
 EXIT_PREEMPTED = 75
 
@@ -25,6 +26,7 @@ class StopRequest:
     def install(self) -> "StopRequest":
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # a signal held back by a launcher arrives now
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -43,9 +45,9 @@ class StopRequest:
         return bool(signum)
 
 
-def leave_to_workers() -> None:
-    """In a process about to exec torchrun: ignore USR1/USR2. torchrun has no handler for them and would die of the
-    first one (Slurm signals every process of a step), taking its workers down before their checkpoint. The ignored
-    disposition is inherited; each worker installs its own handlers (StopRequest) and acts on the signal."""
-    for sig in (signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
+def hold() -> None:
+    """Block USR1/USR2 until fgic's handlers are installed (StopRequest.install unblocks them). For a launcher about
+    to exec torchrun or fgic.ddp: the mask and a pending signal survive exec and reach the workers, so a warning that
+    comes during start-up is acted on at the first step instead of killing the process. torchrun never unblocks them,
+    so it is not killed by them either (Slurm signals every process of a step; torchrun has no handler for them)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)

@@ -12,7 +12,6 @@ import os
 import sys
 
 from fgic import signals
-from fgic.dist import slurm_master
 
 
 def local_gpus(env) -> int:
@@ -27,6 +26,8 @@ def local_gpus(env) -> int:
 
 def command(argv: list[str], env=os.environ) -> list[str]:
     """The command line that runs fgic.ddp here."""
+    from fgic.dist import slurm_master  # imports torch: after main() has held the stop signals back
+
     gpus = local_gpus(env)
     per_node = max(gpus, 1)
     if env.get("SLURM_JOB_ID") and env.get("SLURM_NNODES") and (per_node > 1 or int(env["SLURM_NNODES"]) > 1):
@@ -41,10 +42,9 @@ def command(argv: list[str], env=os.environ) -> list[str]:
 
 
 def main() -> None:
+    signals.hold()  # a warning during start-up waits for fgic.ddp's handlers
     cmd = command(sys.argv[1:])
     print("launch.torchrun:", " ".join(cmd), file=sys.stderr, flush=True)
-    if "torch.distributed.run" in cmd:
-        signals.leave_to_workers()
     os.execv(cmd[0], cmd)
 
 

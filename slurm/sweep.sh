@@ -66,7 +66,7 @@ rc=$?
 if [ "$rc" -eq 0 ]; then
     rm -f -- "$failed"
 elif [ "$rc" -ne 75 ]; then
-    log="$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p')"
+    log="$(scontrol show job "${SLURM_ARRAY_JOB_ID}_${i}" 2>/dev/null | sed -n 's/^ *StdOut=//p' | head -n 1)"
     mkdir -p -- "$runs/failed"
     "$python" -c 'import json, sys; d, s, a, rc, log, path = sys.argv[1:7]
 json.dump({"dataset": d, "seed": int(s), "amp": a, "args": sys.argv[7:], "exit_code": int(rc), "log": log},

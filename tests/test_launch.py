@@ -1,10 +1,13 @@
-"""launch.torchrun works out the torchrun command from the Slurm allocation or the visible GPUs."""
+"""launch.torchrun works out the torchrun command from the Slurm allocation or the visible GPUs, and holds the stop
+signals back until fgic's handlers are in place."""
+import subprocess
 import sys
 
 import pytest
 
 from fgic import dist
 from launch import torchrun
+from tests.conftest import REPO, fgic_env
 
 
 @pytest.fixture(autouse=True)
@@ -37,3 +40,19 @@ def test_one_process_in_all_is_a_plain_process_with_its_own_exit_code():
                                                          "--nproc_per_node=3", "-m", "fgic.ddp", "-d", "x"])])
 def test_outside_slurm_one_process_per_visible_gpu(visible, expected):
     assert torchrun.command(["-d", "x"], {"CUDA_VISIBLE_DEVICES": visible})[1:] == expected
+
+
+HELD_THEN_EXEC = """
+import os, signal, sys
+from fgic import signals
+signals.hold()
+os.kill(os.getpid(), signal.SIGUSR2)  # a time-limit warning while the launcher starts: it must not kill it
+os.execv(sys.executable, [sys.executable, "-c",
+         "from fgic.signals import StopRequest; print(StopRequest().install().signum)"])
+"""
+
+
+def test_a_signal_during_start_up_reaches_fgics_handler_after_exec():
+    out = subprocess.run([sys.executable, "-c", HELD_THEN_EXEC], cwd=REPO, env=fgic_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "12", out.stderr  # SIGUSR2, held back, then handled

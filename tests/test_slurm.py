@@ -9,10 +9,12 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.slurm
 TRAIN, SWEEP = str(REPO / "slurm" / "train.sbatch"), str(REPO / "slurm" / "sweep.sh")
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the templates ask for GPUs; these jobs train on the CPU
 RUN = "resnet18-off-s2020"  # tiny_args()'s run name
-LONG = dict(epochs=8)  # the preempted runs: with FGIC_TEST_STEP_SLEEP_S=2, ~5 s an epoch on any machine
+LONG = dict(epochs=10)  # the preempted runs: with FGIC_TEST_STEP_SLEEP_S=2, 5 s or more an epoch on any machine
 WAIT_S = 600
 
 
@@ -40,6 +42,8 @@ class Lab:
     root: Path
     alpha: Path
     procs: dict
+    jobs: dict = field(default_factory=dict)  # name -> job id of the preempted runs
+    drivers: dict = field(default_factory=dict)  # name -> Driver: what a test does to its job while it runs
 
     def finish(self, name: str) -> str:
         """Wait for one submitted command; its output."""
@@ -50,6 +54,26 @@ class Lab:
         """The job id of an `sbatch --wait` still running (its first line)."""
         line = self.procs[name].stdout.readline()
         return re.search(r"Submitted batch job (\d+)", line).group(1)
+
+
+class Driver(threading.Thread):
+    """Acts on a running job from the background (jobs run while earlier tests wait); keeps its failure for the test."""
+
+    def __init__(self, action, lab: Lab, name: str):
+        super().__init__(daemon=True)
+        self.action, self.lab, self.name, self.error = action, lab, name, None
+
+    def run(self):
+        try:
+            self.action(self.lab, self.name)
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the test's thread by check())
+            self.error = exc
+
+    def check(self):
+        self.join(WAIT_S)
+        assert not self.is_alive(), f"{self.name}: the driver did not finish"
+        if self.error:
+            raise self.error
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +105,17 @@ def lab(tmp_path_factory):
                            "--output-dir", root / "submitit"], PYTHONPATH=str(REPO)),
         "scancel": start(["sbatch", "--wait", *CPU_JOB, TRAIN, "-d", alpha, *tiny_args(**LONG),
                           "--output-dir", root / "scancel"], **slow),
-        "timelimit": start(["sbatch", "--wait", *CPU_JOB, "--time=2", "--signal=USR2@75", TRAIN, "-d", alpha,
+        "timelimit": start(["sbatch", "--wait", *CPU_JOB, "--time=10", "--signal=USR2@60", TRAIN, "-d", alpha,
                             *tiny_args(**LONG), "--output-dir", root / "timelimit"], **slow),
         "reference": start([sys.executable, "-m", "fgic.ddp", "-d", alpha, *tiny_args(**LONG),
                             "--output-dir", root / "reference"]),
     }
-    yield Lab(root, alpha, procs)
+    lab = Lab(root, alpha, procs)
+    for name, action in (("scancel", preempt_by_scancel), ("timelimit", preempt_by_time_limit)):
+        lab.jobs[name] = lab.job_id(name)
+        lab.drivers[name] = Driver(action, lab, name)
+        lab.drivers[name].start()
+    yield lab
     subprocess.run(["scancel", f"--name={name}"], capture_output=True)
     for proc in procs.values():
         if proc.poll() is None:
@@ -105,6 +134,17 @@ def test_sweep_runs_every_combination_and_records_the_failed_one(lab):
     assert failed == ["missing-off-s0.json", "missing-off-s1.json"]
     record = json.loads((runs / "failed" / failed[0]).read_text())
     assert record["exit_code"] == 2 and "no such folder" in Path(record["log"]).read_text()
+
+    report = subprocess.run([sys.executable, "-m", "fgic.report", str(runs), "--no-plot"], cwd=REPO, env=fgic_env(),
+                            capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    table = (runs / "results.md").read_text()
+    for dataset in ("alpha", "beta"):
+        finals = [json.loads((runs / dataset / f"resnet18-off-s{s}" / "summary.json").read_text())["final_test_acc"]
+                  for s in (0, 1)]
+        assert f"{statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f} (2)" in table
+    for seed in (0, 1):
+        assert f"data/missing, seed {seed}, amp off: exit code 2" in table
 
 
 def test_train_template_runs_two_processes_on_two_allocated_gpus(lab):
@@ -130,25 +170,45 @@ def reference(lab) -> Path:
     return lab.root / "reference" / "alpha" / RUN
 
 
-def test_preempted_by_scancel_requeues_and_ends_as_an_uninterrupted_run(lab):
-    job = lab.job_id("scancel")
-    metrics = lab.root / "scancel" / "alpha" / RUN / "metrics.jsonl"
+def wait_for(condition, lab: Lab, name: str, what: str) -> None:
     deadline = time.monotonic() + WAIT_S
-    while not (metrics.is_file() and read_jsonl(metrics)):  # signal it once an epoch is done
-        assert time.monotonic() < deadline and lab.procs["scancel"].poll() is None, "the job did not start training"
+    while not condition():
+        assert time.monotonic() < deadline and lab.procs[name].poll() is None, f"{name}: {what} did not happen"
         time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    lab.finish("scancel")
-    assert lab.procs["scancel"].returncode == 0
-    log = (lab.root / f"fgic-{job}.out").read_text()
+
+
+def first_epoch_done(lab: Lab, name: str) -> Path:
+    metrics = lab.root / name / "alpha" / RUN / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and read_jsonl(metrics), lab, name, "the first epoch")
+    return metrics.parent
+
+
+def preempt_by_scancel(lab: Lab, name: str) -> None:
+    first_epoch_done(lab, name)
+    subprocess.run(["scancel", "--signal=USR2", lab.jobs[name]], check=True)
+
+
+def preempt_by_time_limit(lab: Lab, name: str) -> None:
+    """The job asks for USR2 60 s before its limit; once it trains, its limit is cut to 50 s from now, so the warning
+    comes at Slurm's next check (within 30 s), mid-training. The limit goes back up for the restart."""
+    job = lab.jobs[name]
+    first_epoch_done(lab, name)
+    info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+    h, m, sec = (int(x) for x in re.search(r"RunTime=(?:\d+-)?(\d+):(\d+):(\d+)", info).groups())
+    limit = h * 3600 + m * 60 + sec + 50  # 50 s left: less than the 60 s of --signal
+    subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit // 60}:{limit % 60:02d}"], check=True)
+    log = lab.root / f"fgic-{job}.out"
+    wait_for(lambda: "fgic: stopped by SIGUSR2" in log.read_text(), lab, name, "the time-limit warning")
+    # room for the restart; refused while the stopped job is still completing
+    wait_for(lambda: subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"],
+                                    capture_output=True).returncode == 0, lab, name, "the requeue")
+
+
+@pytest.mark.parametrize("name", ["scancel", "timelimit"])
+def test_preempted_job_requeues_and_ends_as_an_uninterrupted_run(lab, name):
+    lab.drivers[name].check()
+    lab.finish(name)
+    assert lab.procs[name].returncode == 0
+    log = (lab.root / f"fgic-{lab.jobs[name]}.out").read_text()
     assert "fgic: stopped by SIGUSR2" in log and "requeued Slurm job" in log and "(restart 1)" in log, log
-    same_result(metrics.parent, reference(lab))
-
-
-def test_time_limit_warning_requeues_and_ends_as_an_uninterrupted_run(lab):
-    job = lab.job_id("timelimit")
-    lab.finish("timelimit")
-    assert lab.procs["timelimit"].returncode == 0
-    log = (lab.root / f"fgic-{job}.out").read_text()
-    assert "fgic: stopped by SIGUSR2" in log and "(restart 1)" in log, log
-    same_result(lab.root / "timelimit" / "alpha" / RUN, reference(lab))
+    same_result(lab.root / name / "alpha" / RUN, reference(lab))

@@ -21,7 +21,7 @@ def fake_slurm(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(FAKE_SRUN)
-    (bin_dir / "scontrol").write_text("#!/bin/bash\necho '   StdOut=/logs/sweep.out'\n")
+    (bin_dir / "scontrol").write_text('#!/bin/bash\n[ "$3" = 99_0 ] && echo "   StdOut=/logs/sweep.out"\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     return bin_dir
@@ -30,7 +30,7 @@ def fake_slurm(tmp_path):
 def run_task(fake_slurm, tmp_path, index, count, **env):
     full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     full.update(PATH=f"{fake_slurm}:{os.environ['PATH']}", SRUN_CALLS=str(tmp_path / "calls"), RUNS=str(tmp_path / "runs"),
-                SLURM_JOB_ID="100", SLURM_ARRAY_TASK_ID=str(index), SLURM_ARRAY_TASK_COUNT=str(count),
+                SLURM_JOB_ID="100", SLURM_ARRAY_JOB_ID="99", SLURM_ARRAY_TASK_ID=str(index), SLURM_ARRAY_TASK_COUNT=str(count),
                 SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_MAX=str(count - 1), **env)
     return subprocess.run(["bash", str(SWEEP)], env=full, capture_output=True, text=True, cwd=tmp_path)
 
