@@ -10,7 +10,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -53,7 +53,7 @@ def prepare(name: str, src: str | os.PathLike, dst: str | os.PathLike, *, copy: 
     options = {"dataset": name, **({"level": level, "split": split} if name == "aircraft" else {})}
     if not src.exists():
         raise FgicError(f"{src}: no such file or folder; give the extracted release or its archive")
-    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents or src.resolve() in dst.resolve().parents:
+    if src.resolve() in (dst.resolve(), *dst.resolve().parents) or dst.resolve() in src.resolve().parents:
         raise FgicError(f"{dst}: DST and SRC overlap; give a DST outside SRC (SRC is never modified)")
     done = _finished(dst, options)
     if done is not None:
@@ -96,7 +96,8 @@ def _finished(dst: Path, options: dict) -> dict | None:
         if not differ:
             return done
         what = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in differ.items())
-        example = f" (e.g. {dst}-{options['level']}-{options['split']}, then -d that folder)" if "level" in options else ""
+        example = f" (e.g. {dst}-{options['level']}-{options['split']}, then -d that folder)" if "level" in options \
+            else ""
         raise FgicError(f"{dst}: was prepared with {what}; remove it or give another DST{example}")
     if any(dst.iterdir()):
         raise FgicError(f"{dst}: exists but is not a finished fgic.prepare output (no {MARKER}); remove it or give "
@@ -248,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the default DST's parent (default: $FGIC_DATA or ./data)")
     p.add_argument("--copy", action="store_true", help="copy the images instead of hard-linking them")
     p.add_argument("--allow-partial", action="store_true", help="prepare even if counts differ from the official ones")
-    p.add_argument("--aircraft-split", choices=tuple(AIRCRAFT_SPLITS), help="Aircraft training split (default trainval)")
+    p.add_argument("--aircraft-split", choices=tuple(AIRCRAFT_SPLITS),
+                   help="Aircraft training split: trainval (default) or train (the validation images left out)")
     p.add_argument("--aircraft-level", choices=tuple(AIRCRAFT_LEVELS), help="Aircraft classes (default variant)")
     args = p.parse_args(argv)
     if args.dataset != "aircraft" and (args.aircraft_split or args.aircraft_level):

@@ -12,6 +12,7 @@ from pathlib import Path
 from fgic.errors import FgicError
 
 SPLITS = ("train", "test")
+NAME_LISTS = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}  # Aircraft
 
 
 @dataclass
@@ -127,7 +128,7 @@ def read_aircraft(src: Path, level: str, split: str) -> Release | None:
     root = find_dir(src, "variants.txt") or find_dir(src, "images_variant_test.txt")
     if root is None:
         return None
-    names_file = root / {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}[level]
+    names_file = root / NAME_LISTS[level]
     names = [line for _, line in _lines(names_file)]
     if len(set(names)) != len(names):
         raise FgicError(f"{names_file}: a name is listed twice; is this the official file?")
@@ -217,7 +218,8 @@ def _image_dir(src: Path, folder: str, first: str) -> Path:
         if here.name == folder and (here / first).is_file():
             return here
         if level < 4:
-            queue.extend((Path(e.path), level + 1) for e in os.scandir(here) if e.is_dir() and not e.name.startswith("."))
+            queue.extend((Path(e.path), level + 1) for e in os.scandir(here)
+                         if e.is_dir() and not e.name.startswith("."))
     raise FgicError(f"{src}: no {folder}/ folder holding {first or 'the images'}; extract {folder}.tgz next to "
                     f"the devkit")
 
@@ -235,7 +237,8 @@ def _cars_annos(root: Path) -> Release:
     items, missing = {s: [] for s in SPLITS}, {s: [] for s in SPLITS}
     for rel, cls, test in _mat_annotations(path, ("relative_im_path", "class", "test")):
         split = "test" if int(test) else "train"
-        _collect(items, missing, split, root / str(rel), _class_index(int(cls), len(names), path), Path(str(rel)).name)
+        label = _class_index(int(cls), len(names), path)
+        _collect(items, missing, split, root / str(rel), label, Path(str(rel)).name)
     return Release(f"Stanford Cars cars_annos.mat in {root}", class_folders(names), items, missing)
 
 
@@ -275,14 +278,20 @@ def _csv_rows(path: Path) -> list[tuple[str, int]]:
 
 
 def _files_by_name(src: Path, split: str) -> dict[str, Path]:
-    """Image files under the `split` folder (train/ or test/, found anywhere under src) by file name."""
+    """Image files by file name under the split's folder: `train/` (with class folders or flat, next to `test/`) or
+    `cars_train/`, found anywhere under src."""
     top = find_dir(src, "train", "test")
-    if top is None:
-        raise FgicError(f"{src}: no train/ and test/ image folders next to the CSV files; extract the images too")
+    folder = top / split if top is not None else None
+    if folder is None:
+        parent = find_dir(src, f"cars_{split}")
+        folder = parent / f"cars_{split}" if parent is not None else None
+    if folder is None or not folder.is_dir():
+        raise FgicError(f"{src}: no train/ and test/ (or cars_train/ and cars_test/) image folders next to the CSV "
+                        f"files; extract the images there too")
     files = {}
-    for folder, _, names in os.walk(top / split):
+    for here, _, names in os.walk(folder):
         for name in names:
-            files.setdefault(name, Path(folder) / name)
+            files.setdefault(name, Path(here) / name)
     return files
 
 

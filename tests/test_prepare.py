@@ -57,7 +57,8 @@ CUB_CLASSES = {2: "002.Laysan_Albatross", 1: "001.Zebra_Finch", 3: "003.Mallard"
 
 
 def make_cub(root: Path, per_class=(2, 1)) -> Path:
-    """CUB_200_2011/ with its four list files and images/CLASS/NAME.jpg; image 1 is grayscale, as some CUB images are."""
+    """CUB_200_2011/ with its four list files and images/CLASS/NAME.jpg; image 1 is grayscale, as a few CUB images
+    are."""
     cub = root / "CUB_200_2011"
     (cub / "images").mkdir(parents=True)
     (cub / "classes.txt").write_text("".join(f"{i} {n}\n" for i, n in CUB_CLASSES.items()))
@@ -101,7 +102,8 @@ def test_cub_release_is_linked_in_class_id_order_and_src_is_untouched(tmp_path):
     assert data.check_layout(dst) == sorted(layout["train"])
     train = ImageFolder(str(dst / "train"))
     test = ImageFolder(str(dst / "test"))
-    assert train.class_to_idx == test.class_to_idx == {"001.Zebra_Finch": 0, "002.Laysan_Albatross": 1, "003.Mallard": 2}
+    want = {"001.Zebra_Finch": 0, "002.Laysan_Albatross": 1, "003.Mallard": 2}
+    assert train.class_to_idx == test.class_to_idx == want
 
 
 def test_rerun_is_a_no_op(tmp_path, capsys):
@@ -200,9 +202,13 @@ def test_count_mismatch_is_an_error_unless_allow_partial(tmp_path, capsys, monke
     ("unknown_class", [], r"image 3 has class 9, which classes.txt does not list"),
     ("wrong_src", [], r"no cub release found; give the extracted CUB_200_2011 folder"),
     ("cub_only_flag", ["--aircraft-level", "family"], r"--aircraft-split/--aircraft-level apply to aircraft only"),
+    ("dst_in_src", [], r"DST and SRC overlap; give a DST outside SRC"),
+    ("not_an_archive", [], r"not a folder, tar or zip archive"),
+    ("torn_archive", [], r"CUB_200_2011.tgz: could not be extracted"),
 ])
 def test_bad_cub_input_is_one_line(tmp_path, capsys, damage, flags, message):
     cub = make_cub(tmp_path / "src")
+    dst = tmp_path / "dst"
     if damage == "no_split_file":
         (cub / "train_test_split.txt").unlink()
     elif damage == "absent_image":
@@ -214,10 +220,19 @@ def test_bad_cub_input_is_one_line(tmp_path, capsys, damage, flags, message):
     elif damage == "wrong_src":
         cub = tmp_path / "empty"
         cub.mkdir()
-    code, _, err = in_cli(["cub", str(cub), str(tmp_path / "dst"), *flags], capsys)
+    elif damage == "dst_in_src":
+        dst = cub / "prepared"
+    elif damage == "not_an_archive":
+        cub = cub / "images.txt"
+    elif damage == "torn_archive":
+        with tarfile.open(tmp_path / "whole.tgz", "w:gz") as t:
+            t.add(cub, arcname="CUB_200_2011")
+        cub = tmp_path / "CUB_200_2011.tgz"
+        cub.write_bytes((tmp_path / "whole.tgz").read_bytes()[:2000])
+    code, _, err = in_cli(["cub", str(cub), str(dst), *flags], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
-    assert not (tmp_path / "dst").exists()
+    assert not dst.exists() and not [p for p in dst.parent.iterdir() if p.name.startswith(".")]
 
 
 def test_absent_images_are_left_out_with_allow_partial(tmp_path, capsys):
@@ -319,16 +334,22 @@ def cars_seed(split, fname):
     return (split == "test") * 100 + int(fname[:5])
 
 
-def make_cars_csv(root: Path) -> Path:
+def cars_csv_image(root: Path, split: str, fname: str, cls: int, flat: bool = False) -> Path:
+    if flat:
+        return root / f"cars_{split}" / fname
+    return root / "car_data" / "car_data" / split / CARS[cls - 1].replace("/", "-") / fname
+
+
+def make_cars_csv(root: Path, flat: bool = False) -> Path:
     """The Kaggle-style mirror: names.csv, anno_{train,test}.csv (fname,x1,y1,x2,y2,class; no header) and
-    car_data/car_data/{train,test}/CLASS NAME/fname."""
+    car_data/car_data/{train,test}/CLASS NAME/fname; or (flat) with a header line and cars_{train,test}/fname."""
     root.mkdir(parents=True)
     (root / "names.csv").write_text("".join(f"{n}\n" for n in CARS))
     for split, rows in CARS_ANNOS.items():
-        (root / f"anno_{split}.csv").write_text("".join(f"{f},1,2,7,7,{c}\n" for f, c in rows))
+        header = "Image Name,x1,y1,x2,y2,Class\n" if flat else ""
+        (root / f"anno_{split}.csv").write_text(header + "".join(f"{f},1,2,7,7,{c}\n" for f, c in rows))
         for fname, cls in rows:
-            write_image(root / "car_data" / "car_data" / split / CARS[cls - 1].replace("/", "-") / fname,
-                        cars_seed(split, fname))
+            write_image(cars_csv_image(root, split, fname, cls, flat), cars_seed(split, fname))
     return root
 
 
@@ -342,13 +363,14 @@ def check_cars(src_of, dst: Path):
     assert sum(len(v) for v in layout["test"].values()) == 3
 
 
-def test_cars_csv_layout_uses_one_based_ids(tmp_path):
-    src = make_cars_csv(tmp_path / "stanford-car-dataset-by-classes-folder")
+@pytest.mark.parametrize("flat", [False, True])
+def test_cars_csv_layout_uses_one_based_ids(tmp_path, flat):
+    src = make_cars_csv(tmp_path / "stanford-car-dataset-by-classes-folder", flat)
     before = snapshot(src)
     dst = tmp_path / "cars"
     prepare.prepare("cars", src, dst, expected=Expected(3, 4, 3))
     assert snapshot(src) == before
-    check_cars(lambda s, f, c: src / "car_data" / "car_data" / s / CARS[c - 1].replace("/", "-") / f, dst)
+    check_cars(lambda s, f, c: cars_csv_image(src, s, f, c, flat), dst)
 
 
 def test_cars_class_folders_without_list_files_keep_their_sorted_order(tmp_path):
