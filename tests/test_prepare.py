@@ -171,6 +171,24 @@ def prepare_plain(tmp_path):
     return dst
 
 
+def test_symlinks_then_copies_where_hard_links_fail(tmp_path, monkeypatch, capsys):
+    cub = make_cub(tmp_path / "src")
+
+    def no_link(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    prepare.prepare("cub", cub, tmp_path / "sym", expected=CUB_SIZES)
+    out = capsys.readouterr().out
+    assert "9 symlinks in" in out and "keep SRC where it is" in out
+    mallard = tmp_path / "sym" / "test" / "003.Mallard" / "Mallard_0009_109.jpg"
+    assert mallard.is_symlink() and os.path.samefile(mallard, cub / "images" / "003.Mallard" / mallard.name)
+    monkeypatch.setattr(os, "symlink", no_link)
+    prepare.prepare("cub", cub, tmp_path / "copied", expected=CUB_SIZES)
+    assert "9 copies in" in capsys.readouterr().out
+    assert placed(tmp_path / "copied") == placed(tmp_path / "sym")
+
+
 def in_cli(args, capsys):
     """fgic.prepare's command line in this process: (exit code, stdout, stderr)."""
     with pytest.raises(SystemExit) as exit_:
