@@ -71,8 +71,13 @@ def prepare(name: str, src: str | os.PathLike, dst: str | os.PathLike, *, copy: 
             extracted = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.extract-"))
             _extract(src, extracted)
             src, mode = extracted, "move"  # our own extraction: its files are moved, then the rest deleted
-        release = _read(name, src, level, split)
-        summary = _check(name, release, expected or expected_counts(name, level, split), allow_partial)
+        try:
+            release = _read(name, src, level, split)
+            summary = _check(name, release, expected or expected_counts(name, level, split), allow_partial)
+        except FgicError as exc:  # name the archive, not the temporary folder it was extracted to
+            raise FgicError(str(exc).replace(str(extracted), str(source))) if extracted else exc from None
+        if extracted:
+            summary["origin"] = summary["origin"].replace(str(extracted), str(source))
         summary.update(options, source=str(source))
         return _build(release, dst, mode, summary, options)
     finally:
@@ -91,7 +96,7 @@ def _finished(dst: Path, options: dict) -> dict | None:
         try:
             done = json.loads(marker.read_text())
         except (OSError, ValueError):
-            done = {}
+            raise FgicError(f"{marker}: unreadable; remove {dst} and prepare again") from None
         differ = {k: (done.get(k), v) for k, v in options.items() if done.get(k) != v}
         if not differ:
             return done

@@ -109,6 +109,7 @@ def test_cub_release_is_linked_in_class_id_order_and_src_is_untouched(tmp_path):
 def test_rerun_is_a_no_op(tmp_path, capsys):
     cub = make_cub(tmp_path / "src")
     dst = tmp_path / "cub"
+    dst.mkdir()  # an empty folder is no prepare, but may be replaced by one
     prepare.prepare("cub", cub, dst, expected=CUB_SIZES)
     first = snapshot(dst)
     capsys.readouterr()
@@ -156,7 +157,8 @@ def test_cub_archive_is_extracted_beside_dst_and_files_moved(tmp_path):
         t.add(tmp_path / "src" / "CUB_200_2011", arcname="CUB_200_2011")
     digest = hashlib.sha1(archive.read_bytes()).hexdigest()
     dst = tmp_path / "data" / "cub"
-    prepare.prepare("cub", archive, dst, expected=CUB_SIZES)
+    summary = prepare.prepare("cub", archive, dst, expected=CUB_SIZES)
+    assert summary["origin"] == f"CUB-200-2011 list files in {archive}/CUB_200_2011"
     assert hashlib.sha1(archive.read_bytes()).hexdigest() == digest
     assert [p.name for p in dst.parent.iterdir()] == ["cub"]  # the extraction folder is gone
     assert placed(dst) == placed(prepare_plain(tmp_path))
@@ -223,6 +225,7 @@ def test_count_mismatch_is_an_error_unless_allow_partial(tmp_path, capsys, monke
     ("dst_in_src", [], r"DST and SRC overlap; give a DST outside SRC"),
     ("not_an_archive", [], r"not a folder, tar or zip archive"),
     ("torn_archive", [], r"CUB_200_2011.tgz: could not be extracted"),
+    ("archive_without_lists", [], r"CUB_200_2011.tgz/CUB_200_2011/image_class_labels.txt: missing"),
 ])
 def test_bad_cub_input_is_one_line(tmp_path, capsys, damage, flags, message):
     cub = make_cub(tmp_path / "src")
@@ -247,6 +250,11 @@ def test_bad_cub_input_is_one_line(tmp_path, capsys, damage, flags, message):
             t.add(cub, arcname="CUB_200_2011")
         cub = tmp_path / "CUB_200_2011.tgz"
         cub.write_bytes((tmp_path / "whole.tgz").read_bytes()[:2000])
+    elif damage == "archive_without_lists":
+        (cub / "image_class_labels.txt").unlink()
+        with tarfile.open(tmp_path / "CUB_200_2011.tgz", "w:gz") as t:
+            t.add(cub, arcname="CUB_200_2011")
+        cub = tmp_path / "CUB_200_2011.tgz"
     code, _, err = in_cli(["cub", str(cub), str(dst), *flags], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
