@@ -22,6 +22,10 @@ MARKER = ".fgic-prepared.json"  # written last, inside the folder that is then r
 DATASETS = ("cub", "aircraft", "cars")
 AIRCRAFT_LEVELS = {"variant": 100, "family": 70, "manufacturer": 30}  # classes per annotation level
 AIRCRAFT_SPLITS = {"trainval": 6667, "train": 3334}  # training images per split (the test split has 3,333)
+EXAMPLES = """examples:
+  python -m fgic.prepare cub ~/downloads/CUB_200_2011.tgz
+  python -m fgic.prepare aircraft ~/downloads/fgvc-aircraft-2013b
+  python -m fgic.prepare cars ~/downloads/stanford_cars      (devkit .mat files need scipy; CSV mirrors do not)"""
 
 
 @dataclass(frozen=True)
@@ -247,7 +251,8 @@ def _report(dst: Path, s: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser("fgic.prepare", description="Turn an official CUB-200-2011, FGVC-Aircraft or Stanford "
-                                "Cars release into the checked train/test layout that `-d NAME` reads.")
+                                "Cars release into the checked train/test layout that `-d NAME` reads.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("src", help="the extracted release (or its .tgz/.tar.gz/.zip), or collated train/ test/ folders")
     p.add_argument("dst", nargs="?", help="where to write (default: DATA_ROOT/DATASET, the folder -d DATASET reads)")
