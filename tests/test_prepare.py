@@ -450,6 +450,27 @@ def test_cars_devkit_mat_files(tmp_path):
         prepare.prepare("cars", src, tmp_path / "cars2", expected=Expected(3, 4, 3))
 
 
+def test_cars_annos_mat_with_car_ims(tmp_path):
+    """The later single-file release: cars_annos.mat (relative_im_path, class, test; class_names) and car_ims/."""
+    pytest.importorskip("scipy", reason="the .mat path needs the optional scipy (pip install 'fgic[cars]')")
+    from scipy.io import savemat
+    src = tmp_path / "cars196"
+    rows = [(f"car_ims/{i + 1:06d}.jpg", cls, int(split == "test"), cars_seed(split, fname))
+            for i, (split, fname, cls) in enumerate((s, f, c) for s, r in CARS_ANNOS.items() for f, c in r)]
+    rec = np.zeros(len(rows), dtype=[("relative_im_path", "O"), ("class", "O"), ("test", "O")])
+    for i, (rel, cls, test, seed) in enumerate(rows):
+        rec[i] = (rel, cls, test)
+        write_image(src / rel, seed)
+    savemat(src / "cars_annos.mat", {"annotations": rec.reshape(1, -1), "class_names": np.array(CARS, dtype=object)})
+    dst = tmp_path / "cars"
+    prepare.prepare("cars", src, dst, expected=Expected(3, 4, 3))
+    layout = placed(dst)
+    assert sorted(layout["test"]) == CARS_FOLDERS
+    for rel, cls, test, _ in rows:
+        name = Path(rel).name
+        assert same_file(dst / ("test" if test else "train") / CARS_FOLDERS[cls - 1] / name, src / rel)
+
+
 def test_cars_mat_without_scipy_is_one_clear_line(tmp_path, monkeypatch):
     src = tmp_path / "stanford_cars"
     (src / "devkit").mkdir(parents=True)
