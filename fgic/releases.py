@@ -9,6 +9,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fgic.errors import FgicError
 
 SPLITS = ("train", "test")
@@ -177,7 +179,6 @@ def _loadmat(path: Path) -> dict:
 
 
 def _mat_field(path: Path, var: str) -> list:
-    import numpy as np
     mat = _loadmat(path)
     if var not in mat:
         raise FgicError(f"{path}: has no {var!r} variable; is this the Stanford Cars devkit file?")
