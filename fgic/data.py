@@ -17,6 +17,8 @@ from fgic.samplers import ShardSampler, TrainSampler
 
 REGISTRY = ("cub", "aircraft", "cars", "demo")
 SPLITS = ("train", "test")
+# Where `python -m fgic.prepare NAME SRC` finds each registry dataset's official release (the hint in errors).
+RELEASES = {"cub": "/path/to/CUB_200_2011", "aircraft": "/path/to/fgvc-aircraft-2013b", "cars": "/path/to/stanford_cars"}
 
 
 def resolve(data: str, data_root: str) -> tuple[str, Path]:
@@ -27,9 +29,9 @@ def resolve(data: str, data_root: str) -> tuple[str, Path]:
             from fgic.demo import ensure_demo
             return data, Path(ensure_demo(root))
         if not root.is_dir():
-            raise FgicError(f"-d {data}: no dataset at {root}; put it there in ImageFolder layout "
-                            f"({root}/train/CLASS/*.jpg and {root}/test/CLASS/*.jpg, see README 'Data') "
-                            f"or point --data-root / $FGIC_DATA at the folder holding {data}/")
+            raise FgicError(f"-d {data}: no dataset at {root}; prepare it with `python -m fgic.prepare {data} "
+                            f"{RELEASES[data]}` (see README 'Data'), or point --data-root / $FGIC_DATA at the "
+                            f"folder holding {data}/")
         return data, root
     root = Path(data)
     if not root.is_dir():

@@ -103,7 +103,7 @@ def _only_train(tmp_path):
 
 
 def test_registry_names_point_at_the_data_root(tmp_path):
-    with pytest.raises(FgicError, match=r"-d cub: no dataset at .*cub.*README"):
+    with pytest.raises(FgicError, match=r"-d cub: no dataset at .*cub; prepare it with `python -m fgic.prepare cub /path/to/CUB_200_2011`"):
         data.resolve("cub", str(tmp_path))
     (tmp_path / "cub").mkdir()
     assert data.resolve("cub", str(tmp_path)) == ("cub", tmp_path / "cub")
