@@ -1,5 +1,6 @@
 """launch.torchrun works out the torchrun command from the Slurm allocation or the visible GPUs, and holds the stop
 signals back until fgic's handlers are in place."""
+import re
 import subprocess
 import sys
 
@@ -56,3 +57,25 @@ def test_a_signal_during_start_up_reaches_fgics_handler_after_exec():
     out = subprocess.run([sys.executable, "-c", HELD_THEN_EXEC], cwd=REPO, env=fgic_env(), capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "12", out.stderr  # SIGUSR2, held back, then handled
+
+
+def test_submitit_dry_run_plans_one_checked_job_per_combination(tiny_data, tmp_path, capsys):
+    from launch import submitit as launcher
+    code = launcher.main(["--datasets", str(tiny_data), "--seeds", "0", "1", "--amps", "off", "bf16", "--epochs",
+                          "3", "--output-dir", str(tmp_path), "--dry-run"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("would submit")]
+    assert code == 0 and len(lines) == 4
+    assert lines[0].endswith(f"-d {tiny_data} --seed 0 --amp off  ->  {tmp_path}/tiny/resnet50-off-s0")
+    assert lines[3].endswith(f"{tmp_path}/tiny/resnet50-bf16-s1") and "--epochs 3" in lines[3]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seeds", "0"], "--datasets: name at least one dataset"),
+    (["--datasets", "/nowhere", "--seeds", "0"], "-d /nowhere: no such folder"),
+    (["-d", "DATA", "--amps", "fp8"], "-a/--amp 'fp8': choose off, fp16 or bf16"),
+])
+def test_submitit_checks_every_combination_before_submitting(tiny_data, argv, message):
+    from fgic.errors import FgicError
+    from launch import submitit as launcher
+    with pytest.raises(FgicError, match=re.escape(message)):
+        launcher.main([str(tiny_data) if a == "DATA" else a for a in argv] + ["--dry-run"])

@@ -109,9 +109,13 @@ start() {
         (setsid /usr/sbin/mariadbd --user=mysql >"$STATE/mariadb.log" 2>&1 &)
     fi
     wait_for 30 MariaDB mariadb -e "select 1"
-    mariadb -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
-                GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
-    pgrep -x slurmdbd >/dev/null || /usr/sbin/slurmdbd
+    if ! pgrep -x slurmdbd >/dev/null; then
+        # A fresh accounting database: slurmctld -c starts job ids at 1 again, and sacct must not mix in old jobs.
+        mariadb -e "DROP DATABASE IF EXISTS slurm_acct_db;
+                    CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
+                    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
+        /usr/sbin/slurmdbd
+    fi
     wait_for 30 slurmdbd sacctmgr -n list cluster
     sacctmgr -i -Q add cluster fgic >/dev/null 2>&1 || true
     pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld -c
