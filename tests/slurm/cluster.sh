@@ -129,8 +129,14 @@ node_idle() { sinfo -h -N -o %t | grep -qx idle; }
 status() { node_idle && sacct -n -X -S now >/dev/null; }
 
 stop() {
-    for daemon in slurmd slurmctld slurmdbd mariadbd; do pkill -x "$daemon" || true; done
-    for _ in $(seq 40); do pgrep -x 'slurmd|slurmctld|slurmdbd|mariadbd' >/dev/null || break; sleep 0.25; done
+    local daemons=(slurmd slurmctld slurmdbd mariadbd) left
+    for daemon in "${daemons[@]}"; do pkill -x "$daemon" || true; done
+    for _ in $(seq 40); do
+        left=0
+        for daemon in "${daemons[@]}"; do pgrep -x "$daemon" >/dev/null && left=1; done
+        [ "$left" -eq 0 ] && break
+        sleep 0.25
+    done
     say "stopped"
 }
 
