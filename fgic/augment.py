@@ -40,6 +40,18 @@ def crop_flip(image: torch.Tensor, p: CropFlip, crop: int, padding: int) -> torc
     return F.horizontal_flip(out) if p.flip else out
 
 
+def crop_flip_batch(images: torch.Tensor, params: torch.Tensor, crop: int, padding: int) -> torch.Tensor:
+    """crop_flip for a whole uint8 NCHW batch on its own device, `params` holding (top, left, flip) rows: one pad,
+    then one gather. The result is NCHW with channels_last strides (what the convolutions want on a GPU)."""
+    padded = torch.nn.functional.pad(images, (padding,) * 4) if padding else images
+    steps = torch.arange(crop, device=images.device)
+    top, left, flip = params.to(images.device, non_blocking=True).long().unbind(1)
+    rows = top[:, None] + steps
+    cols = left[:, None] + torch.where(flip[:, None].bool(), crop - 1 - steps, steps)
+    batch = torch.arange(len(images), device=images.device)[:, None, None]
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
 def center_crop(image: torch.Tensor, crop: int) -> torch.Tensor:
     return F.center_crop(image, [crop, crop])
 

@@ -11,20 +11,58 @@ from tqdm import tqdm
 
 from fgic.augment import normalize
 from fgic.dist import Dist
+from fgic.errors import FgicError
 from fgic.models import logits
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-POSTFIX_EVERY = 10  # steps between progress-bar loss updates (each one reads the device)
 
 
 def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp in AMP_DTYPES else nullcontext()
 
 
+def check_amp(amp: str, device: torch.device) -> None:
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise FgicError(f"-a/--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use -a fp16")
+
+
+def sgd(model: nn.Module, device: torch.device, **opts) -> torch.optim.SGD:
+    """SGD with momentum; on a GPU its fused kernel (torch >= 2.3 builds that have it), else the foreach one. The CPU
+    keeps torch's default per-parameter loop."""
+    if device.type == "cuda":
+        try:
+            return torch.optim.SGD(model.parameters(), fused=True, **opts)
+        except (TypeError, RuntimeError):
+            return torch.optim.SGD(model.parameters(), foreach=True, **opts)
+    return torch.optim.SGD(model.parameters(), **opts)
+
+
 def progress(loader, dist: Dist, desc: str):
     """tqdm on rank 0 only; in a log file (not a terminal) it writes a line every 30 s instead of redrawing."""
     return tqdm(loader, desc=desc, disable=not dist.is_main, leave=False, dynamic_ncols=True,
                 mininterval=0.5 if sys.stderr.isatty() else 30)
+
+
+def inputs(loader, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch -> (normalised float images, labels) on the device: the dataset moves and crops it there (the
+    host moves uint8 bytes only); channels_last on a GPU."""
+    images, labels = loader.dataset.to_device(batch, device)
+    images = normalize(images)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
+
+
+def train_step(model: nn.Module, images, labels, optimizer, scaler, criterion, device: torch.device, amp: str):
+    """Forward, backward and optimizer step of one batch; returns (loss, logits), still on the device."""
+    with autocast(device, amp):
+        out = logits(model(images))
+        loss = criterion(out, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, out
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scaler, criterion, dist: Dist, amp: str, desc: str,
@@ -41,19 +79,16 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, criterion, dist
     start = time.perf_counter()
     bar = progress(loader, dist, desc)
     step = start_step
-    for step, (images, labels) in enumerate(bar, start=start_step + 1):
-        images = normalize(images.to(device, non_blocking=True))
-        labels = labels.to(device, non_blocking=True)
-        with autocast(device, amp):
-            out = logits(model(images))
-            loss = criterion(out, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        local += torch.stack([loss.detach().double() * len(labels), (out.argmax(1) == labels).sum().double(),
-                              torch.tensor(len(labels), dtype=torch.float64, device=device)])
-        if dist.is_main and step % POSTFIX_EVERY == 0:
+    shown = start
+    for step, batch in enumerate(bar, start=start_step + 1):
+        images, labels = inputs(loader, batch, device)
+        loss, out = train_step(model, images, labels, optimizer, scaler, criterion, device, amp)
+        n = len(labels)  # no host sync in the step: the totals stay on the device until read
+        local[0] += loss.detach().double() * n
+        local[1] += (out.argmax(1) == labels).sum()
+        local[2] += n
+        if dist.is_main and time.perf_counter() - shown >= bar.mininterval:  # when the bar redraws, not every step
+            shown = time.perf_counter()
             bar.set_postfix(loss=f"{local[0].item() / max(local[2].item(), 1):.3f}", refresh=False)
         if stop is not None and step < start_step + len(loader) and stop(step):
             bar.close()
@@ -76,9 +111,8 @@ def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_clas
     k = min(5, num_classes)
     totals = torch.zeros(3 + 2 * num_classes, dtype=torch.float64, device=device)
     # loss sum, top-1 correct, top-k correct, then per-class correct and per-class total
-    for images, labels in progress(loader, dist, desc):
-        images = normalize(images.to(device, non_blocking=True))
-        labels = labels.to(device, non_blocking=True)
+    for batch in progress(loader, dist, desc):
+        images, labels = inputs(loader, batch, device)
         with autocast(device, amp):
             out = logits(model(images))
         loss = nn.functional.cross_entropy(out.float(), labels, reduction="sum",
