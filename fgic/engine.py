@@ -47,10 +47,8 @@ def inputs(loader, batch, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     """A loader batch -> (normalised float images, labels) on the device: the dataset moves and crops it there (the
     host moves uint8 bytes only); channels_last on a GPU."""
     images, labels = loader.dataset.to_device(batch, device)
-    images = normalize(images)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # the CPU: as uncached
+    return normalize(images).contiguous(memory_format=layout), labels
 
 
 def train_step(model: nn.Module, images, labels, optimizer, scaler, criterion, device: torch.device, amp: str):
