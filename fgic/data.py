@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from fgic import augment, cache, scan
+from fgic.cacheload import CachedBatches, CachedImageFolder
 from fgic.errors import FgicError
 from fgic.samplers import ShardSampler, TrainSampler
 
@@ -99,69 +100,6 @@ class KeyedImageFolder(ImageFolder):
         return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-class CachedImageFolder(torch.utils.data.Dataset):
-    """A KeyedImageFolder's samples served from the decoded-image cache (fgic.cache), with the same items.
-
-    Training batches are gathered whole (`__getitems__`): the resized uint8 images, the labels and each sample's
-    (top, left, flip) from augment.sample_params; `to_device` crops and flips them where the batch trains (one
-    gather on the GPU). Test items are centre-cropped on the host, as in KeyedImageFolder."""
-
-    def __init__(self, folder: KeyedImageFolder, array: np.ndarray):
-        self.root, self.samples, self.targets, self.classes = folder.root, folder.samples, folder.targets, folder.classes
-        self.train, self.size, self.crop, self.padding, self.seed = (folder.train, folder.size, folder.crop,
-                                                                     folder.padding, folder.seed)
-        self.path, self.array = array.filename, array
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getstate__(self):  # loader workers map the file themselves (spawn); never pickle the pages
-        return {**self.__dict__, "array": None}
-
-    def _rows(self) -> np.ndarray:
-        if self.array is None:
-            self.array = np.load(self.path, mmap_mode="r")
-        return self.array
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (None, key)
-        image = torch.from_numpy(np.array(self._rows()[index]))
-        if self.train:
-            params = augment.sample_params(self.seed, epoch, index, self.size, self.crop, self.padding)
-            return augment.crop_flip(image, params, self.crop, self.padding), self.samples[index][1]
-        return augment.center_crop(image, self.crop), self.samples[index][1]
-
-    def __getitems__(self, keys):
-        if not self.train:
-            return [self[k] for k in keys]
-        rows = self._rows()
-        images = torch.empty((len(keys), 3, self.size, self.size), dtype=torch.uint8)
-        if get_worker_info() is not None:
-            images.share_memory_()  # a worker's batch goes to the main process through shared memory, copied once
-        out = images.numpy()
-        for i, (_, index) in enumerate(keys):
-            out[i] = rows[index]
-        params = torch.tensor([augment.sample_params(self.seed, e, i, self.size, self.crop, self.padding)
-                               for e, i in keys], dtype=torch.int16)
-        labels = torch.tensor([self.samples[i][1] for _, i in keys])
-        return images, labels, params
-
-    def to_device(self, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """A loader batch -> (uint8 NCHW crops, labels) on `device`: training batches are cropped and flipped there."""
-        if not self.train:
-            images, labels = batch
-            return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        images, labels, params = batch
-        images = augment.crop_flip_batch(images.to(device, non_blocking=True), params.to(device, non_blocking=True),
-                                         self.crop, self.padding)
-        return images, labels.to(device, non_blocking=True)
-
-
-def whole_batch(batch):
-    """collate_fn of the cached datasets: `__getitems__` already returns the batch (test splits: default collate)."""
-    return batch if isinstance(batch, tuple) else torch.utils.data.default_collate(batch)
-
-
 def drop_bad_images(ds: ImageFolder, mode: str, skip: bool, workers: int) -> None:
     """Scan a split; bad files are an error naming them, or (with --skip-bad-images) left out with a count."""
     bad = scan.scan([p for p, _ in ds.samples], mode, workers=max(workers, 2))
@@ -196,10 +134,12 @@ def build(args, root: Path, world_size: int, rank: int, pin_memory: bool):
                         f"in {root / 'train'}; use a smaller batch")
     train_set, test_set = use_cache(args, root, (train_set, test_set), say=rank == 0)
     per_process = args.batch_size // world_size
-    opts = dict(num_workers=args.workers, pin_memory=pin_memory, persistent_workers=args.workers > 0,
-                collate_fn=whole_batch if isinstance(train_set, CachedImageFolder) else None)
-    train_loader = DataLoader(train_set, batch_size=per_process, drop_last=True,
-                              sampler=TrainSampler(len(train_set), world_size, rank, args.seed), **opts)
+    opts = dict(num_workers=args.workers, pin_memory=pin_memory, persistent_workers=args.workers > 0)
+    sampler = TrainSampler(len(train_set), world_size, rank, args.seed)
+    if isinstance(train_set, CachedImageFolder):  # whole batches gathered from the memory map by threads
+        train_loader = CachedBatches(train_set, sampler, per_process, threads=max(args.workers, 1), pin=pin_memory)
+    else:
+        train_loader = DataLoader(train_set, batch_size=per_process, drop_last=True, sampler=sampler, **opts)
     test_loader = DataLoader(test_set, batch_size=per_process, sampler=ShardSampler(len(test_set), world_size, rank),
                              **opts)
     return train_set, test_set, train_loader, test_loader

@@ -51,6 +51,43 @@ def inputs(loader, batch, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     return normalize(images).contiguous(memory_format=layout), labels
 
 
+class DeviceBatches:
+    """A loader's batches as (normalised images, labels) on the device (see `inputs`). On a GPU the next batch is
+    copied, cropped and normalised on a side stream while the current one trains, so the step never waits for it."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.device.type != "cuda":
+            for batch in self.loader:
+                yield inputs(self.loader, batch, self.device)
+            return
+        side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+        pending = None
+        for batch in self.loader:
+            with torch.cuda.stream(side):
+                ready = inputs(self.loader, batch, self.device)
+                done = torch.cuda.Event()
+                done.record(side)
+            if pending is not None:
+                yield self._hand_over(pending, main)
+            pending = ready, done
+        if pending is not None:
+            yield self._hand_over(pending, main)
+
+    @staticmethod
+    def _hand_over(pending, main):
+        tensors, done = pending
+        main.wait_event(done)
+        for t in tensors:
+            t.record_stream(main)  # made on the side stream, used on the main one
+        return tensors
+
+
 def train_step(model: nn.Module, images, labels, optimizer, scaler, criterion, device: torch.device, amp: str):
     """Forward, backward and optimizer step of one batch; returns (loss, logits), still on the device."""
     with autocast(device, amp):
@@ -75,11 +112,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, criterion, dist
     local = torch.tensor(totals or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)  # loss sum, correct, images
     images_before = local[2].item()
     start = time.perf_counter()
-    bar = progress(loader, dist, desc)
+    bar = progress(DeviceBatches(loader, device), dist, desc)
     step = start_step
     shown = start
-    for step, batch in enumerate(bar, start=start_step + 1):
-        images, labels = inputs(loader, batch, device)
+    for step, (images, labels) in enumerate(bar, start=start_step + 1):
         loss, out = train_step(model, images, labels, optimizer, scaler, criterion, device, amp)
         n = len(labels)  # no host sync in the step: the totals stay on the device until read
         local[0] += loss.detach().double() * n
@@ -109,8 +145,7 @@ def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_clas
     k = min(5, num_classes)
     totals = torch.zeros(3 + 2 * num_classes, dtype=torch.float64, device=device)
     # loss sum, top-1 correct, top-k correct, then per-class correct and per-class total
-    for batch in progress(loader, dist, desc):
-        images, labels = inputs(loader, batch, device)
+    for images, labels in progress(DeviceBatches(loader, device), dist, desc):
         with autocast(device, amp):
             out = logits(model(images))
         loss = nn.functional.cross_entropy(out.float(), labels, reduction="sum",

@@ -6,6 +6,7 @@ import argparse
 import multiprocessing
 import os
 import pickle
+import threading
 import time
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from fgic import augment, cache, data
+from fgic.cacheload import CachedBatches
 from fgic.errors import FgicError
 from fgic.samplers import TrainSampler
 from tests.conftest import make_dataset
@@ -166,6 +168,7 @@ def test_cached_batches_equal_uncached_bitwise(ds, tmp_path, crop, padding):
             assert xa.dtype == torch.uint8 and xa.shape == (4, 3, crop, crop)
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
             flips.update(a[2][:, 2].tolist())
+            del a  # a cached batch's buffer is reused once the next ones are taken
     assert flips == {0, 1}  # both flips were exercised
     for a, b in zip(cached[3], plain[3], strict=True):  # test split: centre crops
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -176,20 +179,24 @@ def test_cache_holds_only_the_kept_images(ds, tmp_path):
     bad.write_bytes((ds / "train" / "class_01" / "000.jpg").read_bytes()[:300])
     train_set, *_ = data.build(args_for(cache_dir=str(tmp_path / "c"), skip_bad_images=True), ds, 1, 0, False)
     assert isinstance(train_set, data.CachedImageFolder) and len(train_set) == 10
-    assert all("broken" not in p for p, _ in train_set.samples) and len(train_set._rows()) == 10
+    assert all("broken" not in p for p, _ in train_set.samples) and len(train_set.rows()) == 10
 
 
-def test_batches_from_loader_workers(ds, tmp_path):
-    train_set, *_ = data.build(args_for(cache_dir=str(tmp_path / "c")), ds, 1, 0, False)
+def test_batches_from_threads_and_workers(ds, tmp_path):
+    train_set, test_set, loader, test_loader = data.build(args_for(cache_dir=str(tmp_path / "c")), ds, 1, 0, False)
+    assert isinstance(loader, CachedBatches) and len(loader) == 2
     sampler = TrainSampler(len(train_set), 1, 0, 3)
-    one = list(DataLoader(train_set, 4, sampler=sampler, num_workers=0, drop_last=True, collate_fn=data.whole_batch))
-    two = list(DataLoader(train_set, 4, sampler=sampler, num_workers=2, drop_last=True, collate_fn=data.whole_batch))
-    assert len(one) == len(two) == 2
-    assert all(torch.equal(x, y) for a, b in zip(one, two) for x, y in zip(a, b))
+    one = [tuple(t.clone() for t in b) for b in CachedBatches(train_set, sampler, 4, threads=1, pin=False)]
+    three = [tuple(t.clone() for t in b) for b in CachedBatches(train_set, sampler, 4, threads=3, pin=False, depth=1)]
+    assert len(one) == len(three) == 2
+    assert all(torch.equal(x, y) for a, b in zip(one, three) for x, y in zip(a, b))
+    first = next(iter(CachedBatches(train_set, sampler, 4, threads=2, pin=False)))  # left early: no hang, no thread
+    assert torch.equal(first[0], one[0][0])
+    assert not [t for t in threading.enumerate() if t.name.startswith("fgic-")]
+    items = list(DataLoader(test_set, 4, num_workers=2))  # the test split through loader workers
+    assert torch.equal(torch.cat([x for x, _ in items]), torch.stack([test_set[i][0] for i in range(len(test_set))]))
     copy = pickle.loads(pickle.dumps(train_set))  # what a spawned worker gets: the file's name, not its pages
-    assert copy.array is None and len(pickle.dumps(train_set)) < 10_000
-    keys = [(0, 3), (1, 7)]
-    assert all(torch.equal(x, y) for x, y in zip(copy.__getitems__(keys), train_set.__getitems__(keys)))
+    assert copy.array is None and len(pickle.dumps(train_set)) < 10_000 and torch.equal(copy[(0, 3)][0], train_set[(0, 3)][0])
 
 
 def test_auto_decides_from_the_memory(monkeypatch, tmp_path):
