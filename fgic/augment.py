@@ -41,8 +41,16 @@ def crop_flip(image: torch.Tensor, p: CropFlip, crop: int, padding: int) -> torc
 
 
 def crop_flip_batch(images: torch.Tensor, params: torch.Tensor, crop: int, padding: int) -> torch.Tensor:
-    """crop_flip for a whole uint8 NCHW batch on its own device, `params` holding (top, left, flip) rows: one pad,
-    then one gather. The result is NCHW with channels_last strides (what the convolutions want on a GPU)."""
+    """crop_flip of each image of a uint8 NCHW batch, on the batch's device, `params` holding (top, left, flip) rows.
+    A GPU does it in one gather; the CPU slices image by image (far faster there than a gather)."""
+    if images.device.type != "cpu":
+        return gather_crops(images, params, crop, padding)
+    return torch.stack([crop_flip(image, CropFlip(*p), crop, padding) for image, p in zip(images, params.tolist())])
+
+
+def gather_crops(images: torch.Tensor, params: torch.Tensor, crop: int, padding: int) -> torch.Tensor:
+    """crop_flip_batch as one pad and one gather. The result is NCHW with channels_last strides (what the
+    convolutions want on a GPU)."""
     padded = torch.nn.functional.pad(images, (padding,) * 4) if padding else images
     steps = torch.arange(crop, device=images.device)
     top, left, flip = params.to(images.device, non_blocking=True).long().unbind(1)
@@ -60,4 +68,4 @@ def normalize(batch: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW batch -> float, ImageNet-normalised, on the batch's own device (the host only moves bytes)."""
     mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1) * 255
-    return (batch.float() - mean) / std
+    return batch.float().sub_(mean).div_(std)  # in place: one float tensor, not three

@@ -174,6 +174,16 @@ def test_cached_batches_equal_uncached_bitwise(ds, tmp_path, crop, padding):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_the_gpus_batched_crop_equals_per_image_crops():
+    images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
+    params = torch.tensor([(0, 0, 0), (8, 3, 1), (5, 8, 0), (8, 8, 1), (0, 7, 1), (3, 0, 0)], dtype=torch.int16)
+    want = torch.stack([augment.crop_flip(x, augment.CropFlip(*p), 16, 4) for x, p in zip(images, params.tolist())])
+    assert torch.equal(augment.gather_crops(images, params, 16, 4), want)
+    assert torch.equal(augment.crop_flip_batch(images, params, 16, 4), want)
+    flip_all = torch.tensor([[0, 0, 1]] * 6, dtype=torch.int16)
+    assert torch.equal(augment.gather_crops(images, flip_all, 20, 0), images.flip(-1))
+
+
 def test_cache_holds_only_the_kept_images(ds, tmp_path):
     bad = ds / "train" / "class_01" / "broken.jpg"
     bad.write_bytes((ds / "train" / "class_01" / "000.jpg").read_bytes()[:300])
