@@ -110,7 +110,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, criterion, dist
     model.train()
     device = dist.device
     local = torch.tensor(totals or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)  # loss sum, correct, images
-    images_before = local[2].item()
+    images_before = float(totals[2]) if totals else 0.0
     start = time.perf_counter()
     bar = progress(DeviceBatches(loader, device), dist, desc)
     step = start_step
