@@ -105,24 +105,31 @@ class _lock:
     def __enter__(self):
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline, said = time.monotonic() + WAIT_SECONDS, False
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not said:
-                    print(f"fgic: waiting for process {self._holder()} to build the cache {self.name}",
-                          file=sys.stderr, flush=True)
-                    said = True
-                if time.monotonic() > deadline:
-                    os.close(self.fd)
-                    raise FgicError(f"--cache-dir: waited {WAIT_SECONDS:.0f} s for process {self._holder()} to "
-                                    f"build {self.path.with_suffix('.npy')}; if it is stuck, stop it, or use --cache "
-                                    f"off (FGIC_CACHE_WAIT_S sets the wait)") from None
-                time.sleep(0.2)
+        while not self._try():
+            if not said:
+                print(f"fgic: waiting for process {self._holder()} to build the cache {self.name}",
+                      file=sys.stderr, flush=True)
+                said = True
+            if time.monotonic() > deadline:
+                os.close(self.fd)
+                raise FgicError(f"--cache-dir: waited {WAIT_SECONDS:.0f} s for process {self._holder()} to "
+                                f"build {self.path.with_suffix('.npy')}; if it is stuck, stop it, or use --cache "
+                                f"off (FGIC_CACHE_WAIT_S sets the wait)")
+            time.sleep(0.2)
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
         return self
+
+    def _try(self) -> bool:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: some network file systems
+            os.close(self.fd)
+            raise FgicError(f"--cache-dir {self.path.parent}: its file system does not support file locks "
+                            f"({exc.strerror}); use a node-local folder such as /tmp") from None
 
     def _holder(self) -> str:
         try:
