@@ -66,6 +66,11 @@ def center_crop(image: torch.Tensor, crop: int) -> torch.Tensor:
 
 def normalize(batch: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW batch -> float, ImageNet-normalised, on the batch's own device (the host only moves bytes)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1) * 255
-    return batch.float().sub_(mean).div_(std)  # in place: one float tensor, not three
+    return batch.float().sub_(_per_channel(IMAGENET_MEAN, batch.device)).div_(_per_channel(IMAGENET_STD, batch.device))
+
+
+def _per_channel(values, device: torch.device) -> torch.Tensor:
+    """(1, 3, 1, 1) float32 tensor of values x 255, filled on the device itself: copying a tensor from pageable
+    host memory to a GPU waits for it, every batch."""
+    exact = (torch.tensor(values) * 255).tolist()  # float32 rounding, as a host tensor of them would hold
+    return torch.stack([torch.full((), v, device=device) for v in exact]).view(1, 3, 1, 1)
