@@ -111,6 +111,15 @@ def test_no_host_sync_per_training_step(tiny_data, cache):
         assert out["train_images"] == steps * 6
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
     assert counts[0] == counts[1], counts
+    torch.cuda.set_sync_debug_mode("warn")  # the check sees syncs: three reads of the device, three warnings
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                torch.ones(1, device=cuda).sum().item()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sum("synchroniz" in str(w.message) for w in caught) == 3
 
 
 @pytest.mark.parametrize("cache", ["on", "off"])
