@@ -199,7 +199,8 @@ def train_cmd(a) -> dict:
               else a.pipeline, "arch": a.arch, "crop": a.crop, "amp": a.amp, "batch_size": a.batch_size,
               "steps_timed": a.steps, "warmup_steps": a.warmup, "workers": a.workers, "compile": a.compile,
               "device": _device_name(device), "step_flops": flops, "achieved_tflops": achieved / 1e12,
-              "peak_tflops": peak, "peak_from": peak_from, "fraction_of_peak": achieved / (peak * 1e12) if peak else None,
+              "peak_tflops": peak, "peak_from": peak_from,
+              "fraction_of_peak": achieved / (peak * 1e12) if peak else None,
               "loss_is_finite": bool(torch.isfinite(loss).item()), "torch": torch.__version__}
     if not a.synthetic and a.pipeline == "fgic":
         result.update(prep_cost(loader, device, seconds / a.steps))

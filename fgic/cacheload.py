@@ -19,7 +19,8 @@ class CachedImageFolder(torch.utils.data.Dataset):
     Items (`dataset[key]`, the test split's loader) are cropped on the host, exactly as KeyedImageFolder's."""
 
     def __init__(self, folder, array: np.ndarray):
-        self.root, self.samples, self.targets, self.classes = folder.root, folder.samples, folder.targets, folder.classes
+        self.root, self.samples, self.targets = folder.root, folder.samples, folder.targets
+        self.classes = folder.classes
         self.train, self.size, self.crop, self.padding, self.seed = (folder.train, folder.size, folder.crop,
                                                                      folder.padding, folder.seed)
         self.path, self.array = array.filename, array
