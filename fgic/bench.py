@@ -99,7 +99,7 @@ def make_data(folder: Path, images: int, classes: int = 10) -> None:
             out = folder / split / f"class_{i % classes:02d}"
             out.mkdir(parents=True, exist_ok=True)
             tasks.append((str(out / f"{i:05d}.jpg"), len(tasks), i % classes))
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+    with ProcessPoolExecutor(max_workers=_cpus()) as pool:
         list(pool.map(_make_image, tasks, chunksize=32))
     print(f"fgic.bench: wrote {images} train and {len(tasks) - images} test JPEGs (500x375) to {folder}")
 
