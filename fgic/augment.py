@@ -40,12 +40,37 @@ def crop_flip(image: torch.Tensor, p: CropFlip, crop: int, padding: int) -> torc
     return F.horizontal_flip(out) if p.flip else out
 
 
+def crop_flip_batch(images: torch.Tensor, params: torch.Tensor, crop: int, padding: int) -> torch.Tensor:
+    """crop_flip of each image of a uint8 NCHW batch, on the batch's device, `params` holding (top, left, flip) rows.
+    A GPU does it in one gather; the CPU slices image by image (far faster there than a gather)."""
+    if images.device.type != "cpu":
+        return gather_crops(images, params, crop, padding)
+    return torch.stack([crop_flip(image, CropFlip(*p), crop, padding) for image, p in zip(images, params.tolist())])
+
+
+def gather_crops(images: torch.Tensor, params: torch.Tensor, crop: int, padding: int) -> torch.Tensor:
+    """crop_flip_batch as one pad and one gather. The result is NCHW with channels_last strides (what the
+    convolutions want on a GPU)."""
+    padded = torch.nn.functional.pad(images, (padding,) * 4) if padding else images
+    steps = torch.arange(crop, device=images.device)
+    top, left, flip = params.to(images.device, non_blocking=True).long().unbind(1)
+    rows = top[:, None] + steps
+    cols = left[:, None] + torch.where(flip[:, None].bool(), crop - 1 - steps, steps)
+    batch = torch.arange(len(images), device=images.device)[:, None, None]
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
 def center_crop(image: torch.Tensor, crop: int) -> torch.Tensor:
     return F.center_crop(image, [crop, crop])
 
 
 def normalize(batch: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW batch -> float, ImageNet-normalised, on the batch's own device (the host only moves bytes)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1) * 255
-    return (batch.float() - mean) / std
+    return batch.float().sub_(_per_channel(IMAGENET_MEAN, batch.device)).div_(_per_channel(IMAGENET_STD, batch.device))
+
+
+def _per_channel(values, device: torch.device) -> torch.Tensor:
+    """(1, 3, 1, 1) float32 tensor of values x 255, filled on the device itself: copying a tensor from pageable
+    host memory to a GPU waits for it, every batch."""
+    exact = (torch.tensor(values) * 255).tolist()  # float32 rounding, as a host tensor of them would hold
+    return torch.stack([torch.full((), v, device=device) for v in exact]).view(1, 3, 1, 1)

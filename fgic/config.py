@@ -58,6 +58,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="before training: fast (headers and end markers), full (decode every image) or off")
     g.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (with a count) "
                                                                   "instead of stopping")
+    g.add_argument("--cache", default="auto", choices=("auto", "on", "off"),
+                   help="decode and resize each split once into a memory-mapped file shared by the node's processes: "
+                        "auto (when it fits in memory), on or off (default auto)")
+    g.add_argument("--cache-dir", metavar="DIR", help="where the cache lives; node-local is best (default: $FGIC_CACHE "
+                                                      "or fgic-cache-UID in $TMPDIR or /tmp)")
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", help="any torchvision classification model (default resnet50)")
@@ -74,6 +79,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=float, help="label smoothing (default 0.1)")
     g.add_argument("-a", "--amp", default="off", help="mixed precision: off|fp16|bf16 (the seed's 0/1/2 are accepted)")
     g.add_argument("-s", "--seed", type=int, default=2020, help="seed of the weights, order and augmentation (default 2020)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps on a GPU)")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms and, on the CPU, the same BatchNorm code on 1 or N "
                         "processes (slower; for exact comparisons)")
 

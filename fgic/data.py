@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from fgic import augment, scan
+from fgic import augment, cache, scan
+from fgic.cacheload import CachedBatches, CachedImageFolder
 from fgic.errors import FgicError
 from fgic.samplers import ShardSampler, TrainSampler
 
@@ -94,6 +96,11 @@ class KeyedImageFolder(ImageFolder):
             image = augment.center_crop(image, self.crop)
         return image, label
 
+    def to_device(self, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A loader batch -> (uint8 NCHW crops, labels) on `device`."""
+        images, labels = batch
+        return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
 
 def drop_bad_images(ds: ImageFolder, mode: str, skip: bool, workers: int) -> None:
     """Scan a split; bad files are an error naming them, or (with --skip-bad-images) left out with a count."""
@@ -118,7 +125,8 @@ def default_workers(local_world_size: int) -> int:
 
 
 def build(args, root: Path, world_size: int, rank: int, pin_memory: bool):
-    """(train_set, test_set, train_loader, test_loader) for this process; the loaders' batch is the per-process one."""
+    """(train_set, test_set, train_loader, test_loader) for this process; the loaders' batch is the per-process one.
+    With the cache on (--cache), the datasets read the node's decoded-image cache, built first if needed."""
     train_set = KeyedImageFolder(root / "train", True, args.resize, args.crop, args.padding, args.seed)
     test_set = KeyedImageFolder(root / "test", False, args.resize, args.crop, args.padding, args.seed)
     for split in (train_set, test_set):
@@ -126,13 +134,31 @@ def build(args, root: Path, world_size: int, rank: int, pin_memory: bool):
     if len(train_set) < args.batch_size:
         raise FgicError(f"-b/--batch-size {args.batch_size} is larger than the {len(train_set)} training images "
                         f"in {root / 'train'}; use a smaller batch")
+    train_set, test_set = use_cache(args, root, (train_set, test_set), say=rank == 0)
     per_process = args.batch_size // world_size
     opts = dict(num_workers=args.workers, pin_memory=pin_memory, persistent_workers=args.workers > 0)
-    train_loader = DataLoader(train_set, batch_size=per_process, drop_last=True,
-                              sampler=TrainSampler(len(train_set), world_size, rank, args.seed), **opts)
+    sampler = TrainSampler(len(train_set), world_size, rank, args.seed)
+    if isinstance(train_set, CachedImageFolder):  # whole batches gathered from the memory map by threads
+        train_loader = CachedBatches(train_set, sampler, per_process, threads=max(args.workers, 1), pin=pin_memory)
+    else:
+        train_loader = DataLoader(train_set, batch_size=per_process, drop_last=True, sampler=sampler, **opts)
     test_loader = DataLoader(test_set, batch_size=per_process, sampler=ShardSampler(len(test_set), world_size, rank),
                              **opts)
     return train_set, test_set, train_loader, test_loader
+
+
+def use_cache(args, root: Path, splits: tuple, say: bool = True) -> tuple:
+    """The splits served from the cache when --cache decides so (one line on stderr says why), else unchanged."""
+    folder = Path(args.cache_dir) if args.cache_dir else cache.default_dir()
+    need = sum(cache.nbytes(len(s), args.resize) for s in splits)
+    on, why = cache.decide(args.cache, need, folder)
+    if say:
+        print(f"fgic: {why}", file=sys.stderr, flush=True)
+    if not on:
+        return splits
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return tuple(CachedImageFolder(s, cache.ensure(folder, root, name, s.samples, args.resize, workers=cpus))
+                 for s, name in zip(splits, SPLITS))
 
 
 def check_batch(batch_size: int, world_size: int) -> int:

@@ -72,11 +72,13 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
     # Model: same seed on every rank gives the same initial weights (DDP broadcasts rank 0's anyway).
     model = d.agree(lambda: models.build(args.arch, len(classes), args.weights))
     model = models.sync_batchnorm(model, d.device, d.distributed, same_code=args.deterministic).to(d.device)
+    if d.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        engine.check_amp(args.amp, d.device)
     train_set, test_set, train_loader, test_loader = data.build(args, root, d.world_size, d.rank,
                                                                 pin_memory=d.device.type == "cuda")
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = engine.sgd(model, d.device, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     scaler = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
     log = RunLog(run_dir, d.is_main, tensorboard=args.tensorboard)
@@ -105,6 +107,8 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
     log.start(cfg, progress.epoch)
     ddp_model = (DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
                  if d.distributed else model)
+    if args.compile:
+        ddp_model = torch.compile(ddp_model)
     every = 1 if d.device.type == "cpu" else STOP_CHECK_EVERY
 
     def save(prog: checkpoint.Progress) -> None:

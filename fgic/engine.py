@@ -11,20 +11,93 @@ from tqdm import tqdm
 
 from fgic.augment import normalize
 from fgic.dist import Dist
+from fgic.errors import FgicError
 from fgic.models import logits
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-POSTFIX_EVERY = 10  # steps between progress-bar loss updates (each one reads the device)
 
 
 def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp in AMP_DTYPES else nullcontext()
 
 
+def check_amp(amp: str, device: torch.device) -> None:
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise FgicError(f"-a/--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use -a fp16")
+
+
+def sgd(model: nn.Module, device: torch.device, **opts) -> torch.optim.SGD:
+    """SGD with momentum; on a GPU its fused kernel (torch >= 2.3 builds that have it), else the foreach one. The CPU
+    keeps torch's default per-parameter loop."""
+    if device.type == "cuda":
+        try:
+            return torch.optim.SGD(model.parameters(), fused=True, **opts)
+        except (TypeError, RuntimeError):
+            return torch.optim.SGD(model.parameters(), foreach=True, **opts)
+    return torch.optim.SGD(model.parameters(), **opts)
+
+
 def progress(loader, dist: Dist, desc: str):
     """tqdm on rank 0 only; in a log file (not a terminal) it writes a line every 30 s instead of redrawing."""
     return tqdm(loader, desc=desc, disable=not dist.is_main, leave=False, dynamic_ncols=True,
                 mininterval=0.5 if sys.stderr.isatty() else 30)
+
+
+def inputs(loader, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch -> (normalised float images, labels) on the device: the dataset moves and crops it there (the
+    host moves uint8 bytes only); channels_last on a GPU."""
+    images, labels = loader.dataset.to_device(batch, device)
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # the CPU: as uncached
+    return normalize(images).contiguous(memory_format=layout), labels
+
+
+class DeviceBatches:
+    """A loader's batches as (normalised images, labels) on the device (see `inputs`). On a GPU the next batch is
+    copied, cropped and normalised on a side stream while the current one trains, so the step never waits for it."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.device.type != "cuda":
+            for batch in self.loader:
+                yield inputs(self.loader, batch, self.device)
+            return
+        side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+        pending = None
+        for batch in self.loader:
+            with torch.cuda.stream(side):
+                ready = inputs(self.loader, batch, self.device)
+                done = torch.cuda.Event()
+                done.record(side)
+            if pending is not None:
+                yield self._hand_over(pending, main)
+            pending = ready, done
+        if pending is not None:
+            yield self._hand_over(pending, main)
+
+    @staticmethod
+    def _hand_over(pending, main):
+        tensors, done = pending
+        main.wait_event(done)
+        for t in tensors:
+            t.record_stream(main)  # made on the side stream, used on the main one
+        return tensors
+
+
+def train_step(model: nn.Module, images, labels, optimizer, scaler, criterion, device: torch.device, amp: str):
+    """Forward, backward and optimizer step of one batch; returns (loss, logits), still on the device."""
+    with autocast(device, amp):
+        out = logits(model(images))
+        loss = criterion(out, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, out
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scaler, criterion, dist: Dist, amp: str, desc: str,
@@ -37,23 +110,19 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, criterion, dist
     model.train()
     device = dist.device
     local = torch.tensor(totals or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)  # loss sum, correct, images
-    images_before = local[2].item()
+    images_before = float(totals[2]) if totals else 0.0
     start = time.perf_counter()
-    bar = progress(loader, dist, desc)
+    bar = progress(DeviceBatches(loader, device), dist, desc)
     step = start_step
+    shown = start
     for step, (images, labels) in enumerate(bar, start=start_step + 1):
-        images = normalize(images.to(device, non_blocking=True))
-        labels = labels.to(device, non_blocking=True)
-        with autocast(device, amp):
-            out = logits(model(images))
-            loss = criterion(out, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        local += torch.stack([loss.detach().double() * len(labels), (out.argmax(1) == labels).sum().double(),
-                              torch.tensor(len(labels), dtype=torch.float64, device=device)])
-        if dist.is_main and step % POSTFIX_EVERY == 0:
+        loss, out = train_step(model, images, labels, optimizer, scaler, criterion, device, amp)
+        n = len(labels)  # no host sync in the step: the totals stay on the device until read
+        local[0] += loss.detach().double() * n
+        local[1] += (out.argmax(1) == labels).sum()
+        local[2] += n
+        if dist.is_main and time.perf_counter() - shown >= bar.mininterval:  # when the bar redraws, not every step
+            shown = time.perf_counter()
             bar.set_postfix(loss=f"{local[0].item() / max(local[2].item(), 1):.3f}", refresh=False)
         if stop is not None and step < start_step + len(loader) and stop(step):
             bar.close()
@@ -76,9 +145,7 @@ def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_clas
     k = min(5, num_classes)
     totals = torch.zeros(3 + 2 * num_classes, dtype=torch.float64, device=device)
     # loss sum, top-1 correct, top-k correct, then per-class correct and per-class total
-    for images, labels in progress(loader, dist, desc):
-        images = normalize(images.to(device, non_blocking=True))
-        labels = labels.to(device, non_blocking=True)
+    for images, labels in progress(DeviceBatches(loader, device), dist, desc):
         with autocast(device, amp):
             out = logits(model(images))
         loss = nn.functional.cross_entropy(out.float(), labels, reduction="sum",

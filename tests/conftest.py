@@ -46,6 +46,14 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "tiny")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Path:
+    """The tests' decoded-image caches (fgic.cache) go to a temporary folder, not the user's."""
+    folder = tmp_path_factory.mktemp("fgic-cache")
+    os.environ["FGIC_CACHE"] = str(folder)
+    return folder
+
+
 def fgic_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_",
                                                                       "SLURM_", "TORCHELASTIC"))}

@@ -99,9 +99,15 @@ def test_report_reads_real_run_folders(runs, tmp_path):
     assert "Unfinished" not in text
 
 
-def test_loader_workers_do_not_change_the_result(tiny_data, runs, tmp_path):
-    res = run_fgic(["-d", str(tiny_data), *tiny_args(workers=2), "--output-dir", str(tmp_path)])
+@pytest.mark.parametrize("workers,cache", [(2, "auto"), (0, "off")])
+def test_loader_workers_and_the_cache_do_not_change_the_result(tiny_data, runs, tmp_path, workers, cache):
+    """The reference runs read the decoded-image cache (--cache auto decides on for tiny data); without it, the
+    uncached loader must give the same weights bit for bit."""
+    assert "fgic: cache on: " in runs[1][1].stderr and "fgic: cache on: " in runs[2][1].stderr
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(workers=workers), "--cache", cache, "--output-dir",
+                    str(tmp_path)])
     assert res.returncode == 0, res.stderr
+    assert f"fgic: cache {'on' if cache == 'auto' else 'off'}" in res.stderr
     ref = weights(runs[1][0])
     assert all(torch.equal(v, ref[k]) for k, v in weights(tmp_path).items())
 

@@ -1,0 +1,358 @@
+"""Throughput benchmarks: the host-side loader (the recipe's PIL pipeline beside fgic's cache) and training images/s.
+
+  python -m fgic.bench loader --make-data DIR --images 1024      a dataset of 500x375 JPEGs to measure on
+  python -m fgic.bench loader -d DIR [-w N] [--json FILE]         images/s each pipeline hands to the device
+  python -m fgic.bench train --synthetic|-d DIR [--pipeline fgic|original] [--arch resnet50 --crop 448 --amp bf16
+                             -b 128 --steps N] [--json FILE]      training images/s and the share of the FLOP ceiling
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fgic import augment, data, engine, models
+from fgic.errors import FgicError, run_cli
+
+# Dense bf16/fp16 tensor-core peaks from the vendors' spec sheets, TFLOP/s, by a substring of the device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
+               "A800": 312.0, "L40S": 362.0, "A40": 150.0, "A10": 125.0, "V100": 125.0}
+RECIPE = {"resize": 512, "crop": 448, "padding": 8}
+
+
+def recipe_loader(root: Path, resize: int, crop: int, padding: int, batch: int, workers: int, pin: bool):
+    """The recipe's original pipeline: ImageFolder + PIL transforms producing normalised float batches."""
+    from torchvision import datasets, transforms as T  # noqa: PLC0415
+    tf = T.Compose([T.Resize((resize, resize)), T.RandomCrop(crop, padding=padding), T.RandomHorizontalFlip(),
+                    T.ToTensor(), T.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)])
+    ds = datasets.ImageFolder(str(root / "train"), tf)
+    if len(ds) < batch:
+        raise FgicError(f"-b/--batch-size {batch}: {root / 'train'} has only {len(ds)} images")
+    return DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, pin_memory=pin,
+                      persistent_workers=workers > 0)
+
+
+def fgic_loader(root: Path, resize: int, crop: int, padding: int, batch: int, workers: int, pin: bool,
+                cache_dir: str | None):
+    """fgic's training loader reading the decoded-image cache (built and paged in here, before any timing)."""
+    args = argparse.Namespace(resize=resize, crop=crop, padding=padding, seed=0, check_images="fast",
+                              skip_bad_images=False, workers=workers, batch_size=batch, cache="on", cache_dir=cache_dir)
+    loader = data.build(args, root, 1, 0, pin_memory=pin)[2]
+    int(np.asarray(loader.dataset.rows()).reshape(-1)[::4096].sum())  # map every page now, not while timing
+    return loader
+
+
+def endless(loader):
+    """Batches across epochs, as training sees them."""
+    for epoch in itertools.count():
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        yield from loader
+
+
+def images_per_second(loader, batches: int, warmup: int) -> float:
+    it = endless(loader)
+    for _ in range(warmup):
+        next(it)
+    start, count = time.perf_counter(), 0
+    for _ in range(batches):
+        count += len(next(it)[1])
+    seconds = time.perf_counter() - start
+    del it
+    gc.collect()
+    return count / seconds
+
+
+# ----------------------------------------------------------------------------------------------------- loader
+
+
+def _make_image(task) -> None:
+    path, seed, label = task
+    from PIL import Image  # noqa: PLC0415
+    rng = np.random.default_rng(seed)
+    h, w = 375, 500
+    coarse = rng.uniform(30, 220, (6, 8, 3)).astype(np.uint8)  # smooth photo-like colour field
+    field = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+    y, x = np.mgrid[:h, :w]
+    cy, cx = rng.uniform(100, 275), rng.uniform(120, 380)
+    blob = ((y - cy) / rng.uniform(40, 120)) ** 2 + ((x - cx) / rng.uniform(50, 150)) ** 2 < 1  # "the bird"
+    field[blob] = field[blob] * 0.4 + np.array([(label * 37) % 255, (label * 91) % 255, (label * 53) % 255]) * 0.6
+    field += rng.normal(0, 6, field.shape)  # sensor noise and texture: JPEGs of realistic size
+    Image.fromarray(field.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def make_data(folder: Path, images: int, classes: int = 10) -> None:
+    """`images` training and images/8 test JPEGs of 500x375 (CUB's typical size), in ImageFolder layout."""
+    tasks = []
+    for split, count in (("train", images), ("test", max(classes, images // 8))):
+        for i in range(count):
+            out = folder / split / f"class_{i % classes:02d}"
+            out.mkdir(parents=True, exist_ok=True)
+            tasks.append((str(out / f"{i:05d}.jpg"), len(tasks), i % classes))
+    with ProcessPoolExecutor(max_workers=_cpus()) as pool:
+        list(pool.map(_make_image, tasks, chunksize=32))
+    print(f"fgic.bench: wrote {images} train and {len(tasks) - images} test JPEGs (500x375) to {folder}")
+
+
+def loader_cmd(a) -> dict:
+    if a.make_data:
+        make_data(Path(a.make_data), a.images)
+        return {}
+    root = _data_root(a.data)
+    pin = torch.cuda.is_available()
+    t0 = time.perf_counter()
+    ours = fgic_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin, a.cache_dir)
+    cache_seconds = time.perf_counter() - t0
+    base = recipe_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin)
+    base_rate = images_per_second(base, a.batches, a.warmup)
+    del base
+    gc.collect()
+    ours_rate = images_per_second(ours, a.batches, a.warmup)
+    # What the device then does with fgic's batch, timed here on the CPU for orientation (on a GPU it is far less).
+    batch = next(iter(ours))
+    start = time.perf_counter()
+    for _ in range(3):
+        x, _ = ours.dataset.to_device(batch, torch.device("cpu"))
+        augment.normalize(x)
+    cpu_prep = 3 * len(batch[1]) / (time.perf_counter() - start)
+    result = {"baseline_images_per_second": base_rate, "fgic_images_per_second": ours_rate,
+              "ratio": ours_rate / base_rate, "workers": a.workers, "batch_size": a.batch_size,
+              "batches_timed": a.batches, "warmup_batches": a.warmup, "resize": a.resize, "crop": a.crop,
+              "images": len(ours.dataset), "cache_ready_seconds": cache_seconds,
+              "fgic_device_work_on_this_cpu_images_per_second": cpu_prep, "cpus": _cpus(), "pin_memory": pin}
+    print(f"host-side loader throughput, {a.workers} workers, batch {a.batch_size}, {a.batches} batches timed after "
+          f"{a.warmup} warm-up batches; the cache was ready before timing ({cache_seconds:.1f} s to build or open)")
+    _table([("original: ImageFolder + PIL Resize/RandomCrop/Flip/ToTensor/Normalize -> float", base_rate),
+            ("fgic: uint8 resized images gathered from the cache + crop/flip draws", ours_rate)])
+    print(f"ratio fgic / original: {ours_rate / base_rate:.1f}x   (fgic's crop, flip and normalize then run on the "
+          f"device; on this CPU they would take {cpu_prep:.0f} img/s)")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ train
+
+
+def train_cmd(a) -> dict:
+    if a.synthetic == bool(a.data):
+        raise FgicError("train: give -d PATH (real data) or --synthetic, one of them")
+    if a.synthetic and a.pipeline == "original":
+        raise FgicError("--pipeline original needs -d PATH (it reads JPEGs)")
+    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    models.check_arch(a.arch)
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True
+    root = _data_root(a.data) if a.data else None
+    classes = len(data.check_layout(root)) if root else a.num_classes
+    model = models.build(a.arch, classes, "none").to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        engine.check_amp(a.amp, device)
+    optimizer = engine.sgd(model, device, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=a.amp == "fp16")
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    step_model = torch.compile(model) if a.compile else model
+    pin = device.type == "cuda"
+
+    if a.synthetic:
+        x = augment.normalize(torch.randint(0, 256, (a.batch_size, 3, a.crop, a.crop), dtype=torch.uint8,
+                                            device=device))
+        batch = (x.contiguous(memory_format=torch.channels_last) if pin else x,
+                 torch.randint(0, classes, (a.batch_size,), device=device))
+        source = itertools.repeat(batch)
+        what = "synthetic batch already on the device"
+    elif a.pipeline == "fgic":
+        loader = fgic_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin, a.cache_dir)
+        source = _endless_device(loader, device)
+        what = f"fgic: the cache -> {a.workers} workers -> crop/flip/normalize on the {device.type}"
+    else:
+        loader = recipe_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin)
+        source = ((x.to(device, non_blocking=True).contiguous(
+            memory_format=torch.channels_last if pin else torch.contiguous_format), y.to(device, non_blocking=True))
+            for x, y in endless(loader))
+        what = f"original: ImageFolder + PIL transforms, {a.workers} workers, float batches copied to the device"
+
+    flops = step_flops(model, a, device, criterion)
+    for _ in range(a.warmup):
+        images, labels = next(source)
+        engine.train_step(step_model, images, labels, optimizer, scaler, criterion, device, a.amp)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(a.steps):
+        images, labels = next(source)
+        loss, _ = engine.train_step(step_model, images, labels, optimizer, scaler, criterion, device, a.amp)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    rate = a.steps * a.batch_size / seconds
+    peak, peak_from = _peak(a, device)
+    achieved = flops * a.steps / seconds
+    result = {"images_per_second": rate, "step_ms": 1000 * seconds / a.steps, "source": "synthetic" if a.synthetic
+              else a.pipeline, "arch": a.arch, "crop": a.crop, "amp": a.amp, "batch_size": a.batch_size,
+              "steps_timed": a.steps, "warmup_steps": a.warmup, "workers": a.workers, "compile": a.compile,
+              "device": _device_name(device), "step_flops": flops, "achieved_tflops": achieved / 1e12,
+              "peak_tflops": peak, "peak_from": peak_from,
+              "fraction_of_peak": achieved / (peak * 1e12) if peak else None,
+              "loss_is_finite": bool(torch.isfinite(loss).item()), "torch": torch.__version__}
+    if not a.synthetic and a.pipeline == "fgic":
+        result.update(prep_cost(loader, device, seconds / a.steps))
+    print(f"training throughput on {result['device']}: {a.arch} at {a.crop} px, amp {a.amp}, batch {a.batch_size}, "
+          f"{a.steps} steps timed after {a.warmup} warm-up steps")
+    print(f"data: {what}")
+    _table([("training (forward + backward + SGD)", rate)])
+    frac = f"{100 * result['fraction_of_peak']:.1f}% of the {peak:g} TFLOP/s ceiling ({peak_from})" if peak else \
+        "no FLOP ceiling known for this device (--peak-tflops sets one)"
+    print(f"model FLOPs per step {flops / 1e12:.2f} TFLOP (counted), achieved {achieved / 1e12:.1f} TFLOP/s = {frac}")
+    if "prep_ms_per_batch" in result:
+        print(f"crop/flip/normalize on the {device.type}: {result['prep_ms_per_batch']:.2f} ms per batch = "
+              f"{100 * result['prep_fraction_of_step']:.2f}% of a step")
+    return result
+
+
+def _endless_device(loader, device):
+    for epoch in itertools.count():
+        loader.sampler.set_epoch(epoch)
+        yield from engine.DeviceBatches(loader, device)
+
+
+def step_flops(model, a, device, criterion) -> float:
+    """FLOPs of one training step (forward + backward), counted by torch's FlopCounterMode on a copy of the model."""
+    import copy  # noqa: PLC0415
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+    probe = copy.deepcopy(model)
+    x = torch.zeros((a.batch_size, 3, a.crop, a.crop), device=device)
+    y = torch.zeros(a.batch_size, dtype=torch.long, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, engine.autocast(device, a.amp):
+        criterion(models.logits(probe(x)), y).backward()
+    del probe
+    return float(counter.get_total_flops())
+
+
+def prep_cost(loader, device, step_seconds: float) -> dict:
+    """Device time of crop/flip/normalize per batch (from batches already on the device), and its share of a step."""
+    batches = [tuple(t.to(device) for t in b) for b, _ in zip(loader, range(3))]
+    ds = loader.dataset
+
+    def prep(b):
+        x = augment.crop_flip_batch(b[0], b[2], ds.crop, ds.padding)
+        return augment.normalize(x).contiguous(memory_format=torch.channels_last if device.type == "cuda"
+                                               else torch.contiguous_format)
+    for b in batches:
+        prep(b)
+    _sync(device)
+    reps = 10
+    start = time.perf_counter()
+    for _ in range(reps):
+        for b in batches:
+            prep(b)
+    _sync(device)
+    ms = 1000 * (time.perf_counter() - start) / (reps * len(batches))
+    return {"prep_ms_per_batch": ms, "prep_fraction_of_step": ms / 1000 / step_seconds}
+
+
+def _peak(a, device) -> tuple[float | None, str]:
+    if a.peak_tflops:
+        return a.peak_tflops, "--peak-tflops"
+    if device.type != "cuda" or a.amp == "off":
+        return None, "none"
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value, f"{key} dense 16-bit spec"
+    return None, "none"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({_cpus()} cores)"
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _data_root(path: str | None) -> Path:
+    if not path:
+        raise FgicError("-d PATH is required (a folder with train/ and test/; --make-data DIR writes one)")
+    root = Path(path)
+    if not root.is_dir():
+        raise FgicError(f"-d {path}: no such folder (python -m fgic.bench loader --make-data {path} writes one)")
+    data.check_layout(root)
+    return root
+
+
+def _table(rows) -> None:
+    width = max(len(r[0]) for r in rows)
+    print(f"{'pipeline':<{width}}  {'images/s':>10}")
+    for name, rate in rows:
+        print(f"{name:<{width}}  {rate:>10.0f}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("fgic.bench", description="Throughput benchmarks of fgic (see BENCHMARKS.md).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-d", "--data", metavar="PATH", help="a dataset folder with train/ and test/")
+    common.add_argument("-w", "--workers", type=int, default=data.default_workers(1),
+                        help="loader workers (default: from the CPUs, at most 8)")
+    common.add_argument("--resize", type=int, default=RECIPE["resize"], help="resize to N x N (default 512)")
+    common.add_argument("--crop", type=int, default=RECIPE["crop"], help="crop size (default 448)")
+    common.add_argument("--padding", type=int, default=RECIPE["padding"], help="padding before the crop (default 8)")
+    common.add_argument("--cache-dir", help="where fgic's cache lives (default as in fgic.ddp)")
+    common.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    lo = sub.add_parser("loader", parents=[common], help="host-side images/s: the recipe's pipeline beside fgic's")
+    lo.add_argument("-b", "--batch-size", type=int, default=64, help="batch (default 64, the recipe's)")
+    lo.add_argument("--batches", type=int, default=40, help="batches timed (default 40)")
+    lo.add_argument("--warmup", type=int, default=5, help="batches before timing (default 5)")
+    lo.add_argument("--make-data", metavar="DIR", help="write a dataset of 500x375 JPEGs to DIR and stop")
+    lo.add_argument("--images", type=int, default=1024, help="with --make-data: training images (default 1024)")
+    tr = sub.add_parser("train", parents=[common], help="training images/s and the share of the FLOP ceiling")
+    tr.add_argument("--synthetic", action="store_true", help="one random batch kept on the device (no loader)")
+    tr.add_argument("--pipeline", choices=("fgic", "original"), default="fgic", help="with -d: which loader feeds")
+    tr.add_argument("--arch", default="resnet50", help="torchvision model (default resnet50)")
+    tr.add_argument("-a", "--amp", default="bf16", choices=("off", "fp16", "bf16"), help="autocast (default bf16)")
+    tr.add_argument("-b", "--batch-size", type=int, default=128, help="batch (default 128)")
+    tr.add_argument("--steps", type=int, default=30, help="steps timed (default 30)")
+    tr.add_argument("--warmup", type=int, default=10, help="steps before timing (default 10)")
+    tr.add_argument("--num-classes", type=int, default=200, help="with --synthetic (default 200, CUB's)")
+    tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+    tr.add_argument("--peak-tflops", type=float, help="the device's 16-bit ceiling (default: a table by GPU name)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = get_parser().parse_args(argv)
+    for flag in ("workers", "batch_size", "batches", "warmup", "steps", "images"):
+        value = getattr(a, flag, None)
+        if value is not None and value < (0 if flag in ("workers", "warmup") else 1):
+            raise FgicError(f"--{flag.replace('_', '-')} {value}: too small")
+    if a.crop > a.resize + 2 * a.padding:
+        raise FgicError(f"--crop {a.crop} is larger than --resize {a.resize} plus twice --padding {a.padding}")
+    result = loader_cmd(a) if a.cmd == "loader" else train_cmd(a)
+    if a.json and result:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"fgic.bench: wrote {a.json}")
+    return 0
+
+
+def cli() -> None:
+    run_cli(main, "fgic.bench")
+
+
+if __name__ == "__main__":
+    cli()

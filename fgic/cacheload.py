@@ -1,0 +1,132 @@
+"""Reading the decoded-image cache: a dataset over it and a loader that gathers whole training batches with threads."""
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from fgic import augment
+
+
+class CachedImageFolder(torch.utils.data.Dataset):
+    """A KeyedImageFolder's samples served from the decoded-image cache (fgic.cache), with the same items.
+
+    Training batches come from CachedBatches: the resized uint8 images, the labels and each sample's (top, left, flip)
+    from augment.sample_params; `to_device` crops and flips them where the batch trains (one gather on a GPU).
+    Items (`dataset[key]`, the test split's loader) are cropped on the host, exactly as KeyedImageFolder's."""
+
+    def __init__(self, folder, array: np.ndarray):
+        self.root, self.samples, self.targets = folder.root, folder.samples, folder.targets
+        self.classes = folder.classes
+        self.train, self.size, self.crop, self.padding, self.seed = (folder.train, folder.size, folder.crop,
+                                                                     folder.padding, folder.seed)
+        self.path, self.array = array.filename, array
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getstate__(self):  # loader workers map the file themselves; the pages are never pickled
+        return {**self.__dict__, "array": None}
+
+    def rows(self) -> np.ndarray:
+        if self.array is None:
+            self.array = np.load(self.path, mmap_mode="r")
+        return self.array
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        image = torch.from_numpy(np.array(self.rows()[index]))
+        if self.train:
+            params = augment.sample_params(self.seed, epoch, index, self.size, self.crop, self.padding)
+            return augment.crop_flip(image, params, self.crop, self.padding), self.samples[index][1]
+        return augment.center_crop(image, self.crop), self.samples[index][1]
+
+    def params(self, keys) -> torch.Tensor:
+        """(top, left, flip) of each (epoch, index) key, as an int16 (B, 3) tensor."""
+        return torch.tensor([augment.sample_params(self.seed, e, i, self.size, self.crop, self.padding)
+                             for e, i in keys], dtype=torch.int16)
+
+    def to_device(self, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A loader batch -> (uint8 NCHW crops, labels) on `device`: training batches are cropped and flipped there."""
+        if len(batch) == 2:  # test items, cropped already
+            images, labels = batch
+            return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels, params = batch
+        images = augment.crop_flip_batch(images.to(device, non_blocking=True), params.to(device, non_blocking=True),
+                                         self.crop, self.padding)
+        return images, labels.to(device, non_blocking=True)
+
+
+class CachedBatches:
+    """Training batches (uint8 resized images, labels, crop/flip params) gathered whole from the cache's memory map
+    by `threads` threads (numpy copies release the GIL), `depth` batches ahead of the consumer: no worker
+    processes, no per-item collation, and one host copy per image. In place of a DataLoader: it has `dataset`,
+    `sampler` (a TrainSampler; its set_epoch applies) and len().
+
+    With `pin` (training on a GPU) each batch lives in pinned memory from torch's caching host allocator, which
+    hands a block out again only once the copies from it have finished. Without it, the batches cycle through
+    depth + 2 buffers: a batch stays valid until the consumer has taken the next one (fgic crops it at once)."""
+
+    def __init__(self, dataset: CachedImageFolder, sampler, batch_size: int, threads: int, pin: bool, depth: int = 3):
+        self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
+        self.threads, self.pin, self.depth = max(1, threads), pin, depth
+        self._ring: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        keys = list(self.sampler)
+        chunks = [keys[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size)]
+        ready: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._produce, args=(chunks, ready, stop), daemon=True,
+                                    name="fgic-cache-batches")
+        producer.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while producer.is_alive():  # unblock a producer waiting for room, then let it see `stop`
+                try:
+                    ready.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            producer.join()
+
+    def _produce(self, chunks, ready: queue.Queue, stop: threading.Event) -> None:
+        try:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="fgic-gather") as pool:
+                for n, chunk in enumerate(chunks):
+                    if stop.is_set():
+                        return
+                    ready.put(self._gather(chunk, self._buffer(n), pool))
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put(exc)
+            return
+        ready.put(None)
+
+    def _buffer(self, n: int) -> torch.Tensor:
+        shape = (self.batch_size, 3, self.dataset.size, self.dataset.size)
+        if self.pin:
+            return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        if len(self._ring) < self.depth + 2:
+            self._ring.append(torch.empty(shape, dtype=torch.uint8))
+        return self._ring[n % (self.depth + 2)]
+
+    def _gather(self, keys, images: torch.Tensor, pool: ThreadPoolExecutor):
+        rows, out = self.dataset.rows(), images.numpy()
+        index = [i for _, i in keys]
+
+        def copy(part: range) -> None:
+            for j in part:
+                out[j] = rows[index[j]]
+        list(pool.map(copy, [range(t, len(index), self.threads) for t in range(self.threads)]))
+        labels, params = torch.tensor([self.dataset.samples[i][1] for i in index]), self.dataset.params(keys)
+        return (images, labels.pin_memory(), params.pin_memory()) if self.pin else (images, labels, params)
