@@ -26,7 +26,7 @@ DEMO = {
     "arch": "resnet18",
     "weights": "none",
     "batch_size": 32,
-    "epochs": 12,
+    "epochs": 8,
     "resize": 72,
     "crop": 64,
     "padding": 4,
