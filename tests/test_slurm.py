@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slurm
 TRAIN, SWEEP = str(REPO / "slurm" / "train.sbatch"), str(REPO / "slurm" / "sweep.sh")
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the templates ask for GPUs; these jobs train on the CPU
 RUN = "resnet18-off-s2020"  # tiny_args()'s run name
-LONG = dict(epochs=10)  # the preempted runs: with FGIC_TEST_STEP_SLEEP_S=2, 5 s or more an epoch on any machine
+LONG = dict(epochs=12)  # the preempted runs: with FGIC_TEST_STEP_SLEEP_S=2, 4 s or more an epoch on any machine,
+# so the time-limit warning (at most 30 s after the limit is cut, after epoch 1) lands mid-training
 WAIT_S = 600
 
 
