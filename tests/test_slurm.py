@@ -52,9 +52,12 @@ class Lab:
         return out
 
     def job_id(self, name: str) -> str:
-        """The job id of an `sbatch --wait` still running (its first line)."""
-        line = self.procs[name].stdout.readline()
-        return re.search(r"Submitted batch job (\d+)", line).group(1)
+        """The job id of a submission still waiting for its job: sbatch's or launch.submitit's line saying it."""
+        for line in self.procs[name].stdout:
+            found = re.search(r"Submitted batch job (\d+)|submitted 1 job\(s\) to slurm: (\S+)", line)
+            if found:
+                return found.group(1) or found.group(2)
+        raise AssertionError(f"{name}: no job was submitted")
 
 
 class Driver(threading.Thread):
@@ -88,8 +91,8 @@ def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm")
     alpha = make_dataset(root / "data" / "alpha", test_counts=(6, 6, 6))
     beta = make_dataset(root / "data" / "beta", test_counts=(6, 6, 6), seed=1)
-    name = f"fgic-test-{os.getpid()}"
-    env = fgic_env(PYTHON=sys.executable, SBATCH_JOB_NAME=name)
+    job_name = f"fgic-test-{os.getpid()}"
+    env = fgic_env(PYTHON=sys.executable, SBATCH_JOB_NAME=job_name)
 
     def start(cmd, **extra):
         return subprocess.Popen([str(c) for c in cmd], cwd=root, env={**env, **extra}, text=True,
@@ -108,16 +111,20 @@ def lab(tmp_path_factory):
                           "--output-dir", root / "scancel"], **slow),
         "timelimit": start(["sbatch", "--wait", *CPU_JOB, "--time=10", "--signal=USR2@60", TRAIN, "-d", alpha,
                             *tiny_args(**LONG), "--output-dir", root / "timelimit"], **slow),
+        "submitit_preempted": start([sys.executable, "-m", "launch.submitit", "--datasets", alpha, "--cluster", "slurm",
+                                     "--timeout", "10", "--wait", *tiny_args(**LONG),
+                                     "--output-dir", root / "submitit_preempted"], PYTHONPATH=str(REPO), **slow),
         "reference": start([sys.executable, "-m", "fgic.ddp", "-d", alpha, *tiny_args(**LONG),
                             "--output-dir", root / "reference"]),
     }
     lab = Lab(root, alpha, procs)
-    for name, action in (("scancel", preempt_by_scancel), ("timelimit", preempt_by_time_limit)):
+    for name, action in (("scancel", preempt_by_scancel), ("timelimit", preempt_by_time_limit),
+                         ("submitit_preempted", preempt_by_scancel)):
         lab.jobs[name] = lab.job_id(name)
         lab.drivers[name] = Driver(action, lab, name)
         lab.drivers[name].start()
     yield lab
-    subprocess.run(["scancel", f"--name={name}"], capture_output=True)
+    subprocess.run(["scancel", f"--name={job_name}"], capture_output=True)
     for proc in procs.values():
         if proc.poll() is None:
             proc.kill()
@@ -212,4 +219,16 @@ def test_preempted_job_requeues_and_ends_as_an_uninterrupted_run(lab, name):
     assert lab.procs[name].returncode == 0
     log = (lab.root / f"fgic-{lab.jobs[name]}.out").read_text()
     assert "fgic: stopped by SIGUSR2" in log and "requeued Slurm job" in log and "(restart 1)" in log, log
+    same_result(lab.root / name / "alpha" / RUN, reference(lab))
+
+
+def test_submitit_job_preempted_requeues_and_ends_as_an_uninterrupted_run(lab):
+    """fgic checkpoints the step on USR2, then hands over to submitit's own handler, which requeues the job."""
+    name = "submitit_preempted"
+    lab.drivers[name].check()
+    out = lab.finish(name)
+    assert lab.procs[name].returncode == 0 and ": done" in out, out
+    logs = lab.root / name / "submitit" / lab.jobs[name]
+    err, log = ((logs / f"{lab.jobs[name]}_0_log.{x}").read_text() for x in ("err", "out"))
+    assert "fgic: stopped by SIGUSR2" in err and "Requeued job" in log and "fgic: resuming" in log + err, err
     same_result(lab.root / name / "alpha" / RUN, reference(lab))
