@@ -11,7 +11,6 @@ import argparse
 import gc
 import itertools
 import json
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -99,7 +98,7 @@ def make_data(folder: Path, images: int, classes: int = 10) -> None:
             out = folder / split / f"class_{i % classes:02d}"
             out.mkdir(parents=True, exist_ok=True)
             tasks.append((str(out / f"{i:05d}.jpg"), len(tasks), i % classes))
-    with ProcessPoolExecutor(max_workers=_cpus()) as pool:
+    with ProcessPoolExecutor(max_workers=data.usable_cpus()) as pool:
         list(pool.map(_make_image, tasks, chunksize=32))
     print(f"fgic.bench: wrote {images} train and {len(tasks) - images} test JPEGs (500x375) to {folder}")
 
@@ -129,7 +128,7 @@ def loader_cmd(a) -> dict:
               "ratio": ours_rate / base_rate, "workers": a.workers, "batch_size": a.batch_size,
               "batches_timed": a.batches, "warmup_batches": a.warmup, "resize": a.resize, "crop": a.crop,
               "images": len(ours.dataset), "cache_ready_seconds": cache_seconds,
-              "fgic_device_work_on_this_cpu_images_per_second": cpu_prep, "cpus": _cpus(), "pin_memory": pin}
+              "fgic_device_work_on_this_cpu_images_per_second": cpu_prep, "cpus": data.usable_cpus(), "pin_memory": pin}
     print(f"host-side loader throughput, {a.workers} workers, batch {a.batch_size}, {a.batches} batches timed after "
           f"{a.warmup} warm-up batches; the cache was ready before timing ({cache_seconds:.1f} s to build or open)")
     _table([("original: ImageFolder + PIL Resize/RandomCrop/Flip/ToTensor/Normalize -> float", base_rate),
@@ -277,11 +276,7 @@ def _sync(device):
 
 
 def _device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({_cpus()} cores)"
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({data.usable_cpus()} cores)"
 
 
 def _data_root(path: str | None) -> Path:

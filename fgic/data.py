@@ -20,7 +20,8 @@ from fgic.samplers import ShardSampler, TrainSampler
 REGISTRY = ("cub", "aircraft", "cars", "demo")
 SPLITS = ("train", "test")
 # Where `python -m fgic.prepare NAME SRC` finds each registry dataset's official release (the hint in errors).
-RELEASES = {"cub": "/path/to/CUB_200_2011", "aircraft": "/path/to/fgvc-aircraft-2013b", "cars": "/path/to/stanford_cars"}
+RELEASES = {"cub": "/path/to/CUB_200_2011", "aircraft": "/path/to/fgvc-aircraft-2013b",
+            "cars": "/path/to/stanford_cars"}
 
 
 def resolve(data: str, data_root: str) -> tuple[str, Path]:
@@ -118,10 +119,14 @@ def drop_bad_images(ds: ImageFolder, mode: str, skip: bool, workers: int) -> Non
     print(f"fgic: notice: left out {len(bad)} bad image(s) of {ds.root} (--skip-bad-images)", file=sys.stderr)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use (its affinity mask, e.g. Slurm's allocation), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(local_world_size: int) -> int:
     """Loader workers per process: the CPUs this process may use, shared among the processes of the node, at most 8."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, cpus // max(1, local_world_size))
+    return min(8, usable_cpus() // max(1, local_world_size))
 
 
 def build(args, root: Path, world_size: int, rank: int, pin_memory: bool):
@@ -156,8 +161,7 @@ def use_cache(args, root: Path, splits: tuple, say: bool = True) -> tuple:
         print(f"fgic: {why}", file=sys.stderr, flush=True)
     if not on:
         return splits
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return tuple(CachedImageFolder(s, cache.ensure(folder, root, name, s.samples, args.resize, workers=cpus))
+    return tuple(CachedImageFolder(s, cache.ensure(folder, root, name, s.samples, args.resize, workers=usable_cpus()))
                  for s, name in zip(splits, SPLITS))
 
 

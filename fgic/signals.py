@@ -22,6 +22,8 @@ class StopRequest:
     def __init__(self):
         self.signum: int | None = None
         self._pid = os.getpid()  # forked loader workers inherit the handler; only this process speaks
+        # test hook: slow steps (agree runs after each one), so that a signal lands mid-training on any machine
+        self._test_step_sleep = float(os.environ.get("FGIC_TEST_STEP_SLEEP_S", 0))
 
     def install(self) -> "StopRequest":
         for sig in STOP_SIGNALS:
@@ -37,8 +39,8 @@ class StopRequest:
 
     def agree(self, reduce_max) -> bool:
         """Whether any rank got a stop signal (`reduce_max` is the ranks' max); afterwards every rank knows which."""
-        if os.environ.get("FGIC_TEST_STEP_SLEEP_S"):  # test hook: slow steps, so that a signal lands mid-training
-            time.sleep(float(os.environ["FGIC_TEST_STEP_SLEEP_S"]))
+        if self._test_step_sleep:
+            time.sleep(self._test_step_sleep)
         signum = reduce_max(self.signum or 0)
         if signum:
             self.signum = signum

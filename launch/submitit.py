@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import signal
 import sys
 from pathlib import Path
@@ -64,8 +65,8 @@ class Train(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # RANK, WORLD_SIZE, MASTER_ADDR... for torch.distributed, as torchrun would set them
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        usr_sig = signal.SIGUSR2
-        on_signal = signal.getsignal(usr_sig)  # submitit's: checkpoint(), then requeue on rank 0
+        usr_sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))  # submitit's choice
+        on_signal = signal.getsignal(usr_sig)  # submitit's handler: checkpoint(), then requeue on rank 0
         code = ddp.main(self.argv)  # installs fgic's handlers: it stops at a step boundary with a checkpoint
         if code == EXIT_PREEMPTED and callable(on_signal):
             on_signal(usr_sig, None)  # rank 0 requeues and exits here; the other ranks go on to return
