@@ -51,9 +51,10 @@ def key_of(samples: list[tuple[str, int]], resize: int) -> dict:
 
 
 def name_of(root: Path, split: str, key: dict) -> str:
+    """DATASET-SPLIT-RESIZEpx-WHERE-WHAT: the dataset folder's name, then hashes of its path and of the key."""
     where = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
     what = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{Path(root).resolve().parent.name}-{split}-{key['resize']}px-{where}-{what}"
+    return f"{Path(root).resolve().name}-{split}-{key['resize']}px-{where}-{what}"
 
 
 def nbytes(count: int, resize: int) -> int:

@@ -76,6 +76,7 @@ def test_half_written_cache_is_not_read(ds, tmp_path):
     arr = cache.ensure(folder, ds, "train", s, 36, workers=0, show=False)
     key = cache.key_of(s, 36)
     name = cache.name_of(ds, "train", key)
+    assert name.startswith(f"{ds.name}-train-36px-")  # named after the dataset folder, for people reading the folder
     (folder / f"{name}.json").unlink()  # killed after the array's rename, before its marker
     assert cache.open_array(folder, name, key) is None
     with open(folder / f"{name}.npy", "r+b") as f:  # and the array torn
