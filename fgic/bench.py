@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fgic import augment, data, engine, models
+from fgic.dist import pick_device
 from fgic.errors import FgicError, run_cli
 
 # Dense bf16/fp16 tensor-core peaks from the vendors' spec sheets, TFLOP/s, by a substring of the device name.
@@ -146,7 +147,7 @@ def train_cmd(a) -> dict:
         raise FgicError("train: give -d PATH (real data) or --synthetic, one of them")
     if a.synthetic and a.pipeline == "original":
         raise FgicError("--pipeline original needs -d PATH (it reads JPEGs)")
-    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(a.device, [], 0)
     models.check_arch(a.arch)
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True

@@ -75,8 +75,8 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
     if d.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         engine.check_amp(args.amp, d.device)
-    train_set, test_set, train_loader, test_loader = data.build(args, root, d.world_size, d.rank,
-                                                                pin_memory=d.device.type == "cuda")
+    train_set, test_set, train_loader, test_loader = d.agree(  # scan, cache: the slowest node is waited for
+        lambda: data.build(args, root, d.world_size, d.rank, pin_memory=d.device.type == "cuda"))
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = engine.sgd(model, d.device, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)

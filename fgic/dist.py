@@ -20,6 +20,11 @@ from fgic.errors import FgicError
 # peer is normally noticed sooner: torchrun stops the other workers at once, srun --kill-on-bad-exit=1 likewise,
 # and gloo sees the closed connection; this bounds the rest (a hung peer, NCCL). FGIC_COLLECTIVE_TIMEOUT_S changes it.
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("FGIC_COLLECTIVE_TIMEOUT_S", 120)))
+# Set-up steps wait for work that differs from node to node (a node building its decoded-image cache while another
+# found its own built, a scan on a slow file system, rank 0 writing a checkpoint): their collectives run in a process
+# group of their own (same backend) that waits this long, as long as a cache builder is waited for.
+# FGIC_SETUP_TIMEOUT_S changes it.
+SETUP_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("FGIC_SETUP_TIMEOUT_S", 3600)))
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ class Dist:
         self.launch, self.device = launch, device
         self.rank, self.world_size, self.local_rank = launch.rank, launch.world_size, launch.local_rank
         self.is_main = self.rank == 0
+        self.setup_group = None  # the patient process group of set-up steps (SETUP_TIMEOUT), made by start()
 
     @classmethod
     def start(cls, launch: Launch, device: torch.device) -> "Dist":
@@ -133,7 +139,10 @@ class Dist:
                 os.environ.setdefault("MASTER_PORT", str(launch.master_port))
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
                                     rank=launch.rank, world_size=launch.world_size, timeout=COLLECTIVE_TIMEOUT)
-        return cls(launch, device)
+        d = cls(launch, device)
+        if launch.world_size > 1:
+            d.setup_group = dist.new_group(timeout=SETUP_TIMEOUT)
+        return d
 
     @property
     def distributed(self) -> bool:
@@ -146,11 +155,13 @@ class Dist:
         return tensor
 
     def barrier(self) -> None:
+        """Wait for every process, as patiently as a set-up step (it follows rank 0's checkpoint write)."""
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=self.setup_group)
 
     def agree(self, fn):
-        """Run a set-up step on every process; if it fails on any, all of them raise (none waits for a dead peer)."""
+        """Run a set-up step on every process; if it fails on any, all of them raise (none waits for a dead peer).
+        The others wait for the slowest one up to SETUP_TIMEOUT, not the training collectives' shorter timeout."""
         error = None
         try:
             result = fn()
@@ -158,7 +169,7 @@ class Dist:
             error = exc
         if self.distributed:
             failed = torch.tensor([float(error is not None)], device=self.device)
-            dist.all_reduce(failed)
+            dist.all_reduce(failed, group=self.setup_group)
             if failed.item() and error is None:
                 raise FgicError("another process failed during set-up; its message is above")
         if error is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from fgic import bench
@@ -60,3 +61,6 @@ def test_bad_input_is_one_line(tmp_path):
         bench.main(["loader", "-d", str(tmp_path / "none")])
     with pytest.raises(FgicError, match="--crop 600 is larger"):
         bench.main(["loader", "-d", str(tmp_path), "--crop", "600"])
+    if not torch.cuda.is_available():
+        with pytest.raises(FgicError, match="--device cuda: no CUDA GPU"):
+            bench.main(["train", "--synthetic", "--device", "cuda"])

@@ -1,8 +1,12 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from fgic import dist
 from fgic.errors import FgicError
+from tests.conftest import REPO, fgic_env
 
 
 def test_single_process_by_default():
@@ -70,3 +74,32 @@ def test_several_gpus_on_a_workstation_relaunch_through_torchrun(monkeypatch):
     dist.relaunch_per_gpu([0, 2], ["-d", "cub", "-g", "0,2"])
     assert seen["cmd"][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                "-m", "fgic.ddp", "-d", "cub", "-g", "0,2"]
+
+
+LATE_PEER = """
+import sys, time, torch
+from fgic import dist
+d = dist.Dist.start(dist.detect(), torch.device("cpu"))
+late = (lambda: time.sleep(4)) if d.rank == 1 else (lambda: None)  # rank 1's set-up is slow (a cache build)
+if sys.argv[1] == "agree":
+    d.agree(late)
+else:
+    late()
+d.all_reduce_sum(torch.ones(1))  # a training collective: it waits FGIC_COLLECTIVE_TIMEOUT_S at most
+d.close()
+"""
+
+
+@pytest.mark.parametrize("how", ["agree", "plain"])
+def test_a_slow_set_up_step_is_waited_for_past_the_collective_timeout(tmp_path, how):
+    """Set-up steps (scan, cache build) that take one node longer than the others are waited for under agree();
+    the training collectives' short timeout would otherwise fail the job, as the plain run shows."""
+    script = tmp_path / "late.py"
+    script.write_text(LATE_PEER)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), how], cwd=REPO, env=fgic_env(FGIC_COLLECTIVE_TIMEOUT_S="1.5"),
+                         capture_output=True, text=True, timeout=120)
+    if how == "agree":
+        assert res.returncode == 0, res.stderr
+    else:
+        assert res.returncode != 0 and "imed out" in res.stderr, res.stderr
