@@ -68,6 +68,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Path, stop: StopRequest) -> int:
     say = print if d.is_main else (lambda *a, **k: None)
     seed_everything(args.seed, args.deterministic)
+    log = RunLog(run_dir, d.is_main, tensorboard=args.tensorboard)
+    d.agree(log.make_dir)  # an unwritable --output-dir is said before any set-up work
 
     # Model: same seed on every rank gives the same initial weights (DDP broadcasts rank 0's anyway).
     model = d.agree(lambda: models.build(args.arch, len(classes), args.weights))
@@ -81,7 +83,6 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
     optimizer = engine.sgd(model, d.device, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     scaler = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
-    log = RunLog(run_dir, d.is_main, tensorboard=args.tensorboard)
 
     # Resume: the run folder's checkpoint (auto), a named one, or none.
     progress = checkpoint.Progress()

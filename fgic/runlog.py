@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from fgic import tblog
+from fgic.errors import FgicError
 
 CSV_COLUMNS = ("Epoch", "lr", "Train_Loss", "Train_Acc", "Test_Acc")  # the seed train.py's log
 
@@ -24,6 +25,19 @@ class RunLog:
     def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool = False):
         self.dir, self.is_main, self.tensorboard, self.tb = run_dir, is_main, tensorboard, None
         self.metrics, self.csv = run_dir / "metrics.jsonl", run_dir / "train_log.csv"
+
+    def make_dir(self) -> None:
+        """Create the run folder (rank 0), or say in one line why it cannot be: before any training is done."""
+        if not self.is_main:
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".write-test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise FgicError(f"--output-dir: cannot write the run folder {self.dir} ({exc.strerror or exc}); "
+                            f"give a writable folder") from None
 
     def start(self, config: dict, done_epochs: int) -> None:
         """Write config.json and keep only the records of the epochs the starting point has (all of them when

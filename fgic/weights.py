@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import re
 import socket
 import sys
 from pathlib import Path
@@ -88,11 +89,13 @@ def safe_load(path: str | os.PathLike, flag: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        # torch's message opens with a paragraph on weights_only; the unpickler's own reason follows "error:"
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
+        reason = found.group(1).split(". ")[0] if found else (str(exc).strip().splitlines() or [""])[0]
+        if "Unsupported operand" not in reason:  # a pickle asking for a class or function; else a garbled file
             raise FgicError(f"{flag} {path}: refused, the file holds pickled objects other than tensors and plain "
-                            f"types, which fgic does not execute ({first[:120]})") from None
-        raise FgicError(f"{flag} {path}: unreadable ({first[:120]}); is it a torch state_dict file?") from None
+                            f"types, which fgic does not execute ({reason[:120]})") from None
+        raise FgicError(f"{flag} {path}: unreadable, truncated or not a torch file ({reason[:120]})") from None
     except Exception as exc:  # a torn or foreign file fails in many ways (zip, unpickler, storage errors)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FgicError(f"{flag} {path}: unreadable, truncated or not a torch file ({first[:120]})") from None

@@ -47,6 +47,8 @@ CASES = [  # (case, extra flags, what the one line must say)
     ("big_batch", ["--batch-size", "64"], "larger than the 12 training images"),
     ("weights_file", ["--weights", "nowhere.pt"], "--weights nowhere.pt: no such file"),
     ("resume_file", ["--resume", "nowhere.pt"], "--resume nowhere.pt: no such file"),
+    ("output_dir_is_a_file", ["--output-dir", "/dev/null"], "--output-dir: cannot write the run folder /dev/null/"),
+    ("cache_dir_is_a_file", ["--cache", "on", "--cache-dir", "/dev/null"], "--cache-dir /dev/null: cannot create it"),
 ]
 if not torch.cuda.is_available():
     CASES += [("no_cuda", ["--device", "cuda"], "--device cuda: no CUDA GPU"),

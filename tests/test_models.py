@@ -91,7 +91,8 @@ def test_unreadable_files_are_named(tmp_path):
     torch.save(tvm.resnet18(weights=None).state_dict(), good)
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:1000])
     (tmp_path / "text.pt").write_text("hello")
-    for name in ("cut.pt", "text.pt"):
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")  # read as pickle opcodes: garbled, not code to refuse
+    for name in ("cut.pt", "text.pt", "garbage.pt"):
         with pytest.raises(FgicError, match=f"{name}: unreadable"):
             weights.read_state_dict(tmp_path / name)
     with pytest.raises(FgicError, match="nope.pt: no such file"):
