@@ -1,14 +1,17 @@
-"""launch.torchrun works out the torchrun command from the Slurm allocation or the visible GPUs, and holds the stop
-signals back until fgic's handlers are in place."""
+"""launch.torchrun works out the torchrun command from the Slurm allocation or the visible GPUs, joins two "nodes"
+into one job, and holds the stop signals back until fgic's handlers are in place; launch.submitit plans and checks."""
+import json
 import re
+import socket
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from fgic import dist
 from launch import torchrun
-from tests.conftest import REPO, fgic_env
+from tests.conftest import REPO, fgic_env, run_fgic, tiny_args
 
 
 @pytest.fixture(autouse=True)
@@ -79,3 +82,33 @@ def test_submitit_checks_every_combination_before_submitting(tiny_data, argv, me
     from launch import submitit as launcher
     with pytest.raises(FgicError, match=re.escape(message)):
         launcher.main([str(tiny_data) if a == "DATA" else a for a in argv] + ["--dry-run"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_meet_through_launch_torchrun_and_train_as_one_job(tiny_data, tmp_path):
+    """Two "nodes" on this machine, each one launch.torchrun as `srun --ntasks-per-node=1` starts it (the same job,
+    SLURM_NODEID 0 and 1, one CPU process per node): torchrun's multi-node rendezvous at the first host joins them
+    into one 2-process job, which trains exactly as torchrun's own 2-process run on one node."""
+    args = ["-d", str(tiny_data), *tiny_args(epochs=1)]
+    job = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "localhost",
+           "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""}
+    nodes = [subprocess.Popen([sys.executable, "-m", "launch.torchrun", *args, "--output-dir", str(tmp_path / "nodes")],
+                              cwd=REPO, env=fgic_env(**job, SLURM_NODEID=str(n)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    for n, (node, (_, err)) in enumerate(zip(nodes, outs)):
+        assert node.returncode == 0, f"node {n}: {err}"
+        assert f"--nnodes=2 --node_rank={n} --nproc_per_node=1" in err
+    ref = run_fgic([*args, "--output-dir", str(tmp_path / "one")], nproc=2)
+    assert ref.returncode == 0, ref.stderr
+    run = ("tiny", "resnet18-off-s2020")
+    two_nodes = tmp_path.joinpath("nodes", *run)
+    assert json.loads((two_nodes / "config.json").read_text())["world_size"] == 2
+    a = torch.load(two_nodes / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path.joinpath("one", *run, "checkpoint.pt"), weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
