@@ -93,17 +93,20 @@ def free_port() -> int:
 def test_two_nodes_meet_through_launch_torchrun_and_train_as_one_job(tiny_data, tmp_path):
     """Two "nodes" on this machine, each one launch.torchrun as `srun --ntasks-per-node=1` starts it (the same job,
     SLURM_NODEID 0 and 1, one CPU process per node): torchrun's multi-node rendezvous at the first host joins them
-    into one 2-process job, which trains exactly as torchrun's own 2-process run on one node."""
+    into one 2-process job (each node with its own node-local cache), which trains exactly as torchrun's own
+    2-process run on one node."""
     args = ["-d", str(tiny_data), *tiny_args(epochs=1)]
     job = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "localhost",
            "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""}
     nodes = [subprocess.Popen([sys.executable, "-m", "launch.torchrun", *args, "--output-dir", str(tmp_path / "nodes")],
-                              cwd=REPO, env=fgic_env(**job, SLURM_NODEID=str(n)), stdout=subprocess.PIPE,
+                              cwd=REPO, env=fgic_env(**job, SLURM_NODEID=str(n), FGIC_CACHE=str(tmp_path / f"tmp{n}")),
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for n in (0, 1)]
     outs = [node.communicate(timeout=300) for node in nodes]
     for n, (node, (_, err)) in enumerate(zip(nodes, outs)):
         assert node.returncode == 0, f"node {n}: {err}"
         assert f"--nnodes=2 --node_rank={n} --nproc_per_node=1" in err
+        assert len(list((tmp_path / f"tmp{n}").glob("*.npy"))) == 2  # each node decoded its own cache (train, test)
     ref = run_fgic([*args, "--output-dir", str(tmp_path / "one")], nproc=2)
     assert ref.returncode == 0, ref.stderr
     run = ("tiny", "resnet18-off-s2020")
