@@ -21,8 +21,8 @@ def data8(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("d") / "tiny8", (16, 16, 16), (10, 10, 10))
 
 
-def args_for(data, out):
-    return ["-d", str(data), *tiny_args(epochs=2, batch_size=6), "--output-dir", str(out)]
+def args_for(data, out, cache="auto"):
+    return ["-d", str(data), *tiny_args(epochs=2, batch_size=6), "--output-dir", str(out), "--cache", cache]
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +40,16 @@ def references(data8, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("sig,nproc,target", [
-    pytest.param(signal.SIGUSR2, 1, "all", id="USR2"), pytest.param(signal.SIGTERM, 1, "twice", id="TERM-twice"),
-    pytest.param(signal.SIGUSR1, 1, "all", id="USR1"),
-    pytest.param(signal.SIGUSR2, 2, "one", id="USR2-torchrun-one-rank"),  # both ranks must stop at the same step
+@pytest.mark.parametrize("sig,nproc,target,cache", [
+    pytest.param(signal.SIGUSR2, 1, "all", "auto", id="USR2"),
+    pytest.param(signal.SIGTERM, 1, "twice", "auto", id="TERM-twice"),
+    pytest.param(signal.SIGUSR1, 1, "all", "auto", id="USR1"),
+    pytest.param(signal.SIGUSR2, 2, "one", "auto", id="USR2-torchrun-one-rank"),  # both must stop at the same step
+    # the uncached loader resumes mid-epoch too, and ends bitwise as the (cached) reference
+    pytest.param(signal.SIGUSR2, 2, "all", "off", id="USR2-torchrun-cache-off"),
 ])
-def test_stop_mid_epoch_and_resume_bitwise(data8, references, tmp_path, sig, nproc, target):
-    args = args_for(data8, tmp_path)
+def test_stop_mid_epoch_and_resume_bitwise(data8, references, tmp_path, sig, nproc, target, cache):
+    args = args_for(data8, tmp_path, cache)
     run = tmp_path.joinpath(*RUN)
     proc = popen(args, nproc)
     pids = workers(proc, nproc)
