@@ -30,4 +30,4 @@ def test_compiled_training_matches_the_uncompiled_run(tiny_data, tmp_path):
     print(f"max abs difference of the parameters, compiled vs not, after one epoch: {diff:.3g}")
     assert diff < 0.02
     (plain,), (compiled,) = (read_jsonl(tmp_path.joinpath(n, *RUN, "metrics.jsonl")) for n in ("plain", "compiled"))
-    assert compiled["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-3)  # the compiled forward's losses
+    assert compiled["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-2)  # the compiled forward's losses
