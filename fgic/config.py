@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from fgic.errors import FgicError
 
@@ -141,3 +142,8 @@ def run_name(args: argparse.Namespace) -> str:
     """The run folder's name: stable across restarts so that --resume auto finds it (arch, amp, seed, note)."""
     name = f"{args.arch}-{args.amp}-s{args.seed}"
     return f"{name}-{args.note}" if args.note else name
+
+
+def run_dir(args: argparse.Namespace, dataset: str) -> Path:
+    """OUTPUT_DIR/DATASET/RUN_NAME: where rank 0 writes the run (fgic.ddp) and where launchers say it goes."""
+    return Path(args.output_dir) / dataset / run_name(args)

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     classes = data.check_layout(root)
     if args.workers is None:
         args.workers = data.default_workers(launch.local_world_size)
-    run_dir = Path(args.output_dir) / dataset / config.run_name(args)
+    run_dir = config.run_dir(args, dataset)
     cfg = {**vars(args), "dataset": dataset, "data_path": str(root.resolve()), "num_classes": len(classes),
            "world_size": launch.world_size, "per_process_batch": per_process_batch, "launcher": launch.kind,
            "device": str(device), "run_dir": str(run_dir), "torch": str(torch.__version__),

@@ -166,14 +166,18 @@ def _build(release: releases.Release, dst: Path, mode: str, summary: dict, optio
         how = {"hard link": 0, "symlink": 0, "copy": 0, "move": 0}
         total = sum(len(v) for v in release.items.values())
         with tqdm(total=total, unit="img", desc=f"fgic.prepare {options['dataset']}", disable=None) as bar:
+            made, placed = set(), set()  # work/ is new: only this loop puts folders and files in it
             for split, items in release.items.items():
                 for path, label, fname in items:
                     target = work / split / release.classes[label] / fname
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    if target.exists():
+                    if target.parent not in made:
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        made.add(target.parent)
+                    if target in placed:
                         raise FgicError(f"{path}: listed twice in {split} (as {target.relative_to(work)}); "
                                         f"the list files are not the official ones")
                     how[place(path, target, mode)] += 1
+                    placed.add(target)
                     bar.update()
         summary["files"] = {k: v for k, v in how.items() if v}
         (work / MARKER).write_text(json.dumps(summary, indent=1) + "\n")

@@ -178,15 +178,15 @@ def _loadmat(path: Path) -> dict:
                         f"re-download the devkit") from None
 
 
-def _mat_field(path: Path, var: str) -> list:
-    mat = _loadmat(path)
+def _mat_field(path: Path, var: str, mat: dict | None = None) -> list:
+    mat = _loadmat(path) if mat is None else mat
     if var not in mat:
         raise FgicError(f"{path}: has no {var!r} variable; is this the Stanford Cars devkit file?")
     return list(np.atleast_1d(mat[var]))
 
 
-def _mat_annotations(path: Path, fields: tuple[str, ...]) -> list[tuple]:
-    annos = _mat_field(path, "annotations")
+def _mat_annotations(path: Path, fields: tuple[str, ...], mat: dict | None = None) -> list[tuple]:
+    annos = _mat_field(path, "annotations", mat)
     if annos and not all(f in (annos[0].dtype.names or ()) for f in fields):
         raise FgicError(f"{path}: annotations lack {'/'.join(fields)}; for the test split use "
                         f"cars_test_annos_withlabels.mat (cars_test_annos.mat has no classes)")
@@ -234,9 +234,10 @@ def _class_index(cls: int, n: int, path: Path) -> int:
 
 def _cars_annos(root: Path) -> Release:
     path = root / "cars_annos.mat"
-    names = [str(n) for n in _mat_field(path, "class_names")]
+    mat = _loadmat(path)  # read once: class names and annotations
+    names = [str(n) for n in _mat_field(path, "class_names", mat)]
     items, missing = {s: [] for s in SPLITS}, {s: [] for s in SPLITS}
-    for rel, cls, test in _mat_annotations(path, ("relative_im_path", "class", "test")):
+    for rel, cls, test in _mat_annotations(path, ("relative_im_path", "class", "test"), mat):
         split = "test" if int(test) else "train"
         label = _class_index(int(cls), len(names), path)
         _collect(items, missing, split, root / str(rel), label, Path(str(rel)).name)

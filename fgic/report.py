@@ -13,7 +13,7 @@ RUNS_DIR/failed/*.json, one per failed combination, written by whoever launched 
 
 dataset as given to -d (a name or a path), args the extra fgic.ddp flags (a list or one string), log the path of
 the job's log. Any key may be missing or null. A launcher that retries a combination successfully removes its
-file (a name per combination, e.g. failed/DATASET-sSEED-AMP.json, makes that easy).
+file (a name per combination, e.g. failed/DATASET-AMP-sSEED.json as slurm/sweep.sh writes, makes that easy).
 """
 from __future__ import annotations
 
@@ -69,15 +69,11 @@ def read_text(path: Path) -> str:
         raise FgicError(f"{path}: unreadable ({why}); fix or remove the file") from None
 
 
-def read_json(path: Path):
+def read_object(path: Path) -> dict:
     try:
-        return json.loads(read_text(path))
+        obj = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise FgicError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); fix or remove the file") from None
-
-
-def read_object(path: Path) -> dict:
-    obj = read_json(path)
     if not isinstance(obj, dict):
         raise FgicError(f"{path}: expected a JSON object, found {type(obj).__name__}; fix or remove the file")
     return obj
@@ -103,10 +99,11 @@ def read_records(path: Path) -> list[dict]:
 
 def load_run(folder: Path) -> Run:
     """A run folder's files, and why it is not finished (empty when it is)."""
+    metrics, summary = folder / "metrics.jsonl", folder / "summary.json"
     run = Run(folder, read_object(folder / "config.json"))
-    run.records = read_records(folder / "metrics.jsonl")
-    if (folder / "summary.json").is_file():
-        run.summary = read_object(folder / "summary.json")
+    run.records = read_records(metrics)
+    if summary.is_file():
+        run.summary = read_object(summary)
     epochs = run.config.get("epochs")
     done = [r.get("epoch") for r in run.records]
     if not isinstance(epochs, int):
@@ -114,7 +111,7 @@ def load_run(folder: Path) -> Run:
     elif done != list(range(1, len(done) + 1)):
         run.why = f"metrics.jsonl has epochs {done}, expected 1, 2, ..."
     elif len(done) < epochs or run.summary is None:
-        last = datetime.fromtimestamp((folder / "metrics.jsonl").stat().st_mtime, timezone.utc).strftime(
+        last = datetime.fromtimestamp(metrics.stat().st_mtime, timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC") if done else None
         state = ("all epochs recorded but no summary.json" if len(done) >= epochs else
                  "checkpoint.pt present: stopped, crashed or still running; the same command resumes it"
@@ -197,8 +194,7 @@ def table(finished: list[Run]) -> list[str]:
             cells += [spread([r.summary["final_test_acc"] for r in runs]) if runs else "",
                       spread([r.summary["best_test_acc"] for r in runs], with_n=False) if runs else ""]
         lines.append("| " + " | ".join(cells) + " |")
-    published = [d for d in datasets if d in PUBLISHED]
-    if published and any(r.config.get("arch") == PUBLISHED_ARCH and r.dataset in PUBLISHED for r in finished):
+    if any(r.config.get("arch") == PUBLISHED_ARCH and r.dataset in PUBLISHED for r in finished):
         cells = [f"{PUBLISHED_ARCH}, published" if k == "arch" else "" for k in keys]
         for d in datasets:
             cells += ["", f"{PUBLISHED[d]:.2f}" if d in PUBLISHED else ""]

@@ -82,7 +82,7 @@ def jobs(args: argparse.Namespace, fgic_argv: list[str]) -> list[tuple[list[str]
         argv = [*fgic_argv, "-d", dataset, "--seed", str(seed), "--amp", amp]  # the last occurrence wins
         run = config.resolve(config.get_args_parser().parse_args(argv))
         name, _ = data.resolve(run.data, run.data_root)
-        out.append((argv, Path(run.output_dir) / name / config.run_name(run)))
+        out.append((argv, config.run_dir(run, name)))
     return out
 
 
