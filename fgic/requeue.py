@@ -5,6 +5,8 @@ import os
 import shutil
 import subprocess
 
+from fgic.signals import term_held
+
 
 def job_id(env=os.environ) -> str | None:
     """The id to requeue: an array task's own id, or the job's."""
@@ -27,7 +29,8 @@ def requeue(env=os.environ) -> str:
         info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60)
         if "Requeue=1" not in info.stdout:
             return f"job {job} may not be requeued (sbatch --requeue allows it)"
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        with term_held():
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         return "scontrol did not answer"
     if done.returncode != 0:

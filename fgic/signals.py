@@ -5,6 +5,7 @@ A signal that comes during evaluation or a checkpoint write is acted on after th
 end-of-epoch checkpoint already holds everything); in the last epoch the run simply finishes."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -53,3 +54,15 @@ def hold() -> None:
     comes during start-up is acted on at the first step instead of killing the process. torchrun never unblocks them,
     so it is not killed by them either (Slurm signals every process of a step; torchrun has no handler for them)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+
+
+@contextlib.contextmanager
+def term_held():
+    """Hold SIGTERM back, in this process and the commands it starts, while the job requeues itself: Slurm ends a
+    requeued job's step with SIGTERM, sometimes before `scontrol requeue` has exited, and a scontrol killed that way
+    reads as a failed requeue. On leaving, a held SIGTERM is delivered (fgic's handler already has its stop)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -17,7 +17,7 @@ import submitit
 
 from fgic import config, data, ddp
 from fgic.errors import FgicError, run_cli
-from fgic.signals import EXIT_PREEMPTED
+from fgic.signals import EXIT_PREEMPTED, term_held
 
 
 def launcher_parser(add_help: bool) -> argparse.ArgumentParser:
@@ -69,10 +69,17 @@ class Train(submitit.helpers.Checkpointable):
         on_signal = signal.getsignal(usr_sig)  # submitit's handler: checkpoint(), then requeue on rank 0
         code = ddp.main(self.argv)  # installs fgic's handlers: it stops at a step boundary with a checkpoint
         if code == EXIT_PREEMPTED and callable(on_signal):
-            on_signal(usr_sig, None)  # rank 0 requeues and exits here; the other ranks go on to return
+            hand_over(on_signal, usr_sig)  # rank 0 requeues and exits there; the other ranks go on to return
         if code not in (0, EXIT_PREEMPTED):
             raise RuntimeError(f"fgic.ddp {' '.join(self.argv)} exited with {code}")
         return code
+
+
+def hand_over(on_signal, usr_sig) -> None:
+    """Run submitit's handler (checkpoint the submission, `scontrol requeue`, exit on rank 0) with SIGTERM held: the
+    requeue's own SIGTERM to this job step must not kill scontrol and so turn the requeue into a failed job."""
+    with term_held():
+        on_signal(usr_sig, None)
 
 
 def jobs(args: argparse.Namespace, fgic_argv: list[str]) -> list[tuple[list[str], Path]]:
@@ -100,6 +107,18 @@ def executor(args: argparse.Namespace, folder: Path) -> submitit.AutoExecutor:
             params[key] = value
     ex.update_parameters(**{k: v for k, v in params.items() if ex.cluster == "slurm" or not k.startswith("slurm_")})
     return ex
+
+
+def why_failed(exc: Exception) -> str:
+    """One line on why a job failed: the job's own exception when submitit quotes its traceback, else submitit's
+    reason (a job that ended without a result says its Slurm state)."""
+    text = str(exc)
+    parts = text.split("\n" + "-" * 22 + "\n")  # FailedJobError: header, the job's traceback, footer
+    if isinstance(exc, submitit.core.utils.FailedJobError) and len(parts) >= 3:
+        text = parts[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    state = [line for line in lines if "(state: " in line]  # UncompletedJobError: "has not produced any output ..."
+    return (state or lines[-1:] or [type(exc).__name__])[0][:300]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{job.job_id}: done  {run_dir}")
         except Exception as exc:  # submitit re-raises the job's error; report it and go on with the others
             failed += 1
-            print(f"{job.job_id}: FAILED ({str(exc).strip().splitlines()[-1][:200]}); log {job.paths.stderr}")
+            print(f"{job.job_id}: FAILED ({why_failed(exc)}); log {job.paths.stderr}")
     return 1 if failed else 0
 
 

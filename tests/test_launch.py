@@ -2,6 +2,7 @@
 into one job, and holds the stop signals back until fgic's handlers are in place; launch.submitit plans and checks."""
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -82,6 +83,32 @@ def test_submitit_checks_every_combination_before_submitting(tiny_data, argv, me
     from launch import submitit as launcher
     with pytest.raises(FgicError, match=re.escape(message)):
         launcher.main([str(tiny_data) if a == "DATA" else a for a in argv] + ["--dry-run"])
+
+
+def test_submitit_wait_says_why_a_job_failed(tiny_data, tmp_path):
+    """A job that fails at run time (a garbled weights file) is reported with the job's own error, not submitit's
+    pointer to its logs; the other jobs would go on, and the exit code says one failed."""
+    bad = tmp_path / "garbled.pth"
+    bad.write_bytes(b"not a torch file" * 64)
+    out = subprocess.run([sys.executable, "-m", "launch.submitit", "--datasets", str(tiny_data), "--cluster", "local",
+                          "--wait", *tiny_args(epochs=1), "--weights", str(bad), "--output-dir", str(tmp_path)],
+                         cwd=REPO, env=fgic_env(), capture_output=True, text=True, timeout=300)
+    failed = [line for line in out.stdout.splitlines() if ": FAILED (" in line]
+    assert out.returncode == 1 and len(failed) == 1, out.stdout + out.stderr
+    assert f"FAILED (fgic.errors.FgicError: --weights {bad}: unreadable, truncated or not a torch file" in failed[0]
+    assert failed[0].endswith("_0_log.err"), failed[0]
+
+
+def test_submitit_requeue_survives_the_sigterm_that_ends_the_step():
+    """submitit's handler runs `scontrol requeue`; Slurm then ends the step with SIGTERM, which may reach scontrol
+    before it exits. Under hand_over the stand-in scontrol (it signals itself) lives, so the requeue does not fail."""
+    from launch import submitit as launcher
+
+    def submitit_handler(signum, frame):
+        subprocess.check_call([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
+
+    launcher.hand_over(submitit_handler, signal.SIGUSR2)
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # given back afterwards
 
 
 def free_port() -> int:

@@ -12,7 +12,8 @@ def scontrol(tmp_path, monkeypatch):
     log = tmp_path / "calls"
     script = tmp_path / "scontrol"
     script.write_text(f'#!/bin/sh\necho "$@" >> {log}\n'
-                      f'[ "$1" = show ] && echo "JobId=$3 Requeue=${{FAKE_REQUEUE:-1}} Restarts=0"\nexit 0\n')
+                      f'[ "$1" = show ] && echo "JobId=$3 Requeue=${{FAKE_REQUEUE:-1}} Restarts=0"\n'
+                      f'[ "$1" = requeue ] && [ -n "$FAKE_STEP_KILL" ] && kill -TERM $$\nexit 0\n')
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     return log
@@ -35,3 +36,10 @@ def test_no_requeue_when_not_allowed_or_not_ours(scontrol, monkeypatch):
     monkeypatch.setenv("FAKE_REQUEUE", "0")
     assert "may not be requeued" in requeue.requeue({"SLURM_JOB_ID": "42"})
     assert "requeue 42" not in scontrol.read_text()
+
+
+def test_the_requeues_own_sigterm_does_not_fail_it(scontrol, monkeypatch):
+    """Slurm ends a requeued job's step with SIGTERM, which may reach scontrol before it exits: held back, it does
+    not turn a done requeue into "failed" (the stand-in signals itself the moment it has requeued)."""
+    monkeypatch.setenv("FAKE_STEP_KILL", "1")
+    assert requeue.requeue({"SLURM_JOB_ID": "42"}) == "requeued Slurm job 42"

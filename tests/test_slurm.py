@@ -227,8 +227,9 @@ def test_submitit_job_preempted_requeues_and_ends_as_an_uninterrupted_run(lab):
     name = "submitit_preempted"
     lab.drivers[name].check()
     out = lab.finish(name)
-    assert lab.procs[name].returncode == 0 and ": done" in out, out
     logs = lab.root / name / "submitit" / lab.jobs[name]
     err, log = ((logs / f"{lab.jobs[name]}_0_log.{x}").read_text() for x in ("err", "out"))
+    why = f"{out}\n--- the job's stdout:\n{log[-4000:]}\n--- its stderr:\n{err[-4000:]}"
+    assert lab.procs[name].returncode == 0 and ": done" in out, why
     assert "fgic: stopped by SIGUSR2" in err and "Requeued job" in log and "fgic: resuming" in log + err, err
     same_result(lab.root / name / "alpha" / RUN, reference(lab))
