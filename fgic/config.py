@@ -42,6 +42,11 @@ MEANING = ("dataset", "num_classes", "arch", "weights", "batch_size", "epochs", 
 _LEGACY_AMP = {"0": "off", "1": "fp16", "2": "fp16"}
 
 
+def default_data_root() -> str:
+    """Where the registry names (cub, aircraft, cars, demo) live: $FGIC_DATA, else ./data."""
+    return os.environ.get("FGIC_DATA", "data")
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The fgic.ddp parser; launchers reuse it with add_help=False as a parent."""
     p = argparse.ArgumentParser("fgic.ddp", add_help=add_help,
@@ -49,7 +54,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("-d", "--data", metavar="NAME|PATH",
                    help="cub, aircraft, cars or demo (a folder under --data-root), or a folder with train/ and test/")
-    g.add_argument("--data-root", default=os.environ.get("FGIC_DATA", "data"),
+    g.add_argument("--data-root", default=default_data_root(),
                    help="where registry names live (default: $FGIC_DATA or ./data)")
     g.add_argument("-w", "--workers", type=int, help="data loader workers per process (default: from the CPUs)")
     g.add_argument("--resize", type=int, help=f"resize to N x N before cropping (default {RECIPE['resize']})")

@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fgic import releases
+from fgic.config import default_data_root
 from fgic.errors import FgicError, run_cli
 
 MARKER = ".fgic-prepared.json"  # written last, inside the folder that is then renamed into place
@@ -68,6 +69,10 @@ def prepare(name: str, src: str | os.PathLike, dst: str | os.PathLike, *, copy: 
         print(f"fgic.prepare: notice: {stale} is left from an interrupted prepare; delete it when no prepare runs",
               file=sys.stderr)
     extracted, source = None, src.resolve()
+
+    def named(text: str) -> str:  # messages name the archive, not the temporary folder it was extracted to
+        return text.replace(str(extracted), str(source)) if extracted else text
+
     try:
         mode = "copy" if copy else "link"
         if src.is_file():
@@ -77,11 +82,9 @@ def prepare(name: str, src: str | os.PathLike, dst: str | os.PathLike, *, copy: 
             src, mode = extracted, "move"  # our own extraction: its files are moved, then the rest deleted
         try:
             release = _read(name, src, level, split)
-            summary = _check(name, release, expected or expected_counts(name, level, split), allow_partial)
-        except FgicError as exc:  # name the archive, not the temporary folder it was extracted to
-            raise FgicError(str(exc).replace(str(extracted), str(source))) if extracted else exc from None
-        if extracted:
-            summary["origin"] = summary["origin"].replace(str(extracted), str(source))
+        except FgicError as exc:
+            raise FgicError(named(str(exc))) from None
+        summary = _check(name, release, expected or expected_counts(name, level, split), allow_partial, named)
         summary.update(options, source=str(source))
         return _build(release, dst, mode, summary, options)
     finally:
@@ -134,14 +137,14 @@ def _read(name: str, src: Path, level: str, split: str) -> releases.Release:
     return release
 
 
-def _check(name: str, release: releases.Release, want: Expected, allow_partial: bool) -> dict:
+def _check(name: str, release: releases.Release, want: Expected, allow_partial: bool, named) -> dict:
     """Counts against the official sizes; a difference (or a listed image that is absent) is an error naming it,
-    unless allow_partial."""
+    unless allow_partial. `named` rewrites the paths said (an archive's temporary extraction as the archive)."""
     problems = []
     for split in releases.SPLITS:
         lost = release.missing.get(split, [])
         if lost:
-            problems.append(f"{len(lost)} listed {split} image(s) are missing (first: {lost[0]})")
+            problems.append(named(f"{len(lost)} listed {split} image(s) are missing (first: {lost[0]})"))
     got = {"classes": len(release.classes), "train": len(release.items["train"]), "test": len(release.items["test"])}
     for key, value in got.items():
         if value != getattr(want, key):
@@ -151,11 +154,11 @@ def _check(name: str, release: releases.Release, want: Expected, allow_partial: 
         if empty:
             problems.append(f"{empty} class(es) without {split} images")
     if problems and not allow_partial:
-        raise FgicError(f"{name} from {release.origin}: {'; '.join(problems)}; give the complete release, or pass "
-                        f"--allow-partial to prepare what is there")
+        raise FgicError(f"{name} from {named(release.origin)}: {'; '.join(problems)}; give the complete release, or "
+                        f"pass --allow-partial to prepare what is there")
     for problem in problems:
         print(f"fgic.prepare: warning: {problem} (--allow-partial)", file=sys.stderr)
-    return {**got, "origin": release.origin, "notes": release.notes, "partial": problems}
+    return {**got, "origin": named(release.origin), "notes": release.notes, "partial": problems}
 
 
 def _build(release: releases.Release, dst: Path, mode: str, summary: dict, options: dict) -> dict:
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("src", help="the extracted release (or its .tgz/.tar.gz/.zip), or collated train/ test/ folders")
     p.add_argument("dst", nargs="?", help="where to write (default: DATA_ROOT/DATASET, the folder -d DATASET reads)")
-    p.add_argument("--data-root", default=os.environ.get("FGIC_DATA", "data"),
+    p.add_argument("--data-root", default=default_data_root(),
                    help="the default DST's parent (default: $FGIC_DATA or ./data)")
     p.add_argument("--copy", action="store_true", help="copy the images instead of hard-linking them")
     p.add_argument("--allow-partial", action="store_true", help="prepare even if counts differ from the official ones")
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare(args.dataset, args.src, dst, copy=args.copy, allow_partial=args.allow_partial,
             level=args.aircraft_level or "variant", split=args.aircraft_split or "trainval")
     hint = str(dst) if args.dst else args.dataset
-    if not args.dst and args.data_root != os.environ.get("FGIC_DATA", "data"):
+    if not args.dst and args.data_root != default_data_root():
         hint += f" --data-root {args.data_root}"
     print(f"  train with: python -m fgic.ddp -d {hint}")
     return 0

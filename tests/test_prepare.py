@@ -3,6 +3,7 @@ Stanford Cars CSV / devkit .mat / class folders), pitfalls included."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -261,12 +262,19 @@ def test_bad_cub_input_is_one_line(tmp_path, capsys, damage, flags, message):
     assert not dst.exists() and not [p for p in dst.parent.iterdir() if p.name.startswith(".")]
 
 
-def test_absent_images_are_left_out_with_allow_partial(tmp_path, capsys):
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_absent_images_are_left_out_with_allow_partial(tmp_path, capsys, as_archive):
     cub = make_cub(tmp_path / "src")
     next((cub / "images" / "003.Mallard").glob("*0007*")).unlink()
+    if as_archive:  # the warning names the archive, not the temporary folder it is extracted to
+        with tarfile.open(tmp_path / "CUB_200_2011.tgz", "w:gz") as t:
+            t.add(cub, arcname="CUB_200_2011")
+        cub = tmp_path / "CUB_200_2011.tgz"
     code, _, err = in_cli(["cub", str(cub), str(tmp_path / "dst"), "--allow-partial"], capsys)
-    assert code == 0 and "1 listed train image(s) are missing" in err
+    assert code == 0 and f"1 listed train image(s) are missing (first: {cub}/" in err, err
     assert placed(tmp_path / "dst")["train"]["003.Mallard"] == {"Mallard_0008_108.jpg"}
+    partial = json.loads((tmp_path / "dst" / prepare.MARKER).read_text())["partial"]
+    assert partial[0].startswith("1 listed train image(s) are missing (first: ") and ".extract-" not in partial[0]
 
 
 # --- FGVC-Aircraft 2013b ------------------------------------------------------------------------------------------
