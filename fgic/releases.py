@@ -45,8 +45,9 @@ def class_folders(names: list[str]) -> list[str]:
     return out
 
 
-def find_dir(src: Path, *names: str, depth: int = 4) -> Path | None:
-    """The shallowest folder at or under src (breadth first, at most `depth` levels down) holding all `names`."""
+def find_dir(src: Path, *names: str, depth: int = 4, called: str | None = None) -> Path | None:
+    """The shallowest folder at or under src (breadth first, at most `depth` levels down) holding all `names` (and
+    itself named `called`, when given)."""
     queue = deque([(src, 0)])
     while queue:
         folder, level = queue.popleft()
@@ -54,7 +55,7 @@ def find_dir(src: Path, *names: str, depth: int = 4) -> Path | None:
             entries = {e.name: e for e in os.scandir(folder)}
         except OSError:
             continue
-        if all(n in entries for n in names):
+        if all(n in entries for n in names) and called in (None, folder.name):
             return folder
         if level < depth:
             queue.extend((Path(e.path), level + 1) for e in sorted(entries.values(), key=lambda e: e.name)
@@ -213,14 +214,9 @@ def _cars_devkit(src: Path, meta: Path) -> Release:
 
 def _image_dir(src: Path, folder: str, first: str) -> Path:
     """The `folder` (e.g. cars_train) under src that holds the images, also when nested (cars_train/cars_train)."""
-    queue = deque([(src, 0)])
-    while queue:
-        here, level = queue.popleft()
-        if here.name == folder and (here / first).is_file():
-            return here
-        if level < 4:
-            queue.extend((Path(e.path), level + 1) for e in os.scandir(here)
-                         if e.is_dir() and not e.name.startswith("."))
+    found = find_dir(src, *([first] if first else []), called=folder)
+    if found is not None:
+        return found
     raise FgicError(f"{src}: no {folder}/ folder holding {first or 'the images'}; extract {folder}.tgz next to "
                     f"the devkit")
 
