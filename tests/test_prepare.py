@@ -447,12 +447,18 @@ def make_cars_devkit(root: Path) -> Path:
     return root
 
 
-def test_cars_devkit_mat_files(tmp_path):
+@pytest.mark.parametrize("nested", [False, True])
+def test_cars_devkit_mat_files(tmp_path, nested):
+    """nested: cars_train.tgz extracted into a folder of its own name (cars_train/cars_train/...)."""
     pytest.importorskip("scipy", reason="the .mat path needs the optional scipy (pip install 'fgic[cars]')")
     src = make_cars_devkit(tmp_path / "stanford_cars")
+    for split in ("train", "test") if nested else ():
+        (src / f"cars_{split}").rename(tmp_path / "images")
+        (src / f"cars_{split}").mkdir()
+        (tmp_path / "images").rename(src / f"cars_{split}" / f"cars_{split}")
     dst = tmp_path / "cars"
     prepare.prepare("cars", src, dst, expected=Expected(3, 4, 3))
-    check_cars(lambda s, f, c: src / f"cars_{s}" / f, dst)
+    check_cars(lambda s, f, c: src / f"cars_{s}" / (f"cars_{s}/{f}" if nested else f), dst)
     (src / "cars_test_annos_withlabels.mat").unlink()
     with pytest.raises(FgicError, match="no cars_test_annos_withlabels.mat next to cars_meta.mat"):
         prepare.prepare("cars", src, tmp_path / "cars2", expected=Expected(3, 4, 3))
