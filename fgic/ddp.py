@@ -105,7 +105,7 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
     say(f"fgic: {cfg['dataset']} {len(train_set)} train / {len(test_set)} test images, {len(classes)} classes; "
         f"{args.arch} on {d.world_size} x {d.device.type}, batch {args.batch_size} "
         f"({cfg['per_process_batch']} per process), lr {args.lr:g}, amp {args.amp}")
-    log.start(cfg, progress.epoch)
+    d.agree(lambda: log.start(cfg, progress.epoch))  # a damaged metrics.jsonl stops every rank with one line
     ddp_model = (DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
                  if d.distributed else model)
     if args.compile:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fgic.config import MEANING
 from fgic.errors import FgicError, run_cli
+from fgic.runlog import read_object, read_records
 
 # The configuration of a run: what changes its result, less the dataset and the seed (the table's columns and the
 # spread). arch and amp are always shown; the others only when they differ among the runs.
@@ -59,42 +60,6 @@ class Run:
 
     def key(self, keys) -> tuple:
         return tuple(self.config.get(k) for k in keys)
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = getattr(exc, "strerror", None) or exc
-        raise FgicError(f"{path}: unreadable ({why}); fix or remove the file") from None
-
-
-def read_object(path: Path) -> dict:
-    try:
-        obj = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise FgicError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); fix or remove the file") from None
-    if not isinstance(obj, dict):
-        raise FgicError(f"{path}: expected a JSON object, found {type(obj).__name__}; fix or remove the file")
-    return obj
-
-
-def read_records(path: Path) -> list[dict]:
-    """metrics.jsonl's records (fgic.runlog.RunLog writes them), naming the line that is not JSON."""
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise FgicError(f"{path}: line {number} is not valid JSON ({exc.msg}); fix or remove the line") from None
-        if not isinstance(record, dict):
-            raise FgicError(f"{path}: line {number} is not a JSON object; fix or remove the line")
-        records.append(record)
-    return records
 
 
 def load_run(folder: Path) -> Run:

@@ -1,4 +1,5 @@
-"""The run folder's record files (config.json, metrics.jsonl, train_log.csv, summary.json, eval.json), written by rank 0."""
+"""The run folder's record files (config.json, metrics.jsonl, train_log.csv, summary.json, eval.json): written by rank
+0, read back checked (a damaged file is a one-line error naming it)."""
 from __future__ import annotations
 
 import csv
@@ -17,6 +18,42 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise FgicError(f"{path}: unreadable ({why}); fix or remove the file") from None
+
+
+def read_object(path: Path) -> dict:
+    try:
+        obj = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise FgicError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); fix or remove the file") from None
+    if not isinstance(obj, dict):
+        raise FgicError(f"{path}: expected a JSON object, found {type(obj).__name__}; fix or remove the file")
+    return obj
+
+
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records (RunLog.epoch appends them), naming a line that is not a JSON object."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FgicError(f"{path}: line {number} is not valid JSON ({exc.msg}); fix or remove the line") from None
+        if not isinstance(record, dict):
+            raise FgicError(f"{path}: line {number} is not a JSON object; fix or remove the line")
+        records.append(record)
+    return records
 
 
 class RunLog:
@@ -48,7 +85,7 @@ class RunLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "config.json", config)
         (self.dir / "summary.json").unlink(missing_ok=True)
-        kept = [r for r in self.records() if r["epoch"] <= done_epochs]
+        kept = [r for r in read_records(self.metrics) if r["epoch"] <= done_epochs]
         self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         with open(self.csv, "w", newline="") as f:
             writer = csv.writer(f)
@@ -56,11 +93,6 @@ class RunLog:
             writer.writerows(_csv_row(r) for r in kept)
         if self.tensorboard:
             self.tb = tblog.open_writer(self.dir, done_epochs)
-
-    def records(self) -> list[dict]:
-        if not self.metrics.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
 
     def epoch(self, record: dict) -> None:
         if not self.is_main:

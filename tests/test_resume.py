@@ -80,7 +80,8 @@ def test_stop_mid_epoch_and_resume_bitwise(data8, references, tmp_path, sig, npr
 
 def test_resume_on_another_world_size(data8, references, tmp_path):
     """Stop on 2 processes, resume on 3: allowed (the layout does not change the run's meaning); the result equals
-    the uninterrupted run up to float rounding, not bitwise (bitwise is promised for the same layout)."""
+    the uninterrupted run up to float rounding, not bitwise (bitwise is promised for the same layout). A torn
+    metrics.jsonl line first stops the resume with one line on every rank."""
     args = args_for(data8, tmp_path)
     run = tmp_path.joinpath(*RUN)
     proc = popen(args, 2)
@@ -93,6 +94,15 @@ def test_resume_on_another_world_size(data8, references, tmp_path):
     proc.communicate(timeout=300)
     step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert step > 0
+    metrics = run / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"epoch": 2, "lr": 0.00')  # as if a node died while appending a record
+    res = run_fgic(args, nproc=3)  # every rank stops at set-up with rank 0's one line; nothing is overwritten
+    assert res.returncode != 0 and f"fgic.ddp: error: {metrics}: line 2 is not valid JSON" in res.stderr, res.stderr
+    assert not re.search(r'File ".*/fgic/', res.stderr), res.stderr  # torchrun's own report follows, no fgic trace
+    assert res.stderr.count("another process failed during set-up") == 2
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == step
+    metrics.write_text(whole)  # the line removed, as the message says
     res = run_fgic(args, nproc=3)
     assert res.returncode == 0, res.stderr
     assert f"at epoch 2, step {step}" in res.stdout

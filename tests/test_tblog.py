@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from fgic.runlog import RunLog
+from fgic.runlog import RunLog, read_records
 
 
 def record(epoch, acc):
@@ -20,7 +20,7 @@ def test_without_tensorboard_a_notice_and_the_run_goes_on(tmp_path, capsys, monk
     log.epoch(record(1, 40.0))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--tensorboard" in err and "pip install tensorboard" in err
-    assert [r["test_acc"] for r in log.records()] == [40.0] and not (tmp_path / "tb").exists()
+    assert [r["test_acc"] for r in read_records(log.metrics)] == [40.0] and not (tmp_path / "tb").exists()
 
 
 def test_off_by_default(tmp_path):
