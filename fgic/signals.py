@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -33,9 +32,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is None and os.getpid() == self._pid:
-            print(f"fgic: got {signal.Signals(signum).name}; stopping at the next step boundary", file=sys.stderr,
-                  flush=True)
+        if self.signum is None and os.getpid() == self._pid:  # straight to fd 2: sys.stderr may be mid-write (tqdm)
+            os.write(2, f"fgic: got {signal.Signals(signum).name}; stopping at the next step boundary\n".encode())
         self.signum = self.signum or signum
 
     def agree(self, reduce_max) -> bool:

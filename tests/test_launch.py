@@ -57,6 +57,30 @@ os.execv(sys.executable, [sys.executable, "-c",
 """
 
 
+SIGNAL_MID_WRITE = """
+import os, signal, sys
+from fgic.signals import StopRequest
+stop = StopRequest().install()
+
+class Busy:  # sys.stderr in the middle of a write (a progress bar), as a handler that used it would find it
+    def write(self, text):
+        raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+    flush = write
+
+sys.stderr = Busy()
+os.kill(os.getpid(), signal.SIGUSR2)
+sys.stderr = sys.__stderr__
+print(stop.signum)
+"""
+
+
+def test_the_stop_handler_says_so_without_sys_stderr():
+    out = subprocess.run([sys.executable, "-c", SIGNAL_MID_WRITE], cwd=REPO, env=fgic_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "12", out.stderr
+    assert out.stderr == "fgic: got SIGUSR2; stopping at the next step boundary\n"
+
+
 def test_a_signal_during_start_up_reaches_fgics_handler_after_exec():
     out = subprocess.run([sys.executable, "-c", HELD_THEN_EXEC], cwd=REPO, env=fgic_env(), capture_output=True,
                          text=True, timeout=60)
