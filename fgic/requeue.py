@@ -34,5 +34,7 @@ def requeue(env=os.environ) -> str:
     except subprocess.TimeoutExpired:
         return "scontrol did not answer"
     if done.returncode != 0:
-        return f"scontrol requeue {job} failed: {done.stderr.strip()[:200]}"
+        why = done.stderr.strip()[:200] or (f"ended by signal {-done.returncode}" if done.returncode < 0
+                                             else f"exit code {done.returncode}")
+        return f"scontrol requeue {job} failed: {why}"
     return f"requeued Slurm job {job}"

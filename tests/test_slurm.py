@@ -98,7 +98,16 @@ def lab(tmp_path_factory):
         return subprocess.Popen([str(c) for c in cmd], cwd=root, env={**env, **extra}, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
-    slow = dict(FGIC_TEST_STEP_SLEEP_S="2")
+    # The preempted jobs: slow steps, and a scontrol that is slow to exit after a requeue, as on a busy node, so
+    # that the SIGTERM with which Slurm ends the requeued step always reaches it first (fgic must hold it back).
+    # In Python: a shell waiting for its child unblocks SIGTERM (sigsuspend), which scontrol itself does not.
+    slow_exit = root / "bin" / "scontrol"
+    slow_exit.parent.mkdir()
+    slow_exit.write_text(f"#!{sys.executable}\nimport subprocess, sys, time\n"
+                         f"code = subprocess.call([{shutil.which('scontrol')!r}, *sys.argv[1:]])\n"
+                         f"if sys.argv[1:2] == ['requeue']:\n    time.sleep(2)\nsys.exit(code)\n")
+    slow_exit.chmod(0o755)
+    slow = dict(FGIC_TEST_STEP_SLEEP_S="2", PATH=f"{slow_exit.parent}:{env['PATH']}")
     procs = {
         "sweep": start(["bash", SWEEP, "--wait", *CPU_JOB], DATASETS=f"{alpha} {beta} {root / 'data' / 'missing'}",
                        SEEDS="0 1", FGIC_ARGS=" ".join(tiny_args()), RUNS=str(root / "sweep")),
