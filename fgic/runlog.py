@@ -85,7 +85,7 @@ class RunLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "config.json", config)
         (self.dir / "summary.json").unlink(missing_ok=True)
-        kept = [r for r in read_records(self.metrics) if r["epoch"] <= done_epochs]
+        kept = [r for r in read_records(self.metrics) if isinstance(r.get("epoch"), int) and r["epoch"] <= done_epochs]
         self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         with open(self.csv, "w", newline="") as f:
             writer = csv.writer(f)
