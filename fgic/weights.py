@@ -88,17 +88,15 @@ def safe_load(path: str | os.PathLike, flag: str):
         raise FgicError(f"{flag} {path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's message opens with a paragraph on weights_only; the unpickler's own reason follows "error:"
-        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
-        reason = found.group(1).split(". ")[0] if found else (str(exc).strip().splitlines() or [""])[0]
-        if "Unsupported operand" not in reason:  # a pickle asking for a class or function; else a garbled file
-            raise FgicError(f"{flag} {path}: refused, the file holds pickled objects other than tensors and plain "
-                            f"types, which fgic does not execute ({reason[:120]})") from None
-        raise FgicError(f"{flag} {path}: unreadable, truncated or not a torch file ({reason[:120]})") from None
     except Exception as exc:  # a torn or foreign file fails in many ways (zip, unpickler, storage errors)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FgicError(f"{flag} {path}: unreadable, truncated or not a torch file ({first[:120]})") from None
+        text = str(exc).strip()
+        # torch's UnpicklingError opens with a paragraph on weights_only; the unpickler's own reason follows "error:"
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        reason = (found.group(1).split(". ")[0] if found else (text.splitlines() or [type(exc).__name__])[0])[:120]
+        if isinstance(exc, pickle.UnpicklingError) and "Unsupported operand" not in reason:  # asks for code
+            raise FgicError(f"{flag} {path}: refused, the file holds pickled objects other than tensors and plain "
+                            f"types, which fgic does not execute ({reason})") from None
+        raise FgicError(f"{flag} {path}: unreadable, truncated or not a torch file ({reason})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
