@@ -149,11 +149,12 @@ def train_cmd(a) -> dict:
         raise FgicError("--pipeline original needs -d PATH (it reads JPEGs)")
     device = pick_device(a.device, [], 0)
     models.check_arch(a.arch)
+    models.check_input(a.arch, a.crop)
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
     root = _data_root(a.data) if a.data else None
     classes = len(data.check_layout(root)) if root else a.num_classes
-    model = models.build(a.arch, classes, "none").to(device)
+    model = models.build(a.arch, classes, "none", crop=a.crop).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         engine.check_amp(a.amp, device)
@@ -192,6 +193,8 @@ def train_cmd(a) -> dict:
         loss, _ = engine.train_step(step_model, images, labels, optimizer, scaler, criterion, device, a.amp)
     _sync(device)
     seconds = time.perf_counter() - start
+    if hasattr(source, "close"):
+        source.close()  # its producer and loader workers stop before prep_cost reads the loader again
     rate = a.steps * a.batch_size / seconds
     peak, peak_from = _peak(a, device)
     achieved = flops * a.steps / seconds
@@ -217,10 +220,22 @@ def train_cmd(a) -> dict:
     return result
 
 
+class _AllEpochs:
+    """A CachedBatches' epochs 0, 1, 2, ... as one loader for DeviceBatches: one producer throughout, where a new
+    iteration per epoch would time a cold start (its first batch gathered while the GPU waits) at every boundary."""
+
+    def __init__(self, loader):
+        self.loader, self.dataset = loader, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return self.loader.epochs(0)
+
+
 def _endless_device(loader, device):
-    for epoch in itertools.count():
-        loader.sampler.set_epoch(epoch)
-        yield from engine.DeviceBatches(loader, device)
+    return iter(engine.DeviceBatches(_AllEpochs(loader), device))
 
 
 def step_flops(model, a, device, criterion) -> float:
@@ -322,7 +337,7 @@ def get_parser() -> argparse.ArgumentParser:
     tr.add_argument("-a", "--amp", default="bf16", choices=("off", "fp16", "bf16"), help="autocast (default bf16)")
     tr.add_argument("-b", "--batch-size", type=int, default=128, help="batch (default 128)")
     tr.add_argument("--steps", type=int, default=30, help="steps timed (default 30)")
-    tr.add_argument("--warmup", type=int, default=10, help="steps before timing (default 10)")
+    tr.add_argument("--warmup", type=int, default=10, help="steps before timing, at least 1 (default 10)")
     tr.add_argument("--num-classes", type=int, default=200, help="with --synthetic (default 200, CUB's)")
     tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     tr.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -336,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(a, flag, None)
         if value is not None and value < (0 if flag in ("workers", "warmup") else 1):
             raise FgicError(f"--{flag.replace('_', '-')} {value}: too small")
+    if a.cmd == "train" and a.warmup < 1:
+        raise FgicError(f"--warmup {a.warmup}: train needs at least 1 warm-up step (the first step loads the kernels, "
+                        f"and on a GPU cuDNN tries its algorithms: timing it would not measure throughput)")
     if a.crop > a.resize + 2 * a.padding:
         raise FgicError(f"--crop {a.crop} is larger than --resize {a.resize} plus twice --padding {a.padding}")
     result = loader_cmd(a) if a.cmd == "loader" else train_cmd(a)

@@ -25,6 +25,7 @@ import PIL
 import torchvision
 from tqdm import tqdm
 
+from fgic import signals
 from fgic.errors import FgicError
 
 FORMAT = "fgic-cache 1"
@@ -160,8 +161,10 @@ def _build(folder: Path, name: str, key: dict, samples, resize: int, workers: in
         bar = tqdm(total=len(paths), desc=f"caching {name}", unit="img", disable=not show, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 30)
         if workers > 0 and len(chunks) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for done in pool.map(_fill, chunks):
+            with ProcessPoolExecutor(max_workers=workers, initializer=signals.ignore_stop) as pool:
+                with signals.blocked():  # map submits every chunk, starting the builders (see signals.ignore_stop)
+                    filled = pool.map(_fill, chunks)
+                for done in filled:
                     bar.update(done)
         else:
             for chunk in chunks:

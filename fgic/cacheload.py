@@ -1,6 +1,8 @@
 """Reading the decoded-image cache: a dataset over it and a loader that gathers whole training batches with threads."""
 from __future__ import annotations
 
+import copy
+import itertools
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -64,7 +66,7 @@ class CachedBatches:
     """Training batches (uint8 resized images, labels, crop/flip params) gathered whole from the cache's memory map
     by `threads` threads (numpy copies release the GIL), `depth` batches ahead of the consumer: no worker
     processes, no per-item collation, and one host copy per image. In place of a DataLoader: it has `dataset`,
-    `sampler` (a TrainSampler; its set_epoch applies) and len().
+    `sampler` (a TrainSampler; its set_epoch applies) and len(). `epochs()` chains epochs with one producer.
 
     With `pin` (training on a GPU) each batch lives in pinned memory from torch's caching host allocator, which
     hands a block out again only once the copies from it have finished. Without it, the batches cycle through
@@ -79,8 +81,31 @@ class CachedBatches:
         return len(self.sampler) // self.batch_size
 
     def __iter__(self):
-        keys = list(self.sampler)
-        chunks = [keys[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size)]
+        """The batches of the sampler's current epoch."""
+        yield from self._consume(self._chunks(list(self.sampler)))
+
+    def epochs(self, first: int = 0):
+        """The batches of epochs first, first + 1, ... without end, from one producer thread, so the next epoch's
+        first batches are gathered while this one's last are consumed (a benchmark's steady state; training
+        iterates epoch by epoch, an evaluation between them). Each epoch's keys are the sampler's, as set_epoch(e)
+        then iter would give them; the sampler itself is left as it is."""
+        sampler = copy.copy(self.sampler)
+
+        def chunks():
+            for epoch in itertools.count(first):
+                sampler.set_epoch(epoch)
+                batches = self._chunks(list(sampler))
+                if not batches:  # else the producer would search for a batch forever
+                    raise ValueError(f"an epoch of {len(sampler)} samples holds no batch of {self.batch_size}")
+                yield from batches
+        yield from self._consume(chunks())
+
+    def _chunks(self, keys: list) -> list:
+        """Whole batches of `keys`; the last partial one is dropped (drop_last, as the DataLoader's)."""
+        return [keys[i:i + self.batch_size] for i in range(0, len(keys) // self.batch_size * self.batch_size,
+                                                             self.batch_size)]
+
+    def _consume(self, chunks):
         ready: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
         producer = threading.Thread(target=self._produce, args=(chunks, ready, stop), daemon=True,

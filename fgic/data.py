@@ -1,6 +1,7 @@
 """The data path: resolve -d to a folder, check its layout, and build the keyed datasets and loaders."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from fgic import augment, cache, scan
+from fgic import augment, cache, scan, signals
 from fgic.cacheload import CachedBatches, CachedImageFolder
 from fgic.errors import FgicError
 from fgic.samplers import ShardSampler, TrainSampler
@@ -103,6 +104,22 @@ class KeyedImageFolder(ImageFolder):
         return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
+class Loader(DataLoader):
+    """A DataLoader whose worker processes leave the stop signals to the training process (signals.ignore_stop):
+    they start with the signals blocked (fork and spawn pass the mask on, as does a forkserver started here) and
+    ignore them from their first step on."""
+
+    def __init__(self, dataset, **opts):
+        super().__init__(dataset, worker_init_fn=signals.ignore_stop, **opts)
+
+    def __iter__(self):
+        if self.num_workers:  # under spawn and forkserver, a lock starts multiprocessing's resource tracker, whose
+            # start ends with SIGTERM unblocked (SIG_UNBLOCK, not a restore): here, not inside the block below
+            (self.multiprocessing_context or multiprocessing.get_context()).Lock()
+        with signals.blocked():  # the workers start here (once, with persistent_workers)
+            return super().__iter__()
+
+
 def drop_bad_images(ds: ImageFolder, mode: str, skip: bool, workers: int) -> None:
     """Scan a split; bad files are an error naming them, or (with --skip-bad-images) left out with a count."""
     bad = scan.scan([p for p, _ in ds.samples], mode, workers=max(workers, 2))
@@ -124,8 +141,12 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_workers(local_world_size: int) -> int:
-    """Loader workers per process: the CPUs this process may use, shared among the processes of the node, at most 8."""
+def default_workers(local_world_size: int, kind: str = "single", env=os.environ) -> int:
+    """Loader workers per process: the CPUs this process may count on, at most 8. An srun task counts its own
+    --cpus-per-task (its affinity mask shows the whole node where Slurm does not bind tasks to CPUs); other
+    processes share the CPUs they may use with the node's other processes (torchrun's workers, their launcher's)."""
+    if kind == "srun" and env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return min(8, usable_cpus(), int(env["SLURM_CPUS_PER_TASK"]))
     return min(8, usable_cpus() // max(1, local_world_size))
 
 
@@ -146,9 +167,8 @@ def build(args, root: Path, world_size: int, rank: int, pin_memory: bool):
     if isinstance(train_set, CachedImageFolder):  # whole batches gathered from the memory map by threads
         train_loader = CachedBatches(train_set, sampler, per_process, threads=max(args.workers, 1), pin=pin_memory)
     else:
-        train_loader = DataLoader(train_set, batch_size=per_process, drop_last=True, sampler=sampler, **opts)
-    test_loader = DataLoader(test_set, batch_size=per_process, sampler=ShardSampler(len(test_set), world_size, rank),
-                             **opts)
+        train_loader = Loader(train_set, batch_size=per_process, drop_last=True, sampler=sampler, **opts)
+    test_loader = Loader(test_set, batch_size=per_process, sampler=ShardSampler(len(test_set), world_size, rank), **opts)
     return train_set, test_set, train_loader, test_loader
 
 

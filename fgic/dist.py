@@ -6,6 +6,7 @@ import gc
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -80,13 +81,35 @@ def _int_or_none(value: str | None) -> int | None:
     return int(value) if value else None
 
 
+def check_port(host: str, port: int, env: os._Environ | dict = os.environ) -> None:
+    """On the rendezvous host, before the store listens: a port taken by another job or service is one line naming
+    MASTER_PORT and a port that is free now, not a bind error on one rank while the others wait for it. Bound with
+    SO_REUSEADDR, as torch's store binds: a requeued job's own connections in TIME_WAIT do not count."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+            return
+        except OSError:
+            pass
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as free:
+        free.bind(("", 0))
+        spare = free.getsockname()[1]
+    given = "MASTER_PORT" if env.get("MASTER_PORT") else f"the port derived from job {env.get('SLURM_JOB_ID')}"
+    raise FgicError(f"rendezvous port {port} on {host} ({given}) is in use, by another job or service; set "
+                    f"MASTER_PORT to a free one for this job, e.g. `export MASTER_PORT={spare}` before sbatch/srun")
+
+
 def parse_gpus(gpu_flag: str | None) -> list[int]:
     if not gpu_flag:
         return []
     try:
-        return [int(g) for g in gpu_flag.split(",") if g.strip()]
+        gpus = [int(g) for g in gpu_flag.split(",") if g.strip()]
     except ValueError:
         raise FgicError(f"-g/--gpu {gpu_flag!r}: give GPU ids such as 0 or 0,1,2,3") from None
+    if any(g < 0 for g in gpus) or len(set(gpus)) < len(gpus):
+        raise FgicError(f"-g/--gpu {gpu_flag}: give each GPU id once, 0 or more (e.g. 0,1,2,3)")
+    return gpus
 
 
 def relaunch_per_gpu(gpus: list[int], argv: list[str]) -> None:
@@ -135,6 +158,8 @@ class Dist:
             torch.cuda.set_device(device)
         if launch.world_size > 1:
             if launch.kind == "srun":  # torchrun exports these itself
+                if launch.rank == 0:
+                    check_port(launch.master_addr, launch.master_port)
                 os.environ.setdefault("MASTER_ADDR", launch.master_addr)
                 os.environ.setdefault("MASTER_PORT", str(launch.master_port))
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",

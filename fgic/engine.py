@@ -26,15 +26,28 @@ def check_amp(amp: str, device: torch.device) -> None:
         raise FgicError(f"-a/--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use -a fp16")
 
 
-def sgd(model: nn.Module, device: torch.device, **opts) -> torch.optim.SGD:
-    """SGD with momentum; on a GPU its fused kernel (torch >= 2.3 builds that have it), else the foreach one. The CPU
-    keeps torch's default per-parameter loop."""
-    if device.type == "cuda":
+def sgd(model: nn.Module, device: torch.device, *, fused: bool | None = None, **opts) -> torch.optim.SGD:
+    """SGD with momentum; fused (torch >= 2.3 builds that have it) where `fused` says, by default on a GPU, else the
+    foreach kernel there; the CPU keeps torch's default per-parameter loop.
+
+    The momentum buffers exist, zeroed, before the first step. torch's fused SGD creates them with `empty_like` at
+    its first step and leaves them so when the GradScaler skips that step (an fp16 overflow at the initial scale,
+    common); the next step then applied the garbage (seen: 1e24 on the CPU, torch 2.14.1). A zero buffer gives
+    0.9 * 0 + g = g, bitwise what SGD's own first step stores (dampening 0), on every kernel and torch version."""
+    if fused is None:
+        fused = device.type == "cuda"
+    if fused:
         try:
-            return torch.optim.SGD(model.parameters(), fused=True, **opts)
+            optimizer = torch.optim.SGD(model.parameters(), fused=True, **opts)
         except (TypeError, RuntimeError):
-            return torch.optim.SGD(model.parameters(), foreach=True, **opts)
-    return torch.optim.SGD(model.parameters(), **opts)
+            optimizer = torch.optim.SGD(model.parameters(), foreach=device.type == "cuda", **opts)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), fused=False, foreach=device.type == "cuda", **opts)
+    if optimizer.defaults["momentum"] and optimizer.defaults["dampening"] == 0:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
 
 
 def progress(loader, dist: Dist, desc: str):
@@ -155,8 +168,9 @@ def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_clas
         totals[0] += loss.double()
         totals[1] += hit1.sum()
         totals[2] += hitk.sum()
-        totals[3:3 + num_classes] += torch.bincount(labels[hit1], minlength=num_classes)
-        totals[3 + num_classes:] += torch.bincount(labels, minlength=num_classes)
+        # per-class counts by index_add_: labels[hit1] and CUDA's bincount wait for the GPU (an output size to learn)
+        totals[3:3 + num_classes].index_add_(0, labels, hit1.double())
+        totals[3 + num_classes:].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
     dist.all_reduce_sum(totals)
     loss_sum, correct, correct_k = totals[:3].tolist()
     class_correct = totals[3:3 + num_classes].long().tolist()

@@ -1,18 +1,31 @@
-"""Models: a torchvision classifier by name, its head replaced for the dataset, its weights, its BatchNorm synchronised."""
+"""Models: a torchvision classifier by name, built for the crop size, its head replaced for the dataset, its weights,
+its BatchNorm synchronised."""
 from __future__ import annotations
 
 import difflib
+import math
 import sys
+import time
 
 import torch
 from torch import nn
 from torchvision import models
+from torchvision.models.vision_transformer import interpolate_embeddings
 
 from fgic import weights as weights_mod
 from fgic.errors import FgicError
 from fgic.syncbn import convert_sync_batchnorm
 
 IMAGENET_CLASSES = 1000
+# The auxiliary classifiers of GoogLeNet and Inception v3. fgic builds these archs without them (see `options`), so
+# their entries in a weights file are dropped, as torchvision's googlenet builder drops them after loading ImageNet's.
+AUX_HEADS = ("aux1.", "aux2.", "AuxLogits.")
+# How long check_input looks for crops that work near a refused one: larger crops first, for up to MAX_S (up to
+# crop + 512), then smaller ones for up to MORE_S (a crop too small for a model fails at every smaller one too). A try
+# costs a constructor call that fails at once (ViTs, MaxViT) or a forward on the meta device up to the layer that
+# fails (inception_v3 near 64 px: 0.13 s of CPU; its refusal at 64 px takes 2.7 s of CPU in all, densenet201's at 8 px
+# 5 s, a ViT's or MaxViT's under 1 s).
+MORE_S, MAX_S = 1.0, 20.0
 
 
 def check_arch(arch: str) -> None:
@@ -23,16 +36,131 @@ def check_arch(arch: str) -> None:
         raise FgicError(f"--arch {arch}: not a torchvision classification model; {hint}")
 
 
-def build(arch: str, num_classes: int, weights: str) -> nn.Module:
-    """torchvision's `arch` with --weights applied and every 1000-way ImageNet head replaced by a num_classes one."""
+def options(arch: str, crop: int | None) -> dict:
+    """The constructor arguments fgic builds `arch` with. ViTs and MaxViT are built for one image size, crop x crop.
+    GoogLeNet and Inception v3 come without their auxiliary heads (the loss uses the main output only, so under DDP
+    their parameters get no gradient and the second step stops with "Expected to have finished reduction") and with
+    transform_input=True, as torchvision builds them for their ImageNet weights, which expect it. The flag is in no
+    state_dict, so fgic sets it whatever --weights is: a file trained by fgic, from ImageNet or from scratch, loads
+    into the model it was trained as (from scratch it is a fixed per-channel affine map of the input)."""
+    if crop is not None and arch.startswith("vit_"):
+        return {"image_size": crop}
+    if crop is not None and arch.startswith("maxvit_"):
+        return {"input_size": (crop, crop)}
+    if arch in ("googlenet", "inception_v3"):
+        # init_weights=True is torchvision's default for these; naming it avoids its FutureWarning
+        return {"aux_logits": False, "transform_input": True, "init_weights": True}
+    return {}
+
+
+def construct(arch: str, crop: int | None = None) -> nn.Module:
+    """torchvision's `arch`, freshly initialised, with fgic's constructor options (see `options`)."""
+    return models.get_model(arch, weights=None, **options(arch, crop))
+
+
+def build(arch: str, num_classes: int, weights: str, crop: int | None = None) -> nn.Module:
+    """torchvision's `arch` for crop x crop images (None: its default size) with --weights applied and every
+    1000-way ImageNet head replaced by a num_classes one."""
     check_arch(arch)
-    model = models.get_model(arch, weights=None)
+    model = construct(arch, crop)
     if weights.split(":")[0] == "imagenet":
-        model.load_state_dict(weights_mod.load_imagenet(arch, weights))
+        state = fit_to_model(model, weights_mod.load_imagenet(arch, weights), f"{arch}'s ImageNet weights")
+        model.load_state_dict(state)
     heads = replace_head(model, num_classes)
     if weights not in ("none",) and weights.split(":")[0] != "imagenet":
         load_file(model, weights, heads)
     return model
+
+
+def fit_to_model(model: nn.Module, state: dict, source: str) -> dict:
+    """A state_dict made fit for fgic's build of its arch: auxiliary heads dropped, and a ViT's position embeddings
+    for another image size interpolated to the model's patch grid (torchvision's interpolate_embeddings), with a
+    notice."""
+    state = {k: v for k, v in state.items() if not k.startswith(AUX_HEADS)}
+    key = "encoder.pos_embedding"
+    if not isinstance(model, models.VisionTransformer) or key not in state:
+        return state
+    have, want = state[key].shape, model.encoder.pos_embedding.shape
+    side = math.isqrt(have[1] - 1) if len(have) == 3 and have[1] > 1 else 0
+    if have == want or side * side != have[1] - 1 or have[2] != want[2]:
+        return state  # the same grid, or not a ViT of this width: load_state_dict names the mismatch
+    grid = model.image_size // model.patch_size
+    print(f"fgic: notice: {source}: position embeddings for {side}x{side} patches interpolated to {grid}x{grid} for "
+          f"--crop {model.image_size}", file=sys.stderr)
+    return dict(interpolate_embeddings(model.image_size, model.patch_size, state))
+
+
+def check_input(arch: str, crop: int) -> None:
+    """Stop with one line when `arch` cannot train on crop x crop images; says which crops nearby can. Meant for
+    before any data work: at 448 px it takes 0.01-0.8 s of CPU for the archs of torchvision 0.29, regnets 0.2-1.6 s
+    and regnet_y_128gf 6 s (see `construct_on_meta`)."""
+    built: dict = {}
+    problem = input_problem(arch, crop, built)
+    if problem is None:
+        return
+    found = [str(c) for c in nearest_crops(arch, crop, built) if c is not None]
+    hint = f"try --crop {' or '.join(found)}" if found else "no crop near it was found to work"
+    raise FgicError(f"--arch {arch} cannot take --crop {crop} ({problem}); {hint}")
+
+
+def input_problem(arch: str, crop: int, built: dict | None = None) -> str | None:
+    """Why `arch` cannot run a training-mode forward of 2 crop x crop images (the batch of 2 gives BatchNorm more than
+    one value per channel, training mode takes the train-only paths), or None when it can. The model is built on the
+    meta device, where tensors have shapes but no data: no memory, no arithmetic. `built` keeps models between calls
+    for archs whose structure does not depend on the crop."""
+    built = {} if built is None else built
+    key = repr(options(arch, crop))
+    try:
+        if key not in built:
+            built[key] = construct_on_meta(arch, crop)
+        model = built[key]
+        image = torch.zeros(2, 3, crop, crop, device="meta")
+        try:
+            model(image)
+        except Exception as exc:  # a meta limitation, not the crop's: a real forward decides (no arch needs it today)
+            if not meta_limited(exc):
+                raise
+            with torch.no_grad():
+                construct(arch, crop).train()(torch.zeros(2, 3, crop, crop))
+    except Exception as exc:  # a size the model cannot take fails in whatever layer breaks, with any exception type
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return None
+
+
+def construct_on_meta(arch: str, crop: int) -> nn.Module:
+    """`construct` on the meta device, in training mode. RegNets compute their widths from tensors while building,
+    which the meta device cannot read back: those are built on the CPU and then moved (0.2-1.6 s of CPU,
+    regnet_y_128gf 6 s and 2.4 GB for that time)."""
+    try:
+        with torch.device("meta"):
+            return construct(arch, crop).train()
+    except Exception as exc:
+        if not meta_limited(exc):
+            raise
+    return construct(arch, crop).to("meta").train()
+
+
+def meta_limited(exc: Exception) -> bool:
+    """Whether an exception says that an operation cannot run on the meta device (no kernel, no data to read)."""
+    return isinstance(exc, NotImplementedError) or "meta" in str(exc).lower()
+
+
+def nearest_crops(arch: str, crop: int, built: dict | None = None) -> tuple[int | None, int | None]:
+    """The crops nearest to `crop` below and above it on which `arch` runs; None where none was found (see MORE_S)."""
+    built = {} if built is None else built
+    above = first_fitting(arch, range(crop + 1, crop + 513), MAX_S, built)
+    return first_fitting(arch, range(crop - 1, 0, -1), MORE_S, built), above
+
+
+def first_fitting(arch: str, crops, seconds: float, built: dict) -> int | None:
+    """The first of `crops` that `arch` runs on; None if none does, or none did within `seconds`."""
+    deadline = time.monotonic() + seconds
+    for crop in crops:
+        if input_problem(arch, crop, built) is None:
+            return crop
+        if time.monotonic() > deadline:
+            return None
+    return None
 
 
 def replace_head(model: nn.Module, num_classes: int) -> list[str]:
@@ -58,7 +186,7 @@ def replace_head(model: nn.Module, num_classes: int) -> list[str]:
 def load_file(model: nn.Module, path: str, heads: list[str]) -> None:
     """Load a state_dict file: a whole fine-tuned model, or a backbone whose head has another class count (the
     head then stays freshly initialised)."""
-    state = weights_mod.read_state_dict(path)
+    state = fit_to_model(model, weights_mod.read_state_dict(path), path)
     own = model.state_dict()
     head_keys = {k for k in own if k.rpartition(".")[0] in heads}
     mismatched = {k for k, v in state.items() if k in own and v.shape != own[k].shape}
@@ -89,5 +217,6 @@ def sync_batchnorm(model: nn.Module, device: torch.device, distributed: bool, sa
 
 
 def logits(output) -> torch.Tensor:
-    """The main output of a model (Inception/GoogLeNet return a named tuple with aux outputs while training)."""
+    """The main output of a model: torchvision's Inception/GoogLeNet with auxiliary heads return a named tuple while
+    training (fgic builds them without, see `options`)."""
     return output.logits if hasattr(output, "logits") else output

@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import submitit
 
-from fgic import config, data, ddp
+from fgic import config, data, ddp, requeue
 from fgic.errors import FgicError, run_cli
 from fgic.signals import EXIT_PREEMPTED, term_held
 
@@ -35,7 +37,9 @@ def launcher_parser(add_help: bool) -> argparse.ArgumentParser:
     g.add_argument("--nodes", type=int, default=1)
     g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one process each (default 0: CPU)")
     g.add_argument("--tasks-per-node", type=int, help="processes per node (default: --gpus-per-node, at least 1)")
-    g.add_argument("--cpus-per-task", type=int, help="CPUs per process")
+    g.add_argument("--cpus-per-task", type=int,
+                   help="CPUs per process (default with GPUs: the node's CPUs per GPU times the GPUs per process, "
+                        "the fewest among the partition's nodes, from sinfo; without GPUs Slurm's default, 1)")
     g.add_argument("--mem-gb", type=float, help="memory per node")
     g.add_argument("--partition", help="Slurm partition")
     g.add_argument("--account", help="Slurm account")
@@ -69,7 +73,12 @@ class Train(submitit.helpers.Checkpointable):
         on_signal = signal.getsignal(usr_sig)  # submitit's handler: checkpoint(), then requeue on rank 0
         code = ddp.main(self.argv)  # installs fgic's handlers: it stops at a step boundary with a checkpoint
         if code == EXIT_PREEMPTED and callable(on_signal):
-            hand_over(on_signal, usr_sig)  # rank 0 requeues and exits there; the other ranks go on to return
+            state = requeue.ending(requeue.show(requeue.job_id()) or "")
+            if state:  # scancel: the job ends here, with its checkpoint
+                print(f"fgic: job {requeue.job_id()} is {state}, not running (cancelled?): not requeued",
+                      file=sys.stderr, flush=True)
+            else:
+                hand_over(on_signal, usr_sig)  # rank 0 requeues and exits there; the other ranks go on to return
         if code not in (0, EXIT_PREEMPTED):
             raise RuntimeError(f"fgic.ddp {' '.join(self.argv)} exited with {code}")
         return code
@@ -93,13 +102,60 @@ def jobs(args: argparse.Namespace, fgic_argv: list[str]) -> list[tuple[list[str]
     return out
 
 
+def cluster(args: argparse.Namespace) -> str:
+    """Where the jobs run: --cluster, or for auto submitit's own choice (Slurm when srun is on PATH)."""
+    return args.cluster if args.cluster != "auto" else submitit.AutoExecutor.which()
+
+
+def tasks_per_node(args: argparse.Namespace) -> int:
+    """--tasks-per-node, else one per GPU (one on a CPU node)."""
+    return args.tasks_per_node or max(args.gpus_per_node, 1)
+
+
+def cpus_per_task(args: argparse.Namespace) -> str:
+    """Fill in --cpus-per-task for a Slurm GPU job and say where the number came from. Without it submitit asks
+    for Slurm's default, 1 CPU per task: the training process and all its loader workers on one core. The default
+    is the node's CPUs per GPU times the process's GPUs, with the fewest CPUs per GPU among the partition's nodes
+    that have enough GPUs, so the job fits on any of them and leaves the other GPUs their share."""
+    if args.cpus_per_task is not None:
+        return f"--cpus-per-task {args.cpus_per_task}"
+    if not args.gpus_per_node:
+        return "Slurm's default CPUs per task, 1 (give --cpus-per-task for more)"
+    partition = args.partition or os.environ.get("SBATCH_PARTITION")
+    cmd = ["sinfo", "--noheader", "--Node", "--format=%P|%c|%G", *(["--partition", partition] if partition else [])]
+    give = "give --cpus-per-task (CPUs per process)"
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FgicError(f"--cpus-per-task: no default without sinfo's node list ({exc}); {give}") from None
+    if out.returncode != 0:
+        why = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[0]
+        raise FgicError(f"--cpus-per-task: no default: {' '.join(cmd)} failed ({why}); {give}")
+    rows = [line.split("|", 2) for line in out.stdout.splitlines() if line.count("|") >= 2]
+    if not partition and any(part.endswith("*") for part, _, _ in rows):
+        rows = [row for row in rows if row[0].endswith("*")]  # the default partition, where sbatch sends the jobs
+    per_gpu = []
+    for part, cpus, gres in rows:  # gres: gpu:4, gpu:a100:4(S:0-1), gpu:a100:2,gpu:v100:2, (null)
+        gpus = sum(int(n) for n in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
+        if gpus >= args.gpus_per_node and cpus.strip().isdigit():
+            per_gpu.append(int(cpus) // gpus)
+    where = f"partition {partition}" if partition else "the default partition"
+    if not per_gpu:
+        raise FgicError(f"--cpus-per-task: no default: sinfo shows no node with {args.gpus_per_node} GPUs in {where}; "
+                        f"{give}, or check --gpus-per-node and --partition")
+    args.cpus_per_task = max(1, min(per_gpu) * args.gpus_per_node // tasks_per_node(args))
+    return f"--cpus-per-task {args.cpus_per_task} ({min(per_gpu)} CPUs per GPU on the nodes of {where}, from sinfo)"
+
+
 def executor(args: argparse.Namespace, folder: Path) -> submitit.AutoExecutor:
-    cluster = None if args.cluster == "auto" else args.cluster
-    ex = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster, slurm_max_num_timeout=args.max_timeouts)
-    params = dict(name="fgic", timeout_min=args.timeout, nodes=args.nodes,
-                  tasks_per_node=args.tasks_per_node or max(args.gpus_per_node, 1),
+    ex = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster(args), slurm_max_num_timeout=args.max_timeouts)
+    params = dict(name="fgic", timeout_min=args.timeout, nodes=args.nodes, tasks_per_node=tasks_per_node(args),
                   slurm_array_parallelism=args.max_parallel,
                   slurm_additional_parameters={"requeue": True})
+    if args.cpus_per_task:  # submitit's srun line does not pass it, and Slurm 22.05's srun does not take it from
+        # the job: on 22.05.8, a 2-task job with --cpus-per-task=4 ran a step that asked for cpu:2 without this
+        # (scontrol show step: TresPerStep=cpu:2) and TresPerTask=cpu:4 with it
+        params["slurm_srun_args"] = [f"--cpus-per-task={args.cpus_per_task}"]
     for key, value in (("gpus_per_node", args.gpus_per_node or None), ("cpus_per_task", args.cpus_per_task),
                        ("mem_gb", args.mem_gb), ("slurm_partition", args.partition),
                        ("slurm_account", args.account), ("slurm_constraint", args.constraint)):
@@ -130,10 +186,19 @@ def main(argv: list[str] | None = None) -> int:
         raise FgicError("--datasets: name at least one dataset (cub, aircraft, cars, demo or a folder), or give -d")
     args.seeds = args.seeds or [full.seed]
     args.amps = args.amps or [full.amp]
+    for flag in ("nodes", "tasks_per_node", "cpus_per_task"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise FgicError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a number of at least 1")
+    if args.gpus_per_node < 0:
+        raise FgicError(f"--gpus-per-node {args.gpus_per_node}: give 0 (CPU) or more")
     planned = jobs(args, fgic_argv)
+    cpus = cpus_per_task(args) if cluster(args) == "slurm" else None
     folder = Path(args.logs or Path(full.output_dir) / "submitit")
     for argv_i, run_dir in planned:
         print(f"{'would submit' if args.dry_run else 'job'}: fgic.ddp {' '.join(argv_i)}  ->  {run_dir}")
+    if cpus:
+        print(f"each job: {args.nodes} node(s) x {tasks_per_node(args)} task(s), {args.gpus_per_node} GPU(s) per node, "
+              f"{cpus}")
     if args.dry_run:
         print(f"{len(planned)} job(s); logs would go to {folder}, runs to {full.output_dir}")
         return 0

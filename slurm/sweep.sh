@@ -32,6 +32,8 @@ set -uo pipefail
 read -ra datasets <<<"${DATASETS:-cub aircraft cars}"
 read -ra seeds <<<"${SEEDS:-0 1 2}"
 read -ra amps <<<"${AMPS:-off}"
+# extra may be empty: under set -u, bash 4.2/4.3 (RHEL/CentOS 7) call a plain @ or * expansion of an empty array
+# an "unbound variable" error, so it is expanded as ${extra[@]+"${extra[@]}"} (nothing when empty)
 read -ra extra <<<"${FGIC_ARGS:-}"
 runs="${RUNS:-runs}"
 python="${PYTHON:-python3}"
@@ -56,12 +58,15 @@ i="$SLURM_ARRAY_TASK_ID"
 amp="${amps[i % ${#amps[@]}]}"
 seed="${seeds[(i / ${#amps[@]}) % ${#seeds[@]}]}"
 dataset="${datasets[i / (${#amps[@]} * ${#seeds[@]})]}"
-echo "fgic sweep: task $i of $n: -d $dataset --seed $seed --amp $amp ${extra[*]}" \
+echo "fgic sweep: task $i of $n: -d $dataset --seed $seed --amp $amp ${FGIC_ARGS:-}" \
      "(job ${SLURM_JOB_ID}, restart ${SLURM_RESTART_COUNT:-0}, $(date -Is))"
 
+# Since Slurm 22.05 srun does not take the job's --cpus-per-task; where Slurm binds tasks to CPUs, the launcher
+# (and every process and loader worker it starts) would get one CPU.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi
 failed="$runs/failed/$(basename -- "$dataset")-$amp-s$seed.json"
 srun --kill-on-bad-exit=1 "$python" -m launch.torchrun -d "$dataset" --seed "$seed" --amp "$amp" \
-    --output-dir "$runs" "${extra[@]}"
+    --output-dir "$runs" ${extra[@]+"${extra[@]}"}
 rc=$?
 if [ "$rc" -eq 0 ]; then
     rm -f -- "$failed"
@@ -70,6 +75,6 @@ elif [ "$rc" -ne 75 ]; then
     mkdir -p -- "$runs/failed"
     "$python" -c 'import json, sys; d, s, a, rc, log, path = sys.argv[1:7]
 json.dump({"dataset": d, "seed": int(s), "amp": a, "args": sys.argv[7:], "exit_code": int(rc), "log": log},
-          open(path, "w"), indent=2)' "$dataset" "$seed" "$amp" "$rc" "$log" "$failed" "${extra[@]}"
+          open(path, "w"), indent=2)' "$dataset" "$seed" "$amp" "$rc" "$log" "$failed" ${extra[@]+"${extra[@]}"}
 fi
 exit "$rc"

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
 from PIL import Image
 
-from fgic import bench
+from fgic import bench, cacheload
 from fgic.errors import FgicError
 
 SMALL = ["--resize", "40", "--crop", "32", "--padding", "4", "-w", "0"]
@@ -61,6 +62,47 @@ def test_bad_input_is_one_line(tmp_path):
         bench.main(["loader", "-d", str(tmp_path / "none")])
     with pytest.raises(FgicError, match="--crop 600 is larger"):
         bench.main(["loader", "-d", str(tmp_path), "--crop", "600"])
+    with pytest.raises(FgicError, match="--warmup 0: train needs at least 1 warm-up step"):
+        bench.main(["train", "--synthetic", "--warmup", "0"])
     if not torch.cuda.is_available():
         with pytest.raises(FgicError, match="--device cuda: no CUDA GPU"):
             bench.main(["train", "--synthetic", "--device", "cuda"])
+
+
+def test_cached_batches_chain_epochs_from_one_producer(jpgs, monkeypatch):
+    """epochs() gives epoch 0's batches, then epoch 1's, ..., exactly as set_epoch + iter does, from one producer
+    thread, and leaves the sampler as it was."""
+    loader = bench.fgic_loader(jpgs, 40, 32, 4, 4, 0, False, None)  # 20 images: 5 batches of 4 an epoch
+    expected = []
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        expected += [tuple(t.clone() for t in batch) for batch in loader]  # a ring buffer: valid until the next
+    assert len(expected) == 15
+    producers = []
+    real = cacheload.CachedBatches._produce
+    monkeypatch.setattr(cacheload.CachedBatches, "_produce",
+                        lambda self, *a: producers.append(threading.current_thread().name) or real(self, *a))
+    loader.sampler.set_epoch(7, skip=4)
+    batches = loader.epochs(0)
+    chained = [tuple(t.clone() for t in next(batches)) for _ in range(16)]
+    batches.close()
+    assert producers == ["fgic-cache-batches"]
+    assert all(torch.equal(a, b) for got, want in zip(chained, expected, strict=False) for a, b in zip(got, want))
+    assert [int(p.sum()) for _, _, p in chained[:5]] != [int(p.sum()) for _, _, p in chained[5:10]]  # new draws
+    assert (loader.sampler.epoch, loader.sampler.skip) == (7, 4)
+    assert not any(t.name == "fgic-cache-batches" for t in threading.enumerate())  # close() stopped it
+
+
+def test_train_keeps_one_producer_across_epochs(jpgs, tmp_path, monkeypatch):
+    """1 warm-up and 12 timed steps of 5 per epoch span 3 epochs: one producer feeds them all (a new one per
+    epoch would time a cold first batch at each boundary)."""
+    producers = []
+    real = cacheload.CachedBatches._produce
+    monkeypatch.setattr(cacheload.CachedBatches, "_produce",
+                        lambda self, *a: producers.append(threading.current_thread().name) or real(self, *a))
+    monkeypatch.setattr(bench, "prep_cost", lambda *a: {})  # its own 3-batch pass reads the loader afresh
+    out = tmp_path / "train.json"
+    bench.main(["train", "-d", str(jpgs), *SMALL, "--arch", "resnet18", "-b", "4", "--steps", "12", "--warmup", "1",
+                "--amp", "off", "--device", "cpu", "--json", str(out)])
+    assert json.loads(out.read_text())["steps_timed"] == 12
+    assert producers == ["fgic-cache-batches"]

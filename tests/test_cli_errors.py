@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from fgic import ddp
+from fgic import ddp, dist
 from fgic.errors import run_cli
 from tests.conftest import make_dataset, run_fgic, tiny_args
 
@@ -49,10 +49,12 @@ CASES = [  # (case, extra flags, what the one line must say)
     ("resume_file", ["--resume", "nowhere.pt"], "--resume nowhere.pt: no such file"),
     ("output_dir_is_a_file", ["--output-dir", "/dev/null"], "--output-dir: cannot write the run folder /dev/null/"),
     ("cache_dir_is_a_file", ["--cache", "on", "--cache-dir", "/dev/null"], "--cache-dir /dev/null: cannot create it"),
+    ("repeated_gpu_id", ["-g", "0,1,0"], "-g/--gpu 0,1,0: give each GPU id once"),
 ]
 if not torch.cuda.is_available():
     CASES += [("no_cuda", ["--device", "cuda"], "--device cuda: no CUDA GPU"),
-              ("no_gpu_id", ["--device", "auto", "-g", "3"], "-g/--gpu 3: no CUDA GPU")]
+              ("no_gpu_id", ["--device", "auto", "-g", "3"], "-g/--gpu 3: no CUDA GPU"),
+              ("no_gpu_ids", ["--device", "auto", "-g", "0,1"], "-g/--gpu 0,1: no CUDA GPU")]
 
 
 @pytest.fixture
@@ -68,7 +70,10 @@ def in_process(monkeypatch):
 
 
 @pytest.mark.parametrize("case,extra,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gets_one_clear_line(tmp_path, good, case, extra, message, in_process, capsys):
+def test_bad_input_gets_one_clear_line(tmp_path, good, case, extra, message, in_process, capsys, monkeypatch):
+    def relaunch(gpus, argv):  # -g with several ids starts one process per GPU, after every id is checked
+        raise AssertionError(f"relaunched for -g {gpus} before the ids were checked")
+    monkeypatch.setattr(dist, "relaunch_per_gpu", relaunch)
     data = tmp_path / "absent" if case == "missing_folder" else (
         broken(tmp_path, good, case) if case in ("no_test", "no_classes", "empty_class", "other_classes") else good)
     args = ["-d", str(data), *tiny_args(epochs=1, batch_size=6), "--data-root", str(tmp_path / "root"),

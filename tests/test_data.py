@@ -117,3 +117,15 @@ def test_batch_must_split_evenly(batch, world):
     with pytest.raises(FgicError, match=f"-b/--batch-size {batch} does not split evenly over {world}"):
         data.check_batch(batch, world)
     assert data.check_batch(6, 3) == 2
+
+
+@pytest.mark.parametrize("kind,local,env,usable,expected", [
+    ("single", 1, {}, 16, 8), ("torchrun", 4, {}, 16, 4), ("torchrun", 4, {}, 2, 0),  # sharing the launcher's CPUs
+    ("srun", 4, {"SLURM_CPUS_PER_TASK": "6"}, 64, 6),  # Slurm does not bind: the mask shows the node
+    ("srun", 4, {"SLURM_CPUS_PER_TASK": "6"}, 6, 6),  # bound to its own 6, not a quarter of them
+    ("srun", 4, {"SLURM_CPUS_PER_TASK": "8"}, 1, 1),  # the job's value, which srun 22.05 did not pass on: 1 CPU
+    ("srun", 4, {}, 16, 4),
+])
+def test_default_loader_workers_follow_each_process_s_cpus(monkeypatch, kind, local, env, usable, expected):
+    monkeypatch.setattr(data, "usable_cpus", lambda: usable)
+    assert data.default_workers(local, kind, env) == expected

@@ -1,3 +1,4 @@
+import socket
 import subprocess
 import sys
 
@@ -106,3 +107,48 @@ def test_a_slow_set_up_step_is_waited_for_past_the_collective_timeout(tmp_path, 
         assert res.returncode == 0, res.stderr
     else:
         assert res.returncode != 0 and "Timed out waiting" in res.stderr, res.stderr  # the collective
+
+
+@pytest.fixture
+def taken_port():
+    with socket.socket() as server:
+        server.bind(("", 0))
+        server.listen()
+        yield server.getsockname()[1]
+
+
+def test_a_taken_rendezvous_port_is_one_line_with_a_free_one(taken_port):
+    with pytest.raises(FgicError, match=rf"port {taken_port} on n1 \(the port derived from job 77\) is in use.*"
+                                        r"`export MASTER_PORT=\d+`"):
+        dist.check_port("n1", taken_port, {"SLURM_JOB_ID": "77"})
+    with pytest.raises(FgicError, match=r"\(MASTER_PORT\) is in use"):
+        dist.check_port("n1", taken_port, {"MASTER_PORT": str(taken_port)})
+    launch = dist.Launch("srun", 0, 2, 0, 2, "localhost", taken_port)  # rank 0 of srun tasks checks before listening
+    with pytest.raises(FgicError, match=f"port {taken_port}"):
+        dist.Dist.start(launch, torch.device("cpu"))
+
+
+def test_a_requeued_jobs_own_closed_connections_do_not_make_the_port_taken():
+    """The restart of a requeued job derives the same port; the connections its store closed linger in TIME_WAIT
+    on that port, which the store itself (SO_REUSEADDR) may bind over."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the server side closes first: its end of the connection waits in TIME_WAIT
+        client.close()
+    dist.check_port("localhost", port, {})
+
+
+def test_launch_torchrun_checks_the_port_on_the_first_node(taken_port):
+    env = fgic_env(SLURM_JOB_ID="5", SLURM_NNODES="2", SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost,other",
+                   MASTER_PORT=str(taken_port), CUDA_VISIBLE_DEVICES="", PATH="/usr/bin:/bin")
+    res = subprocess.run([sys.executable, "-m", "launch.torchrun", "-d", "demo"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"launch.torchrun: error: rendezvous port {taken_port} on localhost (MASTER_PORT) is "
+                               f"in use"), lines

@@ -69,3 +69,15 @@ def test_a_checkpoint_carrying_code_is_refused_end_to_end(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "evil.pt: refused" in res.stderr.strip().splitlines()[-1]
     assert not marker.exists()
+
+
+def test_a_slow_epoch_end_save_is_waited_for_past_the_collective_timeout(tiny_data, tmp_path):
+    """Rank 0 writes checkpoint.pt at each epoch's end (a large model, a slow shared file system; here the test hook
+    holds each overwrite 15 s) while the other rank would already wait in the next epoch's collectives, which give up
+    after FGIC_COLLECTIVE_TIMEOUT_S (10 s here, 120 s by default; NCCL's watchdog then aborts the job). It waits for
+    the save under the set-up timeout instead."""
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(epochs=3), "--output-dir", str(tmp_path)], nproc=2,
+                   FGIC_COLLECTIVE_TIMEOUT_S="10", FGIC_TEST_STALL_SAVE_S="15")
+    assert res.returncode == 0 and "Timed out" not in res.stderr, res.stderr
+    run = tmp_path / "tiny" / "resnet18-off-s2020"
+    assert [m["epoch"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]

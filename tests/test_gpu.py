@@ -1,15 +1,17 @@
-"""CUDA-only paths (NCCL, torch's SyncBatchNorm, CUDA AMP, batches cropped on the GPU, no host sync per step):
-`pytest -m gpu` on a GPU machine; skipped without CUDA."""
+"""CUDA-only paths (NCCL, torch's SyncBatchNorm, CUDA AMP, batches cropped on the GPU, no host sync per step or
+per evaluation batch, fused SGD under a skipped fp16 step, repeatable --deterministic runs): `pytest -m gpu` on a GPU
+machine (`bash tests/gpu/check.sh` runs them with the benchmarks); skipped without CUDA."""
 import argparse
 import json
 import warnings
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from fgic import augment, bench, data, engine, models
 from fgic.dist import Dist, Launch
-from tests.conftest import read_jsonl, run_fgic, tiny_args
+from tests.conftest import read_jsonl, run_fgic, same_result, tiny_args
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -38,19 +40,44 @@ def _loaders(root, cache):
     return data.build(args, root, 1, 0, pin_memory=True)
 
 
-def test_cached_and_uncached_gpu_batches_are_equal(tiny_data):
-    cuda = torch.device("cuda")
-    (_, _, cached, cached_test), (_, _, plain, plain_test) = _loaders(tiny_data, "on"), _loaders(tiny_data, "off")
+def test_cached_gpu_batches_equal_the_cpu_path_bit_for_bit(tiny_data):
+    """The cache + the GPU's crop/flip/normalize give exactly the uncached loader's batches on the GPU, and exactly
+    the CPU path's (PIL decode and resize, crop image by image, normalize on the CPU), cached or not."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    loaders = {(cache, dev): _loaders(tiny_data, cache) for cache in ("on", "off") for dev in (cuda, cpu)}
     for epoch in (0, 1):
-        cached.sampler.set_epoch(epoch)
-        plain.sampler.set_epoch(epoch)
-        pairs = list(zip(engine.DeviceBatches(cached, cuda), engine.DeviceBatches(plain, cuda), strict=True))
-        assert len(pairs) == 4
-        for (x, y), (x2, y2) in pairs:
+        for _, _, train, _ in loaders.values():
+            train.sampler.set_epoch(epoch)
+        batches = [list(engine.DeviceBatches(train, dev)) for (_, dev), (_, _, train, _) in loaders.items()]
+        assert [len(b) for b in batches] == [4, 4, 4, 4]
+        for (x, y), *others in zip(*batches):
             assert x.is_cuda and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
-            assert torch.equal(x, x2) and torch.equal(y, y2)
-    tests = zip(engine.DeviceBatches(cached_test, cuda), engine.DeviceBatches(plain_test, cuda), strict=True)
-    assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in tests)
+            for x2, y2 in others:
+                assert torch.equal(x.cpu(), x2.cpu()) and torch.equal(y.cpu(), y2.cpu())
+    tests = [list(engine.DeviceBatches(test, dev)) for (_, dev), (_, _, _, test) in loaders.items()]
+    assert len(tests[0]) == 17  # 101 images in batches of 6
+    for (x, y), *others in zip(*tests, strict=True):
+        assert all(torch.equal(x.cpu(), x2.cpu()) and torch.equal(y.cpu(), y2.cpu()) for x2, y2 in others)
+
+
+def _count_syncs(fn):
+    """(fn(), the synchronisations torch's sync debug mode reports while it runs)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return out, sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_the_sync_count_sees_host_reads():
+    """What the two no-sync tests below rely on: three reads of the device are three synchronisations."""
+    cuda = torch.device("cuda")
+    _, n = _count_syncs(lambda: [torch.ones(1, device=cuda).sum().item() for _ in range(3)])
+    assert n >= 3
 
 
 @pytest.mark.parametrize("cache", ["on", "off"])
@@ -67,27 +94,137 @@ def test_no_host_sync_per_training_step(tiny_data, cache):
     counts = []
     for steps in (1, 2, 4):  # the first epoch (not compared) initialises cuDNN, cuBLAS and the allocators
         loader.sampler.set_epoch(0, skip=(4 - steps) * 6)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                out = engine.train_one_epoch(model, loader, opt, scaler, torch.nn.CrossEntropyLoss(), dist, "bf16",
-                                             desc="t")
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        out, n = _count_syncs(lambda: engine.train_one_epoch(model, loader, opt, scaler, torch.nn.CrossEntropyLoss(),
+                                                             dist, "bf16", desc="t"))
         assert out["train_images"] == steps * 6
-        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        counts.append(n)
     assert counts[1] == counts[2], counts
-    torch.cuda.set_sync_debug_mode("warn")  # the check sees syncs: three reads of the device, three warnings
+
+
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_no_host_sync_per_evaluation_batch(tiny_data, cache):
+    """Evaluation's per-class counts, top-1 and top-5 stay on the device: the synchronisations torch reports are
+    the same for 2 batches as for 4 (the totals are read once, at the end)."""
+    cuda = torch.device("cuda")
+    _, test_set, _, _ = _loaders(tiny_data, cache)
+    model = models.build("resnet18", 3, "none").to(cuda).to(memory_format=torch.channels_last)
+    dist = Dist(Launch("single", rank=1), cuda)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    counts = []
+    for batches in (1, 2, 4):  # the first (not compared) initialises cuDNN and the allocators
+        loader = DataLoader(test_set, batch_size=6, sampler=range(6 * batches), num_workers=2, pin_memory=True)
+        out, n = _count_syncs(lambda: engine.evaluate(model, loader, criterion, dist, "bf16", 3))
+        assert out["test_total"] == sum(out["class_total"]) == 6 * batches
+        counts.append(n)
+    assert counts[1] == counts[2], counts
+
+
+SKIP_SCALE, NEXT_SCALE = 2.0 ** 70, 2.0 ** 10  # 2**70 overflows fp16 gradients; x 2**-60 backs off to 2**10
+
+
+def _task_batches(n: int, size: int, classes: int, batch: int, device: torch.device) -> list:
+    """n fixed batches of a task a few steps learn (each class a colour cast on noise), channels_last."""
+    g = torch.Generator().manual_seed(0)
+    palette = torch.rand(classes, 3, 1, 1, generator=g) * 2 - 1
+    out = []
+    for _ in range(n):
+        labels = torch.randint(0, classes, (batch,), generator=g)
+        images = torch.randn(batch, 3, size, size, generator=g) + 1.5 * palette[labels]
+        out.append((images.to(device).contiguous(memory_format=torch.channels_last), labels.to(device)))
+    return out
+
+
+def _fp16_run(batches: list, fused: bool, skip: bool, device: torch.device) -> dict:
+    """fgic's fp16 step (engine.sgd, engine.train_step) from the same initial weights. With `skip` the GradScaler
+    starts at 2**70, so the first batch's step is skipped and the scale backs off to 2**10; without it the run
+    starts at 2**10 on the second batch. Returns the final parameters and scale, and what the skipped step left."""
+    torch.manual_seed(0)
+    model = models.build("resnet18", 3, "none").to(device).to(memory_format=torch.channels_last)
+    opt = engine.sgd(model, device, lr=0.05, momentum=0.9, weight_decay=5e-4, **({} if fused else {"fused": False}))
+    assert bool(opt.defaults.get("fused")) == fused
+    scaler = torch.amp.GradScaler(device.type, init_scale=SKIP_SCALE if skip else NEXT_SCALE, backoff_factor=2.0 ** -60)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    # The caching allocator hands freed blocks of a size out again for that size: a momentum buffer left
+    # uninitialised (empty_like) by the first step would hold 1e20, not whatever fresh memory holds (zeros hide it).
+    poison = [torch.full_like(p, 1e20) for p in params for _ in range(4)]
+    del poison
+    after_skip = None
+    for i, (images, labels) in enumerate(batches if skip else batches[1:]):
+        engine.train_step(model, images, labels, opt, scaler, criterion, device, "fp16")
+        if skip and i == 0:
+            buffers = [b for p in params if (b := opt.state[p].get("momentum_buffer")) is not None]
+            after_skip = {"scale": scaler.get_scale(), "moved": _max_diff([p.detach() for p in params], before),
+                          "buffers": _max_diff(buffers, [torch.zeros_like(b) for b in buffers]) if buffers else 0.0}
+    return {"params": [p.detach().clone() for p in params], "scale": scaler.get_scale(), "after_skip": after_skip}
+
+
+def _max_diff(a: list, b: list) -> float:
+    """The largest |a - b| over lists of tensors; NaN if any is (Python's max would pass a NaN over)."""
+    return torch.stack([(x - y).abs().max() for x, y in zip(a, b, strict=True)]).max().item()
+
+
+def test_fp16_skipped_first_step_leaves_the_weights_of_plain_sgd():
+    """A first fp16 step that the GradScaler skips leaves no trace: afterwards fused SGD (fgic's default on a GPU)
+    and torch's non-fused SGD end where plain SGD without the skip ends, as close as the two kernels' rounding alone
+    puts them (the same runs without the skip). Uninitialised momentum (torch's fused SGD after a skipped first
+    step) is off by ~1e20 x lr."""
+    cuda = torch.device("cuda")
+    batches = _task_batches(4, 64, 3, 8, cuda)
+    deterministic, benchmark = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # the runs differ by SGD alone
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(3):
-                torch.ones(1, device=cuda).sum().item()
+        runs = {(fused, skip): _fp16_run(batches, fused, skip, cuda)
+                for fused in (True, False) for skip in (True, False)}
     finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert sum("synchroniz" in str(w.message) for w in caught) >= 3
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, benchmark
+    for fused in (True, False):
+        assert runs[fused, True]["after_skip"] == {"scale": NEXT_SCALE, "moved": 0.0, "buffers": 0.0}
+    assert {r["scale"] for r in runs.values()} == {NEXT_SCALE}  # no later step was skipped
+    plain = runs[False, False]["params"]
+    control = _max_diff(runs[True, False]["params"], plain)  # fused vs non-fused kernel, no skip: rounding alone
+    fused_skip, plain_skip = (_max_diff(runs[fused, True]["params"], plain) for fused in (True, False))
+    print(f"max |weight difference| from plain SGD without the skip: fused after the skip {fused_skip:.3g}, "
+          f"non-fused after the skip {plain_skip:.3g}; rounding control (fused, no skip) {control:.3g}")
+    assert fused_skip <= 2 * control + 1e-5 and plain_skip <= 2 * control + 1e-5
+
+
+AMP_LOSS_REL = 0.05  # "a few percent": each step's loss within 5% of fp32's (calibrated on the CPU: <= 1.7%)
+
+
+def _amp_losses(amp: str, device: torch.device) -> list[float]:
+    """The losses of fgic's step over 8 fixed batches (resnet18 at 112 px, batch 32, 10 classes, the recipe's
+    momentum, weight decay and label smoothing, lr 0.01), from the same initial weights. No fp16 step may be skipped
+    (the runs would not take the same steps): on the CPU the first overflow comes at a scale of 2**18, not 2**16."""
+    torch.manual_seed(0)
+    model = models.build("resnet18", 10, "none").to(device).to(memory_format=torch.channels_last)
+    opt = engine.sgd(model, device, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # as fgic.ddp makes it
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    losses = []
+    for images, labels in _task_batches(8, 112, 10, 32, device):
+        loss, _ = engine.train_step(model, images, labels, opt, scaler, criterion, device, amp)
+        losses.append(loss.item())
+    assert scaler.get_scale() == 2.0 ** 16 if amp == "fp16" else not scaler.is_enabled()  # GradScaler's start
+    return losses
+
+
+@pytest.fixture(scope="module")
+def fp32_losses():
+    return _amp_losses("off", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_losses_stay_within_a_few_percent_of_fp32(fp32_losses, amp):
+    """bf16 and fp16 train like fp32 (-a off, with torch's defaults, as fgic runs it): each step's loss within 5% of
+    fp32's. The fp32 loss falls by over a fifth meanwhile, so a run that did not learn would be far outside."""
+    assert fp32_losses[-1] < 0.8 * fp32_losses[0], fp32_losses
+    losses = _amp_losses(amp, torch.device("cuda"))
+    rel = [abs(a - b) / b for a, b in zip(losses, fp32_losses, strict=True)]
+    print(f"{amp} losses {[round(v, 4) for v in losses]}\nfp32 losses {[round(v, 4) for v in fp32_losses]}\n"
+          f"largest relative difference {max(rel):.4f} (limit {AMP_LOSS_REL})")
+    assert max(rel) <= AMP_LOSS_REL
 
 
 @pytest.mark.parametrize("cache", ["on", "off"])
@@ -126,3 +263,15 @@ def test_two_gpus_nccl_sync_bn_match_one(tiny_data, tmp_path):
     assert diff < 1e-2
     assert [m["test_total"] for m in out[2][1]] == [101, 101]
     assert [m["test_correct"] for m in out[1][1]] == [m["test_correct"] for m in out[2][1]]
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_deterministic_one_gpu_run_is_repeatable_bitwise(tiny_data, tmp_path, amp):
+    """Two `python -m fgic.ddp --deterministic` runs on 1 GPU: bitwise equal weights, equal metrics."""
+    runs = []
+    for name in ("a", "b"):
+        res = run_fgic(["-d", str(tiny_data), *cuda_args(epochs=2), "-a", amp, "--output-dir", str(tmp_path / name)])
+        assert res.returncode == 0, res.stderr
+        runs.append(tmp_path / name / "tiny" / f"resnet18-{amp}-s2020")
+    assert json.loads((runs[0] / "config.json").read_text())["deterministic"] is True
+    same_result(runs[1], runs[0])

@@ -1,6 +1,7 @@
 """launch.torchrun works out the torchrun command from the Slurm allocation or the visible GPUs, joins two "nodes"
 into one job, and holds the stop signals back until fgic's handlers are in place; launch.submitit plans and checks."""
 import json
+import os
 import re
 import signal
 import socket
@@ -107,6 +108,87 @@ def test_submitit_checks_every_combination_before_submitting(tiny_data, argv, me
     from launch import submitit as launcher
     with pytest.raises(FgicError, match=re.escape(message)):
         launcher.main([str(tiny_data) if a == "DATA" else a for a in argv] + ["--dry-run"])
+
+
+# sinfo --Node --format=%P|%c|%G as on a cluster whose default partition mixes node types (typed GPUs, sockets)
+NODES = """gpu*|32|gpu:4
+gpu*|48|gpu:a100:4(S:0-1)
+gpu*|96|gpu:a100:2,gpu:v100:2
+gpu*|6|gpu:2
+gpu*|64|(null)
+big|40|gpu:4
+big|8|(null)"""
+FAKE_SINFO = """#!/bin/bash
+part=""
+while [ $# -gt 0 ]; do [ "$1" = --partition ] && part="$2"; shift; done
+printf '%s\\n' "$SINFO_NODES" | while IFS= read -r row; do
+    p="${row%%|*}"; { [ -z "$part" ] || [ "${p%\\*}" = "$part" ]; } && echo "$row"
+done
+"""
+
+
+def fake_bin(tmp_path, **scripts) -> str:
+    """A PATH with these stand-ins first."""
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    for name, text in scripts.items():
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
+
+
+@pytest.mark.parametrize("flags,env,expected", [
+    # the fewest CPUs per GPU among the default partition's nodes with 4 GPUs or more: 32/4 (not 6/2, not big's)
+    (["--gpus-per-node", "4"], {}, "4 task(s), 4 GPU(s) per node, --cpus-per-task 8 (8 CPUs per GPU on the nodes "
+                                   "of the default partition, from sinfo)"),
+    (["--gpus-per-node", "2", "--tasks-per-node", "1"], {}, "--cpus-per-task 6 (3 CPUs per GPU"),  # 6/2 now fits
+    (["--gpus-per-node", "4", "--tasks-per-node", "1", "--partition", "big"], {}, "--cpus-per-task 40 (10 CPUs"),
+    (["--gpus-per-node", "4"], {"SBATCH_PARTITION": "big"}, "--cpus-per-task 10 (10 CPUs per GPU on the nodes of "
+                                                           "partition big"),
+    (["--gpus-per-node", "4", "--cpus-per-task", "3"], {"SINFO_NODES": ""}, "GPU(s) per node, --cpus-per-task 3\n"),
+    ([], {"SINFO_NODES": ""}, "1 task(s), 0 GPU(s) per node, Slurm's default CPUs per task, 1 (give --cpus-per-task"),
+], ids=["default-partition", "one-task-two-gpus", "partition-flag", "SBATCH_PARTITION", "given", "cpu-job"])
+def test_submitit_default_cpus_per_task_is_the_nodes_share_per_gpu(tiny_data, tmp_path, capsys, monkeypatch, flags,
+                                                                     env, expected):
+    from launch import submitit as launcher
+    monkeypatch.setenv("PATH", fake_bin(tmp_path, sinfo=FAKE_SINFO))
+    monkeypatch.delenv("SBATCH_PARTITION", raising=False)
+    for name, value in {"SINFO_NODES": NODES, **env}.items():
+        monkeypatch.setenv(name, value)
+    assert launcher.main(["-d", str(tiny_data), "--cluster", "slurm", "--dry-run", *flags]) == 0
+    assert expected in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,path,message", [
+    (["--gpus-per-node", "8"], "sinfo", "--cpus-per-task: no default: sinfo shows no node with 8 GPUs in the default "
+                                        "partition; give --cpus-per-task (CPUs per process), or check --gpus-per-node"),
+    (["--gpus-per-node", "4"], "", "--cpus-per-task: no default without sinfo's node list ("),
+    (["--gpus-per-node", "4", "--cpus-per-task", "0"], "sinfo", "--cpus-per-task 0: give a number of at least 1"),
+], ids=["too-few-gpus", "no-sinfo", "zero"])
+def test_submitit_without_a_default_cpus_per_task_says_to_give_one(tiny_data, tmp_path, monkeypatch, flags, path,
+                                                                    message):
+    from fgic.errors import FgicError
+    from launch import submitit as launcher
+    monkeypatch.setenv("PATH", fake_bin(tmp_path, sinfo=FAKE_SINFO) if path else str(tmp_path))
+    monkeypatch.setenv("SINFO_NODES", NODES)
+    with pytest.raises(FgicError, match=re.escape(message)):
+        launcher.main(["-d", str(tiny_data), "--cluster", "slurm", "--dry-run", *flags])
+
+
+def test_submitit_asks_the_job_and_its_srun_step_for_the_cpus(tiny_data, tmp_path):
+    """The sbatch script submitit writes: the job asks for the CPUs per task, and so does its srun line, since
+    Slurm 22.05's srun does not take --cpus-per-task from the job (tests/test_slurm.py shows the step on Slurm)."""
+    script = tmp_path / "job.sh"
+    path = fake_bin(tmp_path, sinfo=FAKE_SINFO, srun="#!/bin/sh\nexit 1\n",
+                    sbatch=f'#!/bin/bash\ncp "${{@: -1}}" {script}\necho "Submitted batch job 42"\n')
+    out = subprocess.run([sys.executable, "-m", "launch.submitit", "-d", str(tiny_data), "--gpus-per-node", "4",
+                          *tiny_args(), "--output-dir", str(tmp_path / "runs")], cwd=REPO,
+                         env=fgic_env(PATH=path, SINFO_NODES=NODES), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "submitted 1 job(s) to slurm: 42" in out.stdout, out.stdout + out.stderr
+    lines = script.read_text().splitlines()
+    assert "#SBATCH --cpus-per-task=8" in lines and "#SBATCH --ntasks-per-node=4" in lines
+    srun = [line for line in lines if line.startswith("srun ")]
+    assert len(srun) == 1 and " --cpus-per-task=8 " in srun[0], srun
 
 
 def test_submitit_wait_says_why_a_job_failed(tiny_data, tmp_path):

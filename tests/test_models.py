@@ -1,6 +1,8 @@
 import pytest
 import torch
+from torch import nn
 from torchvision import models as tvm
+from torchvision.models.vision_transformer import interpolate_embeddings
 
 from fgic import models, weights
 from fgic.errors import FgicError
@@ -10,17 +12,61 @@ from tests.conftest import PickledCode
 @pytest.mark.parametrize("arch,head", [
     ("resnet18", ["fc"]), ("mobilenet_v3_small", ["classifier.3"]), ("squeezenet1_0", ["classifier.1"]),
     ("efficientnet_b0", ["classifier.1"]), ("densenet121", ["classifier"]), ("convnext_tiny", ["classifier.2"]),
-    ("inception_v3", ["AuxLogits.fc", "fc"]), ("vit_b_16", ["heads.head"]),
+    ("inception_v3", ["fc"]), ("googlenet", ["fc"]), ("vit_b_16", ["heads.head"]),
 ])
 def test_head_is_replaced_whatever_it_is_called(arch, head):
     torch.manual_seed(0)
-    model = tvm.get_model(arch, weights=None)
+    model = models.construct(arch, crop=96)
     assert models.replace_head(model, 7) == head
     model.eval()
-    size = 224 if arch == "vit_b_16" else 96
     with torch.inference_mode():
-        out = models.logits(model(torch.zeros(1, 3, size, size)))
+        out = model(torch.zeros(1, 3, 96, 96))
     assert out.shape == (1, 7)
+
+
+@pytest.mark.parametrize("arch,crop,hint", [
+    ("vit_b_16", 100, "try --crop 96 or 112"),  # a multiple of the patch size
+    ("vit_h_14", 64, "try --crop 56 or 70"),
+    ("maxvit_t", 64, "try --crop 221"),  # every stage's grid divisible by the 7x7 partition
+    ("inception_v3", 64, "try --crop 75"),  # too small: a 3x3 kernel meets a 2x2 map
+])
+def test_a_crop_the_arch_cannot_take_is_refused_with_the_crops_that_work(arch, crop, hint):
+    with pytest.raises(FgicError) as exc:
+        models.check_input(arch, crop)
+    line = str(exc.value)
+    assert line.startswith(f"--arch {arch} cannot take --crop {crop} (") and line.endswith(f"); {hint}")
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize("arch,crop", [
+    ("vit_b_16", 448), ("maxvit_t", 448), ("maxvit_t", 221), ("swin_t", 100), ("swin_v2_t", 100),
+    ("inception_v3", 75), ("googlenet", 64),
+    ("regnet_x_400mf", 64),  # its constructor reads tensors back, which the meta device cannot: built on the CPU
+])
+def test_crops_the_arch_takes_pass_the_check(arch, crop):
+    models.check_input(arch, crop)
+
+
+def test_a_vit_is_built_for_the_crop():
+    model = models.build("vit_b_32", 5, "none", crop=96)
+    assert model.image_size == 96 and model.encoder.pos_embedding.shape == (1, 1 + 3 * 3, 768)
+    model.train()
+    assert model(torch.zeros(2, 3, 96, 96)).shape == (2, 5)
+    assert models.build("vit_b_32", 5, "none").image_size == 224  # no crop: torchvision's size (fgic.bench)
+
+
+def test_the_check_falls_back_to_a_real_forward_where_the_meta_device_cannot_run_one(monkeypatch):
+    class NeedsData(nn.Module):  # reads a value back, as no meta tensor can, then needs 33 px for its kernel
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 1, 33)
+
+        def forward(self, x):
+            return self.conv(x * (x.abs().max().item() + 1))
+
+    monkeypatch.setattr(models, "construct", lambda arch, crop=None: NeedsData())
+    assert models.input_problem("resnet18", 33) is None
+    assert "Kernel size can't be greater than actual input size" in models.input_problem("resnet18", 32)
 
 
 def test_unknown_arch_suggests_names():
@@ -48,6 +94,54 @@ def test_imagenet_weights_come_from_the_torch_cache(torch_home):
     model = models.build("resnet18", 5, "imagenet")
     assert torch.equal(model.layer1[0].conv1.weight, reference["layer1.0.conv1.weight"])
     assert model.fc.out_features == 5
+
+
+def imagenet_file(arch: str, state: dict) -> None:
+    """Put `state` where fgic and torchvision look for the arch's ImageNet weights (no download)."""
+    path = weights.cache_file(weights.imagenet_weights(arch))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def test_vit_imagenet_weights_get_position_embeddings_for_the_crop(torch_home, tmp_path, capsys):
+    torch.manual_seed(0)
+    reference = tvm.vit_b_32(weights=None).state_dict()  # 224 px: 7x7 patches of 32
+    imagenet_file("vit_b_32", reference)
+    model = models.build("vit_b_32", 5, "imagenet", crop=448)
+    expected = interpolate_embeddings(448, 32, dict(reference))["encoder.pos_embedding"]
+    assert model.encoder.pos_embedding.shape == (1, 1 + 14 * 14, 768)
+    assert torch.equal(model.encoder.pos_embedding, expected)
+    assert torch.equal(model.conv_proj.weight, reference["conv_proj.weight"])
+    assert capsys.readouterr().err.splitlines() == [
+        "fgic: notice: vit_b_32's ImageNet weights: position embeddings for 7x7 patches interpolated to 14x14 for "
+        "--crop 448"]
+
+    models.build("vit_b_32", 5, "imagenet", crop=224)  # their own size: loaded as they are, nothing said
+    assert capsys.readouterr().err == ""
+
+    torch.save(model.state_dict(), tmp_path / "tuned448.pt")  # a model fine-tuned at 448, trained on at 224
+    again = models.build("vit_b_32", 5, str(tmp_path / "tuned448.pt"), crop=224)
+    assert torch.equal(again.heads.head.weight, model.heads.head.weight)
+    assert again.encoder.pos_embedding.shape == (1, 1 + 7 * 7, 768)
+    assert "tuned448.pt: position embeddings for 14x14 patches interpolated to 7x7" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch,aux", [("googlenet", ["aux1", "aux2"]), ("inception_v3", ["AuxLogits"])])
+def test_googlenet_and_inception_use_imagenet_weights_as_torchvision_does(torch_home, arch, aux):
+    """torchvision's builder, given ImageNet weights, loads them into a model with auxiliary heads and
+    transform_input=True (then drops googlenet's heads; inception_v3's stay). fgic's build, without the heads, must
+    compute the same features."""
+    torch.manual_seed(0)
+    imagenet_file(arch, tvm.get_model(arch, weights=None, aux_logits=True, init_weights=True).state_dict())
+    ours = models.build(arch, 5, "imagenet")
+    theirs = tvm.get_model(arch, weights="IMAGENET1K_V1")  # from the same file, in the torch cache
+    assert ours.transform_input and not ours.aux_logits
+    assert all(getattr(ours, name) is None for name in aux)
+    ours.fc, theirs.fc = nn.Identity(), nn.Identity()  # fgic's head has 5 classes
+    assert set(ours.state_dict()) == {k for k in theirs.state_dict() if not k.startswith(models.AUX_HEADS)}
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        assert torch.equal(ours.eval()(x), theirs.eval()(x))
 
 
 def test_missing_imagenet_weights_say_how_to_fetch_them(torch_home):

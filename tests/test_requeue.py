@@ -12,7 +12,7 @@ def scontrol(tmp_path, monkeypatch):
     log = tmp_path / "calls"
     script = tmp_path / "scontrol"
     script.write_text(f'#!/bin/sh\necho "$@" >> {log}\n'
-                      f'[ "$1" = show ] && echo "JobId=$3 Requeue=${{FAKE_REQUEUE:-1}} Restarts=0"\n'
+                      f'[ "$1" = show ] && echo "JobId=$3 JobState=${{FAKE_STATE:-RUNNING}} Requeue=${{FAKE_REQUEUE:-1}} Restarts=0"\n'
                       f'[ "$1" = requeue ] && [ -n "$FAKE_STEP_KILL" ] && kill -TERM $$\nexit 0\n')
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
@@ -43,3 +43,10 @@ def test_the_requeues_own_sigterm_does_not_fail_it(scontrol, monkeypatch):
     not turn a done requeue into "failed" (the stand-in signals itself the moment it has requeued)."""
     monkeypatch.setenv("FAKE_STEP_KILL", "1")
     assert requeue.requeue({"SLURM_JOB_ID": "42"}) == "requeued Slurm job 42"
+
+
+def test_a_cancelled_job_is_not_requeued(scontrol, monkeypatch):
+    """A plain `scancel` also ends with SIGTERM (fgic checkpoints); the job is COMPLETING by then and stays ended."""
+    monkeypatch.setenv("FAKE_STATE", "COMPLETING")
+    assert requeue.requeue({"SLURM_JOB_ID": "42"}) == "job 42 is COMPLETING, not running (cancelled?): not requeued"
+    assert scontrol.read_text().splitlines() == ["show job 42"]

@@ -1,16 +1,18 @@
 """Preemption: a stop signal mid-epoch checkpoints the step boundary, and the resumed run ends bitwise-identical."""
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 from fgic.signals import EXIT_PREEMPTED
-from tests.conftest import make_dataset, popen, read_jsonl, run_fgic, same_result, tiny_args, workers
+from tests.conftest import REPO, fgic_env, make_dataset, popen, read_jsonl, run_fgic, same_result, tiny_args, workers
 
 RUN = ("tiny8", "resnet18-off-s2020")
 
@@ -109,3 +111,70 @@ def test_resume_on_another_world_size(data8, references, tmp_path):
     ours, ref = read_jsonl(run / "metrics.jsonl"), read_jsonl(references(2) / "metrics.jsonl")
     assert [m["epoch"] for m in ours] == [1, 2] and ours[-1]["test_total"] == 30
     assert ours[1]["train_loss"] == pytest.approx(ref[1]["train_loss"], rel=1e-2)
+
+
+# A stand-in scontrol: `show job` allows a requeue; `requeue` takes 2 s, then writes how many processes of the other
+# rank (its caller's sibling under torchrun) are running: it and its 4 loader workers, until it leaves (a leaving rank
+# shuts its loader workers down at once, and may then take seconds to exit).
+SCONTROL = """#!{python}
+import os, sys, time
+if sys.argv[1:3] == ["show", "job"]:
+    print("JobId=4242 JobName=fgic Requeue=1 Restarts=0")
+elif sys.argv[1:2] == ["requeue"]:
+    time.sleep(2)
+    def stat(pid):  # (state, parent)
+        try:
+            state, ppid = open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            return "gone", None
+        return state, ppid
+    pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    rank0 = str(os.getppid())
+    rank1 = [p for p in pids if stat(p)[1] == stat(rank0)[1] and p != rank0]
+    running = [p for p in pids if (p in rank1 or stat(p)[1] in rank1) and stat(p)[0] not in ("Z", "gone")]
+    open({record!r}, "w").write(str(len(running)))
+else:
+    sys.exit(1)
+"""
+
+
+def tree(pid: int) -> list[int]:
+    """A process and all its descendants."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid, *(p for child in children for p in tree(int(child)))]
+
+
+def test_a_slurm_step_signalled_whole_stops_together_requeues_and_resumes(data8, references, tmp_path):
+    """As Slurm ends a step (preemption, scancel): SIGTERM to every process of it at once, here launch.torchrun's
+    torchrun, its 2 ranks and their loader workers (-w 2, uncached). The workers ignore it, torchrun holds it (in a
+    Slurm step it would otherwise SIGKILL the ranks 30 s later), every rank stops at the same step, rank 0 writes the
+    checkpoint and requeues the job while the other waits; the same command then resumes bitwise."""
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(SCONTROL.format(python=sys.executable, record=str(tmp_path / "running")))
+    scontrol.chmod(0o755)
+    env = fgic_env(SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_GPUS_ON_NODE="2", SLURM_STEP_ID="0",
+                   SLURM_JOB_NODELIST="localhost", PATH=f"{scontrol.parent}:{os.environ['PATH']}")
+    args = [*args_for(data8, tmp_path, cache="off"), "--workers", "2"]
+    cmd = [sys.executable, "-m", "launch.torchrun", *args]
+    run = tmp_path.joinpath(*RUN)
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, "FGIC_TEST_STEP_SLEEP_S": "0.3"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").is_file() or not read_jsonl(run / "metrics.jsonl"):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    step = tree(proc.pid)  # what Slurm tracks as the step's processes (torchrun starts its workers in new sessions)
+    assert len(step) == 1 + 2 + 2 * (2 + 2), step  # torchrun, 2 ranks, each with 2 train and 2 test loader workers
+    for pid in step:
+        os.kill(pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert err.count("fgic: got SIGTERM") == 2 and "fgic: stopped by SIGTERM" in err, err  # the ranks, nobody else
+    assert "requeued Slurm job 4242" in err and (tmp_path / "running").read_text() == "5", err
+    assert "death signal" not in err and "killed by signal" not in err, err  # torchrun's, a loader worker's
+    assert not re.search(r'File ".*/fgic/', err) and len(re.findall(r"exitcode +: 75 ", err)) == 2, err  # both ranks
+    assert 0 < torch.load(run / "checkpoint.pt", weights_only=True)["step"] < 8
+
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    same_result(run, references(2))

@@ -1,5 +1,6 @@
 """fgic on a real one-node Slurm (`bash tests/slurm/cluster.sh start`): the sweep and train templates, the submitit
-sweep, preemption by scancel and by the time-limit warning, and a failed combination.
+sweep, preemption by scancel --signal (TERM and USR2, to every process of 2-process steps: torchrun on 2 GPUs, or 2
+srun tasks, loader workers included) and by the time-limit warning, a plain scancel, and a failed combination.
 
 The module submits all its jobs at once so that they overlap; each test then waits for its own. In CI (CI set) a
 cluster that is not up fails the tests; elsewhere they skip and say how to start one."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, fgic_env, make_dataset, read_jsonl, same_result, tiny_args
 
@@ -29,6 +32,8 @@ RUN = "resnet18-off-s2020"  # tiny_args()'s run name
 LONG = dict(epochs=12)  # the preempted runs: with FGIC_TEST_STEP_SLEEP_S=2, 4 s or more an epoch on any machine,
 # so the time-limit warning (at most 30 s after the limit is cut, after epoch 1) lands mid-training
 WAIT_S = 600
+SIGNALS = ("term", "usr2")  # the preemptions by signal (scancel --signal=...)
+LOADERS = ["--cache", "off", "--workers", "2"]  # loader worker processes, which the signals reach too
 
 
 def cluster_problem() -> str | None:
@@ -116,8 +121,18 @@ def lab(tmp_path_factory):
         "submitit": start([sys.executable, "-m", "launch.submitit", "--datasets", alpha, "--seeds", "0", "1",
                            "--cluster", "slurm", "--timeout", "10", "--wait", *tiny_args(),
                            "--output-dir", root / "submitit"], PYTHONPATH=str(REPO)),
-        "scancel": start(["sbatch", "--wait", *CPU_JOB, TRAIN, "-d", alpha, *tiny_args(**LONG),
-                          "--output-dir", root / "scancel"], **slow),
+        # GPU-shaped: 2 processes under torchrun on the 2 (fake) GPUs, or 2 srun tasks; loader workers alive
+        **{f"gpu2_{sig}": start(["sbatch", "--wait", "--gpus-per-node=2", "--cpus-per-task=1", TRAIN, "-d", alpha,
+                                 *tiny_args(**LONG), *LOADERS, "--output-dir", root / f"gpu2_{sig}"], **slow)
+           for sig in SIGNALS},
+        **{f"srun2_{sig}": start(["sbatch", "--wait", "--ntasks-per-node=2", "--cpus-per-task=1", "--requeue",
+                                  "--open-mode=append", "--output=fgic-%j.out", "--wrap", shlex.join(
+                                      ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=1", sys.executable, "-m",
+                                       "fgic.ddp", "-d", str(alpha), *tiny_args(**LONG), *LOADERS, "--output-dir",
+                                       str(root / f"srun2_{sig}")])], **slow)
+           for sig in SIGNALS},
+        "cancelled": start(["sbatch", "--wait", *CPU_JOB, TRAIN, "-d", alpha, *tiny_args(**LONG),
+                            "--output-dir", root / "cancelled"], **{**slow, "FGIC_TEST_STEP_SLEEP_S": "1"}),
         "timelimit": start(["sbatch", "--wait", *CPU_JOB, "--time=10", "--signal=USR2@60", TRAIN, "-d", alpha,
                             *tiny_args(**LONG), "--output-dir", root / "timelimit"], **slow),
         "submitit_preempted": start([sys.executable, "-m", "launch.submitit", "--datasets", alpha, "--cluster", "slurm",
@@ -125,10 +140,13 @@ def lab(tmp_path_factory):
                                      "--output-dir", root / "submitit_preempted"], PYTHONPATH=str(REPO), **slow),
         "reference": start([sys.executable, "-m", "fgic.ddp", "-d", alpha, *tiny_args(**LONG),
                             "--output-dir", root / "reference"]),
+        "reference2": start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "fgic.ddp", "-d", alpha, *tiny_args(**LONG), "--output-dir", root / "reference2"]),
     }
     lab = Lab(root, alpha, procs)
-    for name, action in (("scancel", preempt_by_scancel), ("timelimit", preempt_by_time_limit),
-                         ("submitit_preempted", preempt_by_scancel)):
+    preempted = [(f"{layout}_{sig}", preempt_by_scancel) for layout in ("gpu2", "srun2") for sig in SIGNALS]
+    for name, action in (*preempted, ("timelimit", preempt_by_time_limit), ("submitit_preempted", preempt_by_scancel),
+                         ("cancelled", cancel)):
         lab.jobs[name] = lab.job_id(name)
         lab.drivers[name] = Driver(action, lab, name)
         lab.drivers[name].start()
@@ -181,10 +199,10 @@ def test_submitit_sweep(lab):
         assert len(read_jsonl(lab.root / "submitit" / "alpha" / f"resnet18-off-s{seed}" / "metrics.jsonl")) == 2
 
 
-def reference(lab) -> Path:
-    out = lab.finish("reference") if lab.procs["reference"].returncode is None else ""
-    assert lab.procs["reference"].returncode == 0, out
-    return lab.root / "reference" / "alpha" / RUN
+def reference(lab, name: str = "reference") -> Path:
+    out = lab.finish(name) if lab.procs[name].returncode is None else ""
+    assert lab.procs[name].returncode == 0, out
+    return lab.root / name / "alpha" / RUN
 
 
 def wait_for(condition, lab: Lab, name: str, what: str) -> None:
@@ -201,8 +219,20 @@ def first_epoch_done(lab: Lab, name: str) -> Path:
 
 
 def preempt_by_scancel(lab: Lab, name: str) -> None:
+    """A preemption by signal, as scancel --signal sends it: to every process of the job's steps."""
     first_epoch_done(lab, name)
-    subprocess.run(["scancel", "--signal=USR2", lab.jobs[name]], check=True)
+    sig = name.rpartition("_")[2] if name.endswith(SIGNALS) else "usr2"
+    subprocess.run(["scancel", f"--signal={sig.upper()}", lab.jobs[name]], check=True)
+
+
+def cancel(lab: Lab, name: str) -> None:
+    """A plain scancel, early in an epoch's training: the stop then comes within a step, well inside the KillWait
+    (5 s here) after which Slurm kills the job (a signal during evaluation waits for the next epoch's first step)."""
+    metrics = first_epoch_done(lab, name) / "metrics.jsonl"
+    done = len(read_jsonl(metrics))
+    wait_for(lambda: len(read_jsonl(metrics)) > done, lab, name, "the end of an epoch")
+    time.sleep(0.5)  # past the checkpoint write, into the first step
+    subprocess.run(["scancel", lab.jobs[name]], check=True)
 
 
 def preempt_by_time_limit(lab: Lab, name: str) -> None:
@@ -221,14 +251,49 @@ def preempt_by_time_limit(lab: Lab, name: str) -> None:
                                     capture_output=True).returncode == 0, lab, name, "the requeue")
 
 
-@pytest.mark.parametrize("name", ["scancel", "timelimit"])
-def test_preempted_job_requeues_and_ends_as_an_uninterrupted_run(lab, name):
+def test_time_limit_warning_requeues_and_ends_as_an_uninterrupted_run(lab):
+    name = "timelimit"
     lab.drivers[name].check()
     lab.finish(name)
     assert lab.procs[name].returncode == 0
     log = (lab.root / f"fgic-{lab.jobs[name]}.out").read_text()
     assert "fgic: stopped by SIGUSR2" in log and "requeued Slurm job" in log and "(restart 1)" in log, log
     same_result(lab.root / name / "alpha" / RUN, reference(lab))
+
+
+@pytest.mark.parametrize("layout", ["gpu2", "srun2"])
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_two_process_job_preempted_by_a_signal_to_its_whole_step_ends_as_an_uninterrupted_run(lab, layout, sig):
+    """slurm/train.sbatch on 2 GPUs (launch.torchrun: 2 processes under torchrun), or 2 srun tasks of fgic.ddp, with
+    loader workers; `scancel --signal` reaches every process of the step, torchrun and the loader workers included.
+    Every rank stops at one step, rank 0 checkpoints and requeues the job (the others wait for it: the step's
+    --kill-on-bad-exit or torchrun would end rank 0 as soon as one exits), and the restart resumes bitwise."""
+    name = f"{layout}_{sig}"
+    lab.drivers[name].check()
+    out = lab.finish(name)
+    log = (lab.root / f"fgic-{lab.jobs[name]}.out").read_text()
+    assert lab.procs[name].returncode == 0, f"{out}\n{log}"
+    assert f"fgic: stopped by SIG{sig.upper()}" in log and "requeued Slurm job" in log, log
+    assert "fgic: resuming" in log and "killed by signal" not in log and "death signal" not in log, log
+    config = json.loads((lab.root / name / "alpha" / RUN / "config.json").read_text())
+    assert config["world_size"] == 2 and config["launcher"] == ("torchrun" if layout == "gpu2" else "srun")
+    same_result(lab.root / name / "alpha" / RUN, reference(lab, "reference2"))
+
+
+def test_a_cancelled_job_stops_with_its_checkpoint_and_is_not_requeued(lab):
+    """A plain scancel ends with SIGTERM too: fgic checkpoints, but the job stays cancelled."""
+    name = "cancelled"
+    lab.drivers[name].check()
+    lab.finish(name)
+    job = lab.jobs[name]
+    log = (lab.root / f"fgic-{job}.out").read_text()
+    assert "fgic: stopped by SIGTERM" in log and f"job {job} is COMPLETING, not running" in log, log
+    assert "(restart 1)" not in log and "requeued Slurm job" not in log
+    ckpt = torch.load(lab.root / name / "alpha" / RUN / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) >= (1, 1)
+    states = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True,
+                            text=True).stdout.split()
+    assert states and states[0].startswith("CANCELLED"), states
 
 
 def test_submitit_job_preempted_requeues_and_ends_as_an_uninterrupted_run(lab):
@@ -242,3 +307,41 @@ def test_submitit_job_preempted_requeues_and_ends_as_an_uninterrupted_run(lab):
     assert lab.procs[name].returncode == 0 and ": done" in out, why
     assert "fgic: stopped by SIGUSR2" in err and "Requeued job" in log and "fgic: resuming" in log + err, err
     same_result(lab.root / name / "alpha" / RUN, reference(lab))
+
+
+STEP_PROBE = """
+import os, subprocess, sys
+import launch.submitit as launcher
+
+class Probe:  # the job body in place of fgic.ddp: writes what Slurm reports for this task's step
+    def __init__(self, argv):
+        self.out = argv[argv.index("--output-dir") + 1]
+
+    def __call__(self):
+        step = os.environ["SLURM_JOB_ID"] + "." + os.environ["SLURM_STEP_ID"]
+        info = subprocess.run(["scontrol", "show", "step", step], capture_output=True, text=True, check=True).stdout
+        with open(os.path.join(self.out, "task" + os.environ["SLURM_PROCID"]), "w") as f:
+            f.write(info)
+
+launcher.Train = Probe
+sys.exit(launcher.main(sys.argv[1:]))
+"""
+
+
+def test_submitit_gives_each_gpu_process_the_nodes_cpus_per_gpu(lab):
+    """`launch.submitit --gpus-per-node 2` on this node (8 CPUs, 2 GPUs) with no --cpus-per-task: 2 tasks of 4 CPUs,
+    asked of the job and of its srun step. Slurm's view of the step from inside each task: 8 CPUs, cpu:4 per task.
+    Measured before: no default gave a 2-CPU job and step (1 per task); the job's default without srun's gave a
+    step of 8 CPUs that asked for cpu:2 (1 per task: Slurm 22.05's srun does not take it from the job)."""
+    out_dir = lab.root / "cpus"
+    out_dir.mkdir()
+    run = subprocess.run([sys.executable, "-c", STEP_PROBE, "--datasets", str(lab.alpha), "--cluster", "slurm",
+                          "--gpus-per-node", "2", "--timeout", "5", "--wait", *tiny_args(),
+                          "--output-dir", str(out_dir)],
+                         cwd=lab.root, env=fgic_env(SBATCH_JOB_NAME=f"fgic-test-{os.getpid()}"), capture_output=True,
+                         text=True, timeout=WAIT_S)
+    assert run.returncode == 0 and ": done" in run.stdout, run.stdout + run.stderr
+    assert "2 task(s), 2 GPU(s) per node, --cpus-per-task 4 (4 CPUs per GPU" in run.stdout, run.stdout
+    for task in (0, 1):
+        step = (out_dir / f"task{task}").read_text()
+        assert re.search(r"\bCPUs=8 Tasks=2\b", step) and re.search(r"\bTresPerTask=(.*,)?cpu:4\b", step), step

@@ -3,6 +3,7 @@ failed combination leaves its record for the report (srun and scontrol are stand
 import itertools
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -66,3 +67,30 @@ def test_failure_is_recorded_and_preemption_is_not(fake_slurm, tmp_path):
                                               "args": ["--epochs", "2"], "exit_code": 2, "log": "/logs/sweep.out"}
     assert run_task(fake_slurm, tmp_path, 0, 1, **env).returncode == 0
     assert not record.exists()  # a later success clears it
+
+
+def test_empty_fgic_args_add_no_argument(fake_slurm, tmp_path):
+    """No FGIC_ARGS: srun gets exactly the sweep's own flags (no empty "" argument) and the failure record no args."""
+    (fake_slurm / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$#" "$@" >"$SRUN_CALLS"\nexit "${SRUN_EXIT:-0}"\n')
+    env = dict(DATASETS="/nowhere/birds", SEEDS="3")
+    assert run_task(fake_slurm, tmp_path, 0, 1, SRUN_EXIT="2", **env).returncode == 2
+    count, *args = (tmp_path / "calls").read_text().splitlines()
+    assert args == ["--kill-on-bad-exit=1", "python3", "-m", "launch.torchrun", "-d", "/nowhere/birds", "--seed", "3",
+                    "--amp", "off", "--output-dir", str(tmp_path / "runs")] and int(count) == len(args)
+    assert json.loads((tmp_path / "runs" / "failed" / "birds-off-s3.json").read_text())["args"] == []
+
+
+# Under `set -u`, bash before 4.4 (RHEL/CentOS 7 has 4.2) stops with "unbound variable" at "${a[@]}" or ${a[*]} of
+# an array with no elements (bash's CHANGES, 4.4-rc2: "Using ${a[@]} or ${a[*]} with an array without any assigned
+# elements when the nounset option is enabled no longer throws an unbound variable error"); ${a[@]+"${a[@]}"}
+# expands to nothing there instead. No bash 4.2/4.3 can be had here and BASH_COMPAT=42 does not bring the error
+# back, so this reads the scripts rather than running them: what it shows is that no such expansion is left.
+ARRAY_WORD = re.compile(r'\$\{(\w+)\[[@*]\]')
+GUARDED = re.compile(r'\$\{(\w+)\[([@*])\]\+"\$\{\1\[\2\]\}"\}')
+
+
+@pytest.mark.parametrize("script", ["sweep.sh", "train.sbatch"])
+def test_no_array_expansion_that_bash_before_4_4_rejects_when_empty(script):
+    text = (REPO / "slurm" / script).read_text()
+    bare = [m.group(0) + "}" for m in ARRAY_WORD.finditer(GUARDED.sub("", text))]
+    assert not bare, f"slurm/{script}: under set -u, bash 4.2/4.3 fail on these when the array is empty: {bare}"

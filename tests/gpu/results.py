@@ -1,0 +1,215 @@
+"""The GPU check's Python side (tests/gpu/check.sh runs it; the standard library only, but for `env`'s checks):
+
+  python3 tests/gpu/results.py env ENV_JSON          versions, nvidia-smi and a CUDA round trip; exit 3 without
+                                                     a usable torch + CUDA GPU (the reason: one line on stderr
+                                                     and in a file `problem` beside ENV_JSON)
+  python3 tests/gpu/results.py report RESULTS_DIR STEPS_TSV ENV_JSON BUDGET_S ELAPSED_S FINAL
+                                                     summary.md and results.json from what the steps left
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from datetime import datetime, timezone
+from pathlib import Path
+
+NEEDED = ("torch", "torchvision", "numpy", "PIL", "tqdm")  # what fgic's GPU paths import
+OPTIONAL = ("pytest", "xdist")
+BENCH_FILES = {"loader": "loader.json", "train-synthetic": "train_synthetic.json", "train-cache": "train_cache.json",
+               "train-original": "train_original.json"}
+TARGETS = "ResNet-50 at 448 px in bf16 >= 2,000 images/s; the cache within 5% of synthetic data; loader >= 10x"
+
+
+def env(out: Path) -> int:
+    info: dict = {"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform()}
+    for name in NEEDED + OPTIONAL:
+        try:
+            info[name] = getattr(importlib.import_module(name), "__version__", "?")
+        except Exception as exc:  # noqa: BLE001  (any import failure is a missing package here)
+            info[name] = None
+            info[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+    info["nvidia_smi"] = _nvidia_smi()
+    problem = None
+    missing = [n for n in NEEDED if info[n] is None]
+    if missing:
+        problem = f"{sys.executable} cannot import {', '.join(missing)} ({info[missing[0] + '_error']})"
+    else:
+        problem = _cuda(info)
+    if problem is None:
+        try:
+            importlib.import_module("fgic.bench")
+        except Exception as exc:  # noqa: BLE001
+            problem = f"fgic does not import: {type(exc).__name__}: {exc}"
+    info["problem"] = problem
+    out.write_text(json.dumps(info, indent=2) + "\n")
+    for key, value in info.items():
+        if key != "nvidia_smi":
+            print(f"{key}: {value}")
+    print(info["nvidia_smi"]["output"])
+    if problem:
+        (out.parent / "problem").write_text(problem + "\n")
+        print(f"gpu-check: {problem}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _nvidia_smi() -> dict:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return {"found": False, "output": "nvidia-smi: not on the PATH"}
+    out = {"found": True}
+    for key, args in (("output", []), ("query", ["--query-gpu=name,driver_version,memory.total",
+                                                 "--format=csv,noheader"])):
+        try:
+            res = subprocess.run([exe, *args], capture_output=True, text=True, timeout=20)
+            out[key] = (res.stdout + res.stderr).strip()
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            out[key] = f"nvidia-smi {' '.join(args)}: {exc}"
+    return out
+
+
+def _cuda(info: dict) -> str | None:
+    """Fill in torch's CUDA facts; the problem in one line, or None."""
+    import torch  # noqa: PLC0415
+    info["torch_cuda"] = torch.version.cuda
+    info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    info["cuda_available"] = torch.cuda.is_available()
+    if not torch.version.cuda:
+        return f"no CUDA GPU: torch {torch.__version__} at {sys.executable} is built without CUDA"
+    if not torch.cuda.is_available():
+        return f"no CUDA GPU: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none"
+    info["devices"] = [{"name": torch.cuda.get_device_name(i), "capability": list(torch.cuda.get_device_capability(i)),
+                        "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2 ** 30, 1)}
+                       for i in range(torch.cuda.device_count())]
+    info["bf16"] = torch.cuda.is_bf16_supported()
+    if torch.ones(1000, device="cuda").sum().item() != 1000:
+        return "the GPU computed a wrong sum of 1000 ones"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+
+def report(folder: Path, steps_tsv: Path, env_json: Path, budget: int, elapsed: int, final: bool) -> None:
+    steps = [dict(zip(("name", "status", "rc", "seconds", "limit", "note", "command"),
+                      ("" if field == "-" else field for field in line.split("\t"))))  # "-": empty (check.sh)
+             for line in steps_tsv.read_text().splitlines() if line.strip()]
+    environment = _read_json(env_json) or {}
+    bench = {step: r for step, name in BENCH_FILES.items() if (r := _read_json(folder / name)) is not None}
+    tests = _junit(folder / "pytest.xml")
+    figures = {s["name"]: _figures_or_why(s["name"], environment, tests, bench) if s["status"] != "not run" else ""
+               for s in steps}
+    ok = final and len(steps) > 0 and all(s["status"] == "pass" for s in steps)
+    result = {"ok": ok, "finished": final, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "elapsed_seconds": elapsed, "budget_seconds": budget, "steps": steps, "figures": figures,
+              "env": environment, "pytest": tests, "bench": bench}
+    (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / "summary.md").write_text(_summary(result))
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _junit(path: Path) -> dict | None:
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for suite in root.iter("testsuite"):
+        for key in counts:
+            counts[key] += int(suite.get(key, 0))
+    failed = [f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
+              if case.find("failure") is not None or case.find("error") is not None]
+    return {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+            "failed": failed}
+
+
+def _figures_or_why(*args) -> str:
+    try:
+        return _figures(*args)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, IndexError) as exc:  # a report, not a check
+        return f"figures unreadable ({type(exc).__name__}: {exc})"
+
+
+def _figures(step: str, environment: dict, tests: dict | None, bench: dict) -> str:
+    """The step's key figures, in words, from what it wrote."""
+    if step == "env":
+        devices = environment.get("devices") or []
+        gpu = devices[0]["name"] if devices else "no GPU"
+        return (f"{gpu}; torch {environment.get('torch')}, CUDA {environment.get('torch_cuda')}, cuDNN "
+                f"{environment.get('cudnn')}, Python {environment.get('python')}")
+    if step == "pytest":
+        if tests is None:
+            return "no pytest.xml"
+        return (f"{tests['passed']} passed, {tests['failures']} failed, {tests['errors']} errors, "
+                f"{tests['skipped']} skipped")
+    r = bench.get(step)
+    if r is None:
+        return ""
+    if step == "loader":
+        return (f"fgic {r['fgic_images_per_second']:,.0f} img/s, original {r['baseline_images_per_second']:,.0f} "
+                f"img/s: {r['ratio']:.1f}x ({r['workers']} workers, batch {r['batch_size']})")
+    text = f"{r['images_per_second']:,.0f} img/s, {r['step_ms']:.1f} ms/step, {r['achieved_tflops']:.1f} TFLOP/s"
+    if r.get("fraction_of_peak") is not None:
+        text += f" = {100 * r['fraction_of_peak']:.1f}% of {r['peak_tflops']:g}"
+    if r.get("prep_fraction_of_step") is not None:
+        text += f"; prep {r['prep_ms_per_batch']:.2f} ms/batch = {100 * r['prep_fraction_of_step']:.2f}% of a step"
+    synthetic = bench.get("train-synthetic")
+    if step != "train-synthetic" and synthetic:
+        text += f"; {100 * r['images_per_second'] / synthetic['images_per_second']:.1f}% of synthetic"
+    if not r.get("loss_is_finite", True):
+        text += "; LOSS NOT FINITE"
+    return text
+
+
+def _summary(result: dict) -> str:
+    environment = result["env"]
+    smi = (environment.get("nvidia_smi") or {}).get("query") or "nvidia-smi: none"
+    verdict = ("PASS" if result["ok"] else "FAIL") if result["finished"] else "RUNNING (partial results)"
+    passed = sum(s["status"] == "pass" for s in result["steps"])
+    lines = [f"# fgic GPU check: {verdict}", "",
+             f"{passed} of {len(result['steps'])} steps passed; {result['elapsed_seconds']} s elapsed of the "
+             f"{result['budget_seconds']} s budget; written {result['written']}.", "",
+             f"- GPU (nvidia-smi): {smi}",
+             f"- torch {environment.get('torch')} (CUDA {environment.get('torch_cuda')}, cuDNN "
+             f"{environment.get('cudnn')}), torchvision {environment.get('torchvision')}, numpy "
+             f"{environment.get('numpy')}, Pillow {environment.get('PIL')}, pytest {environment.get('pytest')}, "
+             f"pytest-xdist {environment.get('xdist')}; Python {environment.get('python')} "
+             f"({environment.get('executable')})", ""]
+    if environment.get("problem"):
+        lines += [f"**{environment['problem']}**", ""]
+    lines += ["| step | result | seconds | limit | key figures | note |", "| --- | --- | ---: | ---: | --- | --- |"]
+    for s in result["steps"]:
+        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {s['limit']} | "
+                     f"{result['figures'].get(s['name'], '')} | {s['note']} |")
+    tests = result["pytest"]
+    if tests and tests["failed"]:
+        lines += ["", "Failed tests (their output: pytest.xml, log.txt):", ""] + [f"- {t}" for t in tests["failed"]]
+    lines += ["", f"Targets, for orientation (BENCHMARKS.md): {TARGETS}.", "",
+              "Files: results.json (all of it), log.txt (every step's output), pytest.xml, and the benchmarks' "
+              "loader.json, train_synthetic.json, train_cache.json, train_original.json.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["env"] and len(argv) == 2:
+        return env(Path(argv[1]))
+    if argv[:1] == ["report"] and len(argv) == 7:
+        report(Path(argv[1]), Path(argv[2]), Path(argv[3]), int(argv[4]), int(argv[5]), argv[6] == "1")
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
