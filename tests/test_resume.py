@@ -172,7 +172,8 @@ def test_a_slurm_step_signalled_whole_stops_together_requeues_and_resumes(data8,
     assert err.count("fgic: got SIGTERM") == 2 and "fgic: stopped by SIGTERM" in err, err  # the ranks, nobody else
     assert "requeued Slurm job 4242" in err and (tmp_path / "running").read_text() == "5", err
     assert "death signal" not in err and "killed by signal" not in err, err  # torchrun's, a loader worker's
-    assert not re.search(r'File ".*/fgic/', err) and len(re.findall(r"exitcode +: 75 ", err)) == 2, err  # both ranks
+    codes = re.findall(r"exitcode +: (-?\d+)", err)  # torchrun's report: both ranks (torch 2.4: the first only)
+    assert not re.search(r'File ".*/fgic/', err) and codes and set(codes) == {"75"}, err
     assert 0 < torch.load(run / "checkpoint.pt", weights_only=True)["step"] < 8
 
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
