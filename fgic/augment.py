@@ -1,4 +1,5 @@
-"""Per-sample augmentation: crop offset and flip drawn from (seed, epoch, sample index), so no process or worker count changes them."""
+"""Per-sample augmentation: crop offset and flip drawn from (seed, epoch, sample index), so no process or worker
+count changes them."""
 from __future__ import annotations
 
 from typing import NamedTuple

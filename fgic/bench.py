@@ -8,31 +8,33 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import itertools
 import json
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import datasets
+from torchvision import transforms as T
 
-from fgic import augment, data, engine, models
+from fgic import augment, config, data, demo, engine, models
+from fgic.config import RECIPE
 from fgic.dist import pick_device
 from fgic.errors import FgicError, run_cli
 
 # Dense bf16/fp16 tensor-core peaks from the vendors' spec sheets, TFLOP/s, by a substring of the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
                "A800": 312.0, "L40S": 362.0, "A40": 150.0, "A10": 125.0, "V100": 125.0}
-RECIPE = {"resize": 512, "crop": 448, "padding": 8}
 
 
 def recipe_loader(root: Path, resize: int, crop: int, padding: int, batch: int, workers: int, pin: bool):
     """The recipe's original pipeline: ImageFolder + PIL transforms producing normalised float batches."""
-    from torchvision import datasets, transforms as T  # noqa: PLC0415
     tf = T.Compose([T.Resize((resize, resize)), T.RandomCrop(crop, padding=padding), T.RandomHorizontalFlip(),
                     T.ToTensor(), T.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)])
     ds = datasets.ImageFolder(str(root / "train"), tf)
@@ -45,9 +47,9 @@ def recipe_loader(root: Path, resize: int, crop: int, padding: int, batch: int, 
 def fgic_loader(root: Path, resize: int, crop: int, padding: int, batch: int, workers: int, pin: bool,
                 cache_dir: str | None):
     """fgic's training loader reading the decoded-image cache (built and paged in here, before any timing)."""
-    args = argparse.Namespace(resize=resize, crop=crop, padding=padding, seed=0, check_images="fast",
-                              skip_bad_images=False, workers=workers, batch_size=batch, cache="on", cache_dir=cache_dir)
-    loader = data.build(args, root, 1, 0, pin_memory=pin)[2]
+    spec = data.DataSpec(resize=resize, crop=crop, padding=padding, seed=0, batch_size=batch, workers=workers,
+                         cache="on", cache_dir=cache_dir)
+    loader = data.build(spec, root, 1, 0, pin_memory=pin)[2]
     int(np.asarray(loader.dataset.rows()).reshape(-1)[::4096].sum())  # map every page now, not while timing
     return loader
 
@@ -76,37 +78,10 @@ def images_per_second(loader, batches: int, warmup: int) -> float:
 # ----------------------------------------------------------------------------------------------------- loader
 
 
-def _make_image(task) -> None:
-    path, seed, label = task
-    from PIL import Image  # noqa: PLC0415
-    rng = np.random.default_rng(seed)
-    h, w = 375, 500
-    coarse = rng.uniform(30, 220, (6, 8, 3)).astype(np.uint8)  # smooth photo-like colour field
-    field = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
-    y, x = np.mgrid[:h, :w]
-    cy, cx = rng.uniform(100, 275), rng.uniform(120, 380)
-    blob = ((y - cy) / rng.uniform(40, 120)) ** 2 + ((x - cx) / rng.uniform(50, 150)) ** 2 < 1  # "the bird"
-    field[blob] = field[blob] * 0.4 + np.array([(label * 37) % 255, (label * 91) % 255, (label * 53) % 255]) * 0.6
-    field += rng.normal(0, 6, field.shape)  # sensor noise and texture: JPEGs of realistic size
-    Image.fromarray(field.clip(0, 255).astype(np.uint8)).save(path, quality=90)
-
-
-def make_data(folder: Path, images: int, classes: int = 10) -> None:
-    """`images` training and images/8 test JPEGs of 500x375 (CUB's typical size), in ImageFolder layout."""
-    tasks = []
-    for split, count in (("train", images), ("test", max(classes, images // 8))):
-        for i in range(count):
-            out = folder / split / f"class_{i % classes:02d}"
-            out.mkdir(parents=True, exist_ok=True)
-            tasks.append((str(out / f"{i:05d}.jpg"), len(tasks), i % classes))
-    with ProcessPoolExecutor(max_workers=data.usable_cpus()) as pool:
-        list(pool.map(_make_image, tasks, chunksize=32))
-    print(f"fgic.bench: wrote {images} train and {len(tasks) - images} test JPEGs (500x375) to {folder}")
-
-
 def loader_cmd(a) -> dict:
     if a.make_data:
-        make_data(Path(a.make_data), a.images)
+        written = demo.make_photos(Path(a.make_data), a.images, workers=data.usable_cpus())
+        print(f"fgic.bench: wrote {a.images} train and {written - a.images} test JPEGs (500x375) to {a.make_data}")
         return {}
     root = _data_root(a.data)
     pin = torch.cuda.is_available()
@@ -158,9 +133,10 @@ def train_cmd(a) -> dict:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         engine.check_amp(a.amp, device)
-    optimizer = engine.sgd(model, device, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    optimizer = engine.sgd(model, device, lr=config.scaled_lr(a.batch_size), momentum=RECIPE["momentum"],
+                           weight_decay=RECIPE["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=a.amp == "fp16")
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    criterion = nn.CrossEntropyLoss(label_smoothing=RECIPE["label_smoothing"])
     step_model = torch.compile(model) if a.compile else model
     pin = device.type == "cuda"
 
@@ -240,8 +216,6 @@ def _endless_device(loader, device):
 
 def step_flops(model, a, device, criterion) -> float:
     """FLOPs of one training step (forward + backward), counted by torch's FlopCounterMode on a copy of the model."""
-    import copy  # noqa: PLC0415
-    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
     probe = copy.deepcopy(model)
     x = torch.zeros((a.batch_size, 3, a.crop, a.crop), device=device)
     y = torch.zeros(a.batch_size, dtype=torch.long, device=device)
@@ -319,13 +293,14 @@ def get_parser() -> argparse.ArgumentParser:
     common.add_argument("-d", "--data", metavar="PATH", help="a dataset folder with train/ and test/")
     common.add_argument("-w", "--workers", type=int, default=data.default_workers(1),
                         help="loader workers (default: from the CPUs, at most 8)")
-    common.add_argument("--resize", type=int, default=RECIPE["resize"], help="resize to N x N (default 512)")
-    common.add_argument("--crop", type=int, default=RECIPE["crop"], help="crop size (default 448)")
-    common.add_argument("--padding", type=int, default=RECIPE["padding"], help="padding before the crop (default 8)")
+    common.add_argument("--resize", type=int, default=RECIPE["resize"], help="resize to N x N (default: the recipe's)")
+    common.add_argument("--crop", type=int, default=RECIPE["crop"], help="crop size (default: the recipe's)")
+    common.add_argument("--padding", type=int, default=RECIPE["padding"], help="padding before the crop (default: the "
+                                                                             "recipe's)")
     common.add_argument("--cache-dir", help="where fgic's cache lives (default as in fgic.ddp)")
     common.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     lo = sub.add_parser("loader", parents=[common], help="host-side images/s: the recipe's pipeline beside fgic's")
-    lo.add_argument("-b", "--batch-size", type=int, default=64, help="batch (default 64, the recipe's)")
+    lo.add_argument("-b", "--batch-size", type=int, default=RECIPE["batch_size"], help="batch (default: the recipe's)")
     lo.add_argument("--batches", type=int, default=40, help="batches timed (default 40)")
     lo.add_argument("--warmup", type=int, default=5, help="batches before timing (default 5)")
     lo.add_argument("--make-data", metavar="DIR", help="write a dataset of 500x375 JPEGs to DIR and stop")
@@ -354,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "train" and a.warmup < 1:
         raise FgicError(f"--warmup {a.warmup}: train needs at least 1 warm-up step (the first step loads the kernels, "
                         f"and on a GPU cuDNN tries its algorithms: timing it would not measure throughput)")
-    if a.crop > a.resize + 2 * a.padding:
-        raise FgicError(f"--crop {a.crop} is larger than --resize {a.resize} plus twice --padding {a.padding}")
+    config.check_sizes(a.resize, a.crop, a.padding)
     result = loader_cmd(a) if a.cmd == "loader" else train_cmd(a)
     if a.json and result:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

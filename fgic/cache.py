@@ -25,7 +25,7 @@ import PIL
 import torchvision
 from tqdm import tqdm
 
-from fgic import signals
+from fgic import augment, images, signals
 from fgic.errors import FgicError
 
 FORMAT = "fgic-cache 1"
@@ -205,13 +205,11 @@ def _alive(pid: int) -> bool:
 
 def _fill(task) -> int:
     """Build worker: decode and resize a run of images into rows [start, start + n) of the array file."""
-    from fgic.augment import resize  # noqa: PLC0415  (kept out of the module's import time)
-    from fgic.data import load_rgb  # noqa: PLC0415
     path, start, paths, size = task
     arr = np.load(path, mmap_mode="r+")
     for i, p in enumerate(paths):
         try:
-            arr[start + i] = resize(load_rgb(p), size).numpy()
+            arr[start + i] = augment.resize(images.load_rgb(p), size).numpy()
         except (OSError, ValueError) as exc:
             raise FgicError(f"{p}: cannot be decoded for the cache ({exc}); replace or remove it, or pass "
                             f"--check-images full --skip-bad-images") from None

@@ -12,10 +12,8 @@ import torch
 
 from fgic.config import MEANING
 from fgic.errors import FgicError
+from fgic.runlog import CHECKPOINT
 from fgic.weights import safe_load
-
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.pt"
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:

@@ -84,9 +84,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, help="SGD weight decay (default 5e-4)")
     g.add_argument("--label-smoothing", type=float, help="label smoothing (default 0.1)")
     g.add_argument("-a", "--amp", default="off", help="mixed precision: off|fp16|bf16 (the seed's 0/1/2 are accepted)")
-    g.add_argument("-s", "--seed", type=int, default=2020, help="seed of the weights, order and augmentation (default 2020)")
+    g.add_argument("-s", "--seed", type=int, default=2020,
+                   help="seed of the weights, order and augmentation (default 2020)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps on a GPU)")
-    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms and, on the CPU, the same BatchNorm code on 1 or N "
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms and, on the CPU, the same BatchNorm code on 1 or N "
                         "processes (slower; for exact comparisons)")
 
     g = p.add_argument_group("run")
@@ -98,37 +100,52 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="auto: continue the run folder's checkpoint.pt if any; none: start over; or a checkpoint")
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars per epoch to "
                                                               "RUN_DIR/tb (needs the tensorboard package)")
-    g.add_argument("--eval-only", action="store_true", help="evaluate --resume PATH or --weights PATH and write eval.json")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate --resume PATH or --weights PATH and write eval.json")
     return p
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset flags from the recipe (or demo) defaults, normalise --amp and apply the lr rule; checks the values."""
     if not args.data:
-        raise FgicError("-d/--data is required: a dataset name (cub, aircraft, cars, demo) or a folder with train/ and test/")
+        raise FgicError("-d/--data is required: a dataset name (cub, aircraft, cars, demo) or a folder with train/ "
+                        "and test/")
     defaults = {**RECIPE, **DEMO} if args.data == "demo" else dict(RECIPE)
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.amp = _resolve_amp(str(args.amp))
     if args.lr is None:
-        args.lr = args.batch_size / 256 * 0.1
+        args.lr = scaled_lr(args.batch_size)
     args.note = args.note.strip()
     if args.note and not all(c.isalnum() or c in "-_." for c in args.note):
-        raise FgicError(f"-n/--note {args.note!r}: use letters, digits, '-', '_' or '.' (it becomes part of a folder name)")
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1),
-                             ("--resize", args.resize, 1), ("--crop", args.crop, 1), ("--padding", args.padding, 0)):
-        if value < low:
-            raise FgicError(f"{flag} {value}: must be at least {low}")
+        raise FgicError(f"-n/--note {args.note!r}: use letters, digits, '-', '_' or '.' (it becomes part of a folder "
+                        f"name)")
+    for flag, value in (("--batch-size", args.batch_size), ("--epochs", args.epochs)):
+        if value < 1:
+            raise FgicError(f"{flag} {value}: must be at least 1")
+    check_sizes(args.resize, args.crop, args.padding)
     if args.workers is not None and args.workers < 0:
         raise FgicError(f"-w/--workers {args.workers}: must be 0 or more")
-    if args.crop > args.resize + 2 * args.padding:
-        raise FgicError(f"--crop {args.crop} is larger than --resize {args.resize} plus twice --padding {args.padding}")
     if not 0 <= args.label_smoothing < 1:
         raise FgicError(f"--label-smoothing {args.label_smoothing}: must be in [0, 1)")
     if args.lr <= 0:
         raise FgicError(f"--lr {args.lr}: must be positive")
     return args
+
+
+def scaled_lr(batch_size: int) -> float:
+    """The recipe's linear scaling rule: 0.1 for a global batch of 256."""
+    return batch_size / 256 * 0.1
+
+
+def check_sizes(resize: int, crop: int, padding: int) -> None:
+    """--resize, --crop and --padding fit together: the crop lies within the padded, resized image."""
+    for flag, value, low in (("--resize", resize, 1), ("--crop", crop, 1), ("--padding", padding, 0)):
+        if value < low:
+            raise FgicError(f"{flag} {value}: must be at least {low}")
+    if crop > resize + 2 * padding:
+        raise FgicError(f"--crop {crop} is larger than --resize {resize} plus twice --padding {padding}")
 
 
 def _resolve_amp(value: str) -> str:

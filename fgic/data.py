@@ -4,17 +4,16 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from fgic import augment, cache, scan, signals
+from fgic import augment, cache, images, signals
 from fgic.cacheload import CachedBatches, CachedImageFolder
+from fgic.demo import ensure_demo
 from fgic.errors import FgicError
 from fgic.samplers import ShardSampler, TrainSampler
 
@@ -30,7 +29,6 @@ def resolve(data: str, data_root: str) -> tuple[str, Path]:
     if data in REGISTRY:
         root = Path(data_root) / data
         if data == "demo":
-            from fgic.demo import ensure_demo
             return data, Path(ensure_demo(root))
         if not root.is_dir():
             raise FgicError(f"-d {data}: no dataset at {root}; prepare it with `python -m fgic.prepare {data} "
@@ -39,7 +37,8 @@ def resolve(data: str, data_root: str) -> tuple[str, Path]:
         return data, root
     root = Path(data)
     if not root.is_dir():
-        raise FgicError(f"-d {data}: no such folder; give one of {', '.join(REGISTRY)} or a folder holding train/ and test/")
+        raise FgicError(f"-d {data}: no such folder; give one of {', '.join(REGISTRY)} or a folder holding train/ "
+                        f"and test/")
     return root.resolve().name, root
 
 
@@ -49,13 +48,15 @@ def check_layout(root: Path) -> list[str]:
     for split in SPLITS:
         folder = root / split
         if not folder.is_dir():
-            raise FgicError(f"{folder}: missing; a dataset folder holds train/ and test/, each with one folder per class")
+            raise FgicError(f"{folder}: missing; a dataset folder holds train/ and test/, each with one folder per "
+                            f"class")
         names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
         if not names:
             raise FgicError(f"{folder}: no class folders; put each class's images in {folder}/CLASS_NAME/")
         for name in names:
-            if not any(_is_image(f) for f in os.listdir(folder / name)):
-                raise FgicError(f"{folder / name}: no images ({', '.join(IMG_EXTENSIONS)}); add some or remove the folder")
+            if not any(images.is_image(f) for f in os.listdir(folder / name)):
+                raise FgicError(f"{folder / name}: no images ({', '.join(images.IMG_EXTENSIONS)}); add some or remove "
+                                f"the folder")
         classes[split] = names
     if classes["train"] != classes["test"]:
         only_train = sorted(set(classes["train"]) - set(classes["test"]))
@@ -65,26 +66,12 @@ def check_layout(root: Path) -> list[str]:
     return classes["train"]
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as 8-bit RGB, honouring its EXIF orientation (grayscale, palette, CMYK, RGBA and 16-bit
-    images included)."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits, not a clipped copy
-            img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
-        return img.convert("RGB")
-
-
 class KeyedImageFolder(ImageFolder):
     """ImageFolder returning uint8 CHW tensors. Training items are fetched by (epoch, index) keys and augmented from
     (seed, epoch, index); test items by index, resized and centre-cropped."""
 
     def __init__(self, root: Path, train: bool, resize: int, crop: int, padding: int, seed: int):
-        super().__init__(str(root), loader=load_rgb)
+        super().__init__(str(root), loader=images.load_rgb)
         self.train, self.size, self.crop, self.padding, self.seed = train, resize, crop, padding, seed
 
     def __getitem__(self, key):
@@ -122,7 +109,7 @@ class Loader(DataLoader):
 
 def drop_bad_images(ds: ImageFolder, mode: str, skip: bool, workers: int) -> None:
     """Scan a split; bad files are an error naming them, or (with --skip-bad-images) left out with a count."""
-    bad = scan.scan([p for p, _ in ds.samples], mode, workers=max(workers, 2))
+    bad = images.scan([p for p, _ in ds.samples], mode, workers=max(workers, 2))
     if not bad:
         return
     if not skip:
@@ -150,38 +137,60 @@ def default_workers(local_world_size: int, kind: str = "single", env=os.environ)
     return min(8, usable_cpus() // max(1, local_world_size))
 
 
-def build(args, root: Path, world_size: int, rank: int, pin_memory: bool):
+@dataclass(frozen=True)
+class DataSpec:
+    """What the data path takes of a run, by keyword (fgic.ddp builds it from its resolved flags, fgic.bench from
+    the recipe): sizes and seed of the augmentation, the global batch, loader workers, the image check, the cache."""
+    resize: int
+    crop: int
+    padding: int
+    seed: int
+    batch_size: int  # global
+    workers: int
+    check_images: str = "fast"
+    skip_bad_images: bool = False
+    cache: str = "auto"
+    cache_dir: str | None = None
+
+    @classmethod
+    def of(cls, args) -> DataSpec:
+        """The spec of fgic.ddp's resolved flags."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def build(spec: DataSpec, root: Path, world_size: int, rank: int, pin_memory: bool):
     """(train_set, test_set, train_loader, test_loader) for this process; the loaders' batch is the per-process one.
     With the cache on (--cache), the datasets read the node's decoded-image cache, built first if needed."""
-    train_set = KeyedImageFolder(root / "train", True, args.resize, args.crop, args.padding, args.seed)
-    test_set = KeyedImageFolder(root / "test", False, args.resize, args.crop, args.padding, args.seed)
+    train_set = KeyedImageFolder(root / "train", True, spec.resize, spec.crop, spec.padding, spec.seed)
+    test_set = KeyedImageFolder(root / "test", False, spec.resize, spec.crop, spec.padding, spec.seed)
     for split in (train_set, test_set):
-        drop_bad_images(split, args.check_images, args.skip_bad_images, args.workers)
-    if len(train_set) < args.batch_size:
-        raise FgicError(f"-b/--batch-size {args.batch_size} is larger than the {len(train_set)} training images "
+        drop_bad_images(split, spec.check_images, spec.skip_bad_images, spec.workers)
+    if len(train_set) < spec.batch_size:
+        raise FgicError(f"-b/--batch-size {spec.batch_size} is larger than the {len(train_set)} training images "
                         f"in {root / 'train'}; use a smaller batch")
-    train_set, test_set = use_cache(args, root, (train_set, test_set), say=rank == 0)
-    per_process = args.batch_size // world_size
-    opts = dict(num_workers=args.workers, pin_memory=pin_memory, persistent_workers=args.workers > 0)
-    sampler = TrainSampler(len(train_set), world_size, rank, args.seed)
+    train_set, test_set = use_cache(spec, root, (train_set, test_set), say=rank == 0)
+    per_process = spec.batch_size // world_size
+    opts = dict(num_workers=spec.workers, pin_memory=pin_memory, persistent_workers=spec.workers > 0)
+    sampler = TrainSampler(len(train_set), world_size, rank, spec.seed)
     if isinstance(train_set, CachedImageFolder):  # whole batches gathered from the memory map by threads
-        train_loader = CachedBatches(train_set, sampler, per_process, threads=max(args.workers, 1), pin=pin_memory)
+        train_loader = CachedBatches(train_set, sampler, per_process, threads=max(spec.workers, 1), pin=pin_memory)
     else:
         train_loader = Loader(train_set, batch_size=per_process, drop_last=True, sampler=sampler, **opts)
-    test_loader = Loader(test_set, batch_size=per_process, sampler=ShardSampler(len(test_set), world_size, rank), **opts)
+    test_sampler = ShardSampler(len(test_set), world_size, rank)
+    test_loader = Loader(test_set, batch_size=per_process, sampler=test_sampler, **opts)
     return train_set, test_set, train_loader, test_loader
 
 
-def use_cache(args, root: Path, splits: tuple, say: bool = True) -> tuple:
+def use_cache(spec: DataSpec, root: Path, splits: tuple, say: bool = True) -> tuple:
     """The splits served from the cache when --cache decides so (one line on stderr says why), else unchanged."""
-    folder = Path(args.cache_dir) if args.cache_dir else cache.default_dir()
-    need = sum(cache.nbytes(len(s), args.resize) for s in splits)
-    on, why = cache.decide(args.cache, need, folder)
+    folder = Path(spec.cache_dir) if spec.cache_dir else cache.default_dir()
+    need = sum(cache.nbytes(len(s), spec.resize) for s in splits)
+    on, why = cache.decide(spec.cache, need, folder)
     if say:
         print(f"fgic: {why}", file=sys.stderr, flush=True)
     if not on:
         return splits
-    return tuple(CachedImageFolder(s, cache.ensure(folder, root, name, s.samples, args.resize, workers=usable_cpus()))
+    return tuple(CachedImageFolder(s, cache.ensure(folder, root, name, s.samples, spec.resize, workers=usable_cpus()))
                  for s, name in zip(splits, SPLITS))
 
 

@@ -2,11 +2,13 @@
 `torchrun --nproc_per_node=4 -m fgic.ddp -d cub`, or one srun task per GPU."""
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,10 @@ import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgic import checkpoint, config, data, engine, models
-from fgic import dist as dist_mod
+from fgic import checkpoint, cluster, config, data, engine, models, runlog
+from fgic.cluster import Launch
 from fgic.config import get_args_parser  # noqa: F401  (launchers import the parser from here)
-from fgic.dist import Dist
+from fgic.dist import Dist, pick_device
 from fgic.errors import FgicError, run_cli
 from fgic.requeue import requeue
 from fgic.runlog import RunLog
@@ -27,36 +29,61 @@ from fgic.signals import EXIT_PREEMPTED, StopRequest
 STOP_CHECK_EVERY = 8  # steps between the ranks' agreement on a stop request on GPUs (each one syncs the host)
 
 
+@dataclass(frozen=True)
+class Run:
+    """One run, resolved and checked before any process group exists: the flags, the data, this process's place in
+    the job and its device, the run folder."""
+    args: argparse.Namespace
+    dataset: str
+    root: Path
+    classes: list[str]
+    run_dir: Path
+    launch: Launch
+    device: torch.device
+
+    @property
+    def per_process_batch(self) -> int:
+        return self.args.batch_size // self.launch.world_size
+
+    def config(self) -> dict:
+        """config.json, and what a checkpoint is checked against on resume."""
+        launch = self.launch
+        return {**vars(self.args), "dataset": self.dataset, "data_path": str(self.root.resolve()),
+                "num_classes": len(self.classes), "world_size": launch.world_size,
+                "per_process_batch": self.per_process_batch, "launcher": launch.launcher, "cpus": data.usable_cpus(),
+                "rendezvous": f"{launch.master_addr}:{launch.master_port}" if launch.world_size > 1 else None,
+                "device": str(self.device), "run_dir": str(self.run_dir), "torch": str(torch.__version__),
+                "torchvision": str(torchvision.__version__)}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     stop = StopRequest().install()  # from the start: a warning during set-up is acted on at the first step
+    run = resolve(argv)
+    dist = Dist.start(run.launch, run.device)
+    try:
+        return train(run, dist, stop)
+    finally:
+        dist.close()
+
+
+def resolve(argv: list[str]) -> Run:
+    """The flags, the launch and the data, checked. These checks fail the same way on every process, so they come
+    before the process group exists (and -g's ids before one process per GPU starts)."""
     args = config.resolve(config.get_args_parser().parse_args(argv))
-    launch = dist_mod.detect()
-    gpus = dist_mod.parse_gpus(args.gpu)
-    # Checks that fail the same way on every process come before the process group exists (and -g's ids before
-    # one process per GPU starts).
-    device = dist_mod.pick_device(args.device, gpus, launch.local_rank)
+    launch = cluster.detect()
+    gpus = cluster.parse_gpus(args.gpu)
+    device = pick_device(args.device, gpus, launch.local_rank)
     if launch.kind == "single" and len(gpus) > 1:
-        dist_mod.relaunch_per_gpu(gpus, argv)
-    per_process_batch = data.check_batch(args.batch_size, launch.world_size)
+        cluster.relaunch_per_gpu(gpus, argv)
+    data.check_batch(args.batch_size, launch.world_size)
     models.check_arch(args.arch)
     models.check_input(args.arch, args.crop)
     dataset, root = data.resolve(args.data, args.data_root)
     classes = data.check_layout(root)
     if args.workers is None:
         args.workers = data.default_workers(launch.local_world_size, launch.kind)
-    run_dir = config.run_dir(args, dataset)
-    cfg = {**vars(args), "dataset": dataset, "data_path": str(root.resolve()), "num_classes": len(classes),
-           "world_size": launch.world_size, "per_process_batch": per_process_batch, "launcher": launch.kind,
-           "cpus": data.usable_cpus(),
-           "rendezvous": f"{launch.master_addr}:{launch.master_port}" if launch.world_size > 1 else None,
-           "device": str(device), "run_dir": str(run_dir), "torch": str(torch.__version__),
-           "torchvision": str(torchvision.__version__)}
-    d = Dist.start(launch, device)
-    try:
-        return train(cfg, args, d, root, classes, run_dir, stop)
-    finally:
-        d.close()
+    return Run(args, dataset, root, classes, config.run_dir(args, dataset), launch, device)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -69,30 +96,32 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)  # a few CUDA backward kernels have no such variant
 
 
-def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Path, stop: StopRequest) -> int:
-    say = print if d.is_main else (lambda *a, **k: None)
+def train(run: Run, dist: Dist, stop: StopRequest) -> int:
+    args, run_dir, cfg = run.args, run.run_dir, run.config()
+    say = print if dist.is_main else (lambda *a, **k: None)
     seed_everything(args.seed, args.deterministic)
-    log = RunLog(run_dir, d.is_main, tensorboard=args.tensorboard)
-    d.agree(log.make_dir)  # an unwritable --output-dir is said before any set-up work
+    log = RunLog(run_dir, dist.is_main, tensorboard=args.tensorboard)
+    dist.agree(log.make_dir)  # an unwritable --output-dir is said before any set-up work
 
     # Model: same seed on every rank gives the same initial weights (DDP broadcasts rank 0's anyway).
-    model = d.agree(lambda: models.build(args.arch, len(classes), args.weights, crop=args.crop))
-    model = models.sync_batchnorm(model, d.device, d.distributed, same_code=args.deterministic).to(d.device)
-    if d.device.type == "cuda":
+    model = dist.agree(lambda: models.build(args.arch, len(run.classes), args.weights, crop=args.crop))
+    model = models.sync_batchnorm(model, dist.device, dist.distributed, same_code=args.deterministic).to(dist.device)
+    if dist.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-        engine.check_amp(args.amp, d.device)
-    train_set, test_set, train_loader, test_loader = d.agree(  # scan, cache: the slowest node is waited for
-        lambda: data.build(args, root, d.world_size, d.rank, pin_memory=d.device.type == "cuda"))
+        engine.check_amp(args.amp, dist.device)
+    train_set, test_set, train_loader, test_loader = dist.agree(  # scan, cache: the slowest node is waited for
+        lambda: data.build(data.DataSpec.of(args), run.root, dist.world_size, dist.rank,
+                           pin_memory=dist.device.type == "cuda"))
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer = engine.sgd(model, d.device, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = engine.sgd(model, dist.device, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=args.amp == "fp16")
 
     # Resume: the run folder's checkpoint (auto), a named one, or none.
     progress = checkpoint.Progress()
-    ckpt_path = d.agree(lambda: checkpoint.select(args.resume, run_dir))
+    ckpt_path = dist.agree(lambda: checkpoint.select(args.resume, run_dir))
     if ckpt_path is not None:
-        ckpt = d.agree(lambda: checkpoint.load(ckpt_path))
+        ckpt = dist.agree(lambda: checkpoint.load(ckpt_path))
         if args.eval_only:
             model.load_state_dict(ckpt["model"])
         else:
@@ -100,45 +129,46 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
             say(f"fgic: resuming {ckpt_path} at epoch {progress.epoch + 1}, step {progress.step}")
         del ckpt
     if args.eval_only:
-        return evaluate_only(args, d, model, test_loader, criterion, classes, log, ckpt_path)
+        return evaluate_only(run, dist, model, test_loader, criterion, log, ckpt_path)
     if progress.epoch >= args.epochs:
         say(f"fgic: {run_dir} already finished its {args.epochs} epochs; nothing to do (--resume none starts over)")
         return 0
 
     say(f"fgic: run folder {run_dir}")
-    say(f"fgic: {cfg['dataset']} {len(train_set)} train / {len(test_set)} test images, {len(classes)} classes; "
-        f"{args.arch} on {d.world_size} x {d.device.type}, batch {args.batch_size} "
-        f"({cfg['per_process_batch']} per process), lr {args.lr:g}, amp {args.amp}")
-    d.agree(lambda: log.start(cfg, progress.epoch))  # a damaged metrics.jsonl stops every rank with one line
+    say(f"fgic: {run.dataset} {len(train_set)} train / {len(test_set)} test images, {len(run.classes)} classes; "
+        f"{args.arch} on {dist.world_size} x {dist.device.type}, batch {args.batch_size} "
+        f"({run.per_process_batch} per process), lr {args.lr:g}, amp {args.amp}")
+    dist.agree(lambda: log.start(cfg, progress.epoch))  # a damaged metrics.jsonl stops every rank with one line
     # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a copy beside them (the same
     # arithmetic; one gradient's worth of memory less: regnet_y_128gf 9.1 -> 8.0 GiB a process on the CPU)
-    ddp_model = (DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                                         gradient_as_bucket_view=True) if d.distributed else model)
+    cuda = dist.device.type == "cuda"
+    ddp_model = (DistributedDataParallel(model, device_ids=[dist.device.index] if cuda else None,
+                                         gradient_as_bucket_view=True) if dist.distributed else model)
     if args.compile:
         ddp_model = torch.compile(ddp_model)
-    every = 1 if d.device.type == "cpu" else STOP_CHECK_EVERY
+    every = STOP_CHECK_EVERY if cuda else 1
+    started = time.perf_counter() - progress.wall_seconds  # the run's wall time counts its earlier sessions
 
     def save(prog: checkpoint.Progress) -> None:
-        if d.is_main:
-            prog.wall_seconds = wall_before + time.perf_counter() - started
+        if dist.is_main:
+            prog.wall_seconds = time.perf_counter() - started
             checkpoint.save_atomic(checkpoint.state(model, optimizer, scheduler, scaler, prog, cfg),
-                                   run_dir / checkpoint.CHECKPOINT)
+                                   run_dir / runlog.CHECKPOINT)
 
-    started, wall_before = time.perf_counter(), progress.wall_seconds
     for epoch in range(progress.epoch, args.epochs):
         t0 = time.perf_counter()
         first_step = progress.step if epoch == progress.epoch else 0
-        train_loader.sampler.set_epoch(epoch, skip=first_step * cfg["per_process_batch"])
+        train_loader.sampler.set_epoch(epoch, skip=first_step * run.per_process_batch)
         lr = optimizer.param_groups[0]["lr"]
-        tr = engine.train_one_epoch(ddp_model, train_loader, optimizer, scaler, criterion, d, args.amp,
+        tr = engine.train_one_epoch(ddp_model, train_loader, optimizer, scaler, criterion, dist, args.amp,
                                     desc=f"epoch {epoch + 1}/{args.epochs}", start_step=first_step,
-                                    totals=progress.totals_of(d.rank, d.world_size),
-                                    stop=lambda step: step % every == 0 and stop.agree(d.max))
+                                    totals=progress.totals_of(dist.rank, dist.world_size),
+                                    stop=lambda step: step % every == 0 and stop.agree(dist.max))
         if tr["stopped_at"] is not None:  # a stop signal: checkpoint this step boundary and leave
-            save(checkpoint.Progress(epoch, tr["stopped_at"], d.gather(tr["totals"]), progress.best))
-            return preempted(d, stop, run_dir, f"epoch {epoch + 1}, step {tr['stopped_at']}")
+            save(checkpoint.Progress(epoch, tr["stopped_at"], dist.gather(tr["totals"]), progress.best))
+            return preempted(dist, stop, run_dir, f"epoch {epoch + 1}, step {tr['stopped_at']}")
         scheduler.step()
-        te = engine.evaluate(model, test_loader, criterion, d, args.amp, len(classes))
+        te = engine.evaluate(model, test_loader, criterion, dist, args.amp, len(run.classes))
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"],
                   "test_loss": te["test_loss"], "test_acc": te["test_acc"], "test_top5": te["test_top5"],
                   "test_correct": te["test_correct"], "test_total": te["test_total"],
@@ -147,20 +177,25 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
         best = progress.best
         if te["test_acc"] > best["acc"]:
             best = {"acc": te["test_acc"], "epoch": epoch + 1}
-            if d.is_main:
-                checkpoint.save_atomic(model.state_dict(), run_dir / checkpoint.BEST)
+            if dist.is_main:
+                checkpoint.save_atomic(model.state_dict(), run_dir / runlog.BEST)
         log.epoch(record)
         progress = checkpoint.Progress(epoch + 1, 0, [], best)
         save(progress)
-        d.barrier()  # the others wait for rank 0's saves here, patiently, not in the next epoch's collectives (120 s)
+        dist.barrier()  # the others wait for rank 0's saves here, patiently, not in the next epoch's collectives
         say(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {tr['train_loss']:.3f} acc "
             f"{tr['train_acc']:.2f}%  |  test loss {te['test_loss']:.3f} acc {te['test_acc']:.2f}% top5 "
             f"{te['test_top5']:.2f}% ({te['test_correct']}/{te['test_total']})  |  {record['epoch_seconds']:.1f} s, "
             f"{tr['train_images_per_second']:.0f} img/s", flush=True)
+        # A signal during the evaluation or the saves (a large test set, a slow file system) is acted on here, with
+        # the checkpoint just written, not after the next epoch's first step: Slurm's SIGKILL follows its SIGTERM
+        # after KillWait (30 s by default; 5 s on the test cluster, where a CI run lost a cancelled job's stop to it).
+        if epoch + 1 < args.epochs and stop.agree(dist.max):
+            return preempted(dist, stop, run_dir, f"the end of epoch {epoch + 1}")
 
     summary = {"final_test_acc": record["test_acc"], "best_test_acc": progress.best["acc"],
                "best_epoch": progress.best["epoch"], "epochs": args.epochs, "test_total": record["test_total"],
-               "world_size": d.world_size, "wall_seconds": progress.wall_seconds}
+               "world_size": dist.world_size, "wall_seconds": progress.wall_seconds}
     log.write("summary.json", summary)
     say(f"fgic: done. final top-1 {summary['final_test_acc']:.2f}% (last epoch); best {summary['best_test_acc']:.2f}% "
         f"at epoch {summary['best_epoch']} (selected on the test set); {run_dir}")
@@ -168,29 +203,30 @@ def train(cfg: dict, args, d: Dist, root: Path, classes: list[str], run_dir: Pat
     return 0
 
 
-def preempted(d: Dist, stop: StopRequest, run_dir: Path, where: str) -> int:
+def preempted(dist: Dist, stop: StopRequest, run_dir: Path, where: str) -> int:
     """After the stop checkpoint: say so, requeue a Slurm job (rank 0), and leave with EXIT_PREEMPTED, all ranks
     together once rank 0 is done: torchrun and `srun --kill-on-bad-exit` end the other processes when one exits 75,
     and rank 0 could then be killed mid-checkpoint or mid-requeue."""
-    if d.is_main:
+    if dist.is_main:
         print(f"fgic: stopped by {signal.Signals(stop.signum).name} at {where}; checkpoint written, resume with the "
               f"same command; {run_dir}", file=sys.stderr, flush=True)
         print(f"fgic: {requeue()}", file=sys.stderr, flush=True)
-    d.barrier()
+    dist.barrier()
     stop.done()
     return EXIT_PREEMPTED
 
 
-def evaluate_only(args, d: Dist, model, test_loader, criterion, classes, log: RunLog, ckpt_path) -> int:
+def evaluate_only(run: Run, dist: Dist, model, test_loader, criterion, log: RunLog, ckpt_path) -> int:
+    args = run.args
     if ckpt_path is None and args.weights in ("imagenet", "none"):
         raise FgicError("--eval-only needs --resume PATH or --weights PATH (a trained model)")
-    result = engine.evaluate(model, test_loader, criterion, d, args.amp, len(classes))
+    result = engine.evaluate(model, test_loader, criterion, dist, args.amp, len(run.classes))
     per_class = {c: 100.0 * k / n if n else None
-                 for c, k, n in zip(classes, result["class_correct"], result["class_total"])}
+                 for c, k, n in zip(run.classes, result["class_correct"], result["class_total"])}
     log.write("eval.json", {"acc": result["test_acc"], "top5": result["test_top5"], "correct": result["test_correct"],
                             "total": result["test_total"], "loss": result["test_loss"], "per_class_acc": per_class,
                             "model": str(ckpt_path or args.weights)})
-    if d.is_main:
+    if dist.is_main:
         print(f"fgic: eval top-1 {result['test_acc']:.2f}% top-5 {result['test_top5']:.2f}% "
               f"({result['test_correct']}/{result['test_total']}) -> {log.dir / 'eval.json'}")
     return 0

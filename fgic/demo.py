@@ -1,4 +1,5 @@
-"""Generate, once and deterministically, the small synthetic fine-grained "birds" dataset behind ``-d demo``."""
+"""Synthetic datasets in the ImageFolder layout, each deterministic: the small fine-grained "birds" behind
+``-d demo`` (generated once), photo-sized JPEGs for fgic.bench, and the tests' tiny colour-cast sets."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ import re
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +139,49 @@ def generate(out: str | os.PathLike) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 render(split, c, i).save(folder / f"{i:04d}.jpg", quality=JPEG_QUALITY)
+
+
+def _photo(task) -> None:
+    """One 500x375 JPEG: a smooth colour field, a class-coloured blob ("the bird"), sensor noise."""
+    path, seed, label = task
+    rng = np.random.default_rng(seed)
+    h, w = 375, 500
+    coarse = rng.uniform(30, 220, (6, 8, 3)).astype(np.uint8)  # smooth photo-like colour field
+    field = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+    y, x = np.mgrid[:h, :w]
+    cy, cx = rng.uniform(100, 275), rng.uniform(120, 380)
+    blob = ((y - cy) / rng.uniform(40, 120)) ** 2 + ((x - cx) / rng.uniform(50, 150)) ** 2 < 1
+    field[blob] = field[blob] * 0.4 + np.array([(label * 37) % 255, (label * 91) % 255, (label * 53) % 255]) * 0.6
+    field += rng.normal(0, 6, field.shape)  # texture: JPEGs of realistic size
+    Image.fromarray(field.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def make_photos(folder: Path, images: int, classes: int = 10, workers: int = 1) -> int:
+    """`images` training and images/8 test JPEGs of 500x375 (CUB's typical size), for throughput measurements;
+    returns how many were written."""
+    tasks = []
+    for split, count in (("train", images), ("test", max(classes, images // 8))):
+        for i in range(count):
+            out = Path(folder) / split / f"class_{i % classes:02d}"
+            out.mkdir(parents=True, exist_ok=True)
+            tasks.append((str(out / f"{i:05d}.jpg"), len(tasks), i % classes))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_photo, tasks, chunksize=32))
+    return len(tasks)
+
+
+def make_tiny(root: Path, train_counts=(8, 8, 8), test_counts=(34, 34, 33), size=40, seed=0) -> Path:
+    """Random JPEGs whose classes differ by a colour cast (learnable in a few steps), for the tests."""
+    rng = np.random.default_rng(seed)
+    for split, counts in (("train", train_counts), ("test", test_counts)):
+        for c, n in enumerate(counts):
+            folder = Path(root) / split / f"class_{c:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = (rng.random((size, size, 3)) * 90).astype(np.uint8)
+                pixels[..., c % 3] += 150
+                Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=90)
+    return Path(root)
 
 
 def is_complete(root: str | os.PathLike) -> bool:

@@ -1,20 +1,15 @@
-"""Where we run: detect torchrun / srun / a single process, pick the device, start and stop torch.distributed, reduce."""
+"""The process group: pick this process's device, start and stop torch.distributed, and the few collectives fgic
+needs (where the process sits among its peers is fgic.cluster's detection)."""
 from __future__ import annotations
 
 import datetime
 import gc
 import os
-import re
-import shutil
-import socket
-import subprocess
-import sys
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from fgic import signals
+from fgic.cluster import Launch, check_port
 from fgic.errors import FgicError
 
 # How long a collective may wait for a peer before the process group gives up (torch's defaults: 10-30 min). A dead
@@ -28,99 +23,6 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("FGIC_COLLE
 SETUP_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("FGIC_SETUP_TIMEOUT_S", 3600)))
 
 
-@dataclass(frozen=True)
-class Launch:
-    """How this process was started and where it sits among its peers."""
-    kind: str  # "single", "torchrun" or "srun"
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-    master_addr: str | None = None
-    master_port: int | None = None
-
-
-def detect(env: os._Environ | dict = os.environ) -> Launch:
-    """torchrun sets RANK/WORLD_SIZE; srun steps set SLURM_PROCID/SLURM_NTASKS/SLURM_STEP_ID; else a single process.
-
-    A batch script (sbatch without srun) also carries SLURM_NTASKS but no step id: it runs as a single process.
-    """
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                      int(env.get("LOCAL_WORLD_SIZE", 1)), env.get("MASTER_ADDR"), _int_or_none(env.get("MASTER_PORT")))
-    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
-    if step is not None and int(env.get("SLURM_NTASKS", 1)) > 1:
-        addr, port = slurm_master(env)
-        tasks_here = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1"))
-        return Launch("srun", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                      int(re.match(r"\d+", tasks_here).group()), addr, port)
-    return Launch("single")
-
-
-def slurm_master(env: os._Environ | dict = os.environ) -> tuple[str, int]:
-    """The rendezvous of a Slurm job: its first host, and MASTER_PORT or a port derived from the job id."""
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    if not nodelist:
-        raise FgicError("Slurm sets no SLURM_JOB_NODELIST here: run inside an allocation (sbatch/salloc) or use torchrun")
-    port = _int_or_none(env.get("MASTER_PORT")) or 10000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
-    return first_host(nodelist), port
-
-
-def first_host(nodelist: str) -> str:
-    """First host of a Slurm node list, by `scontrol show hostnames` where available ("gpu[003-005],cpu1" -> "gpu003")."""
-    if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.split():
-            return out.stdout.split()[0]
-    # Fallback for a node list without scontrol: prefix plus the first number of the first bracket.
-    m = re.match(r"([^,\[]+)(?:\[([^],-]+))?", nodelist)
-    return m.group(1) + (m.group(2) or "")
-
-
-def _int_or_none(value: str | None) -> int | None:
-    return int(value) if value else None
-
-
-def check_port(host: str, port: int, env: os._Environ | dict = os.environ) -> None:
-    """On the rendezvous host, before the store listens: a port taken by another job or service is one line naming
-    MASTER_PORT and a port that is free now, not a bind error on one rank while the others wait for it. Bound with
-    SO_REUSEADDR, as torch's store binds: a requeued job's own connections in TIME_WAIT do not count."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("", port))
-            return
-        except OSError:
-            pass
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as free:
-        free.bind(("", 0))
-        spare = free.getsockname()[1]
-    given = "MASTER_PORT" if env.get("MASTER_PORT") else f"the port derived from job {env.get('SLURM_JOB_ID')}"
-    raise FgicError(f"rendezvous port {port} on {host} ({given}) is in use, by another job or service; set "
-                    f"MASTER_PORT to a free one for this job, e.g. `export MASTER_PORT={spare}` before sbatch/srun")
-
-
-def parse_gpus(gpu_flag: str | None) -> list[int]:
-    if not gpu_flag:
-        return []
-    try:
-        gpus = [int(g) for g in gpu_flag.split(",") if g.strip()]
-    except ValueError:
-        raise FgicError(f"-g/--gpu {gpu_flag!r}: give GPU ids such as 0 or 0,1,2,3") from None
-    if any(g < 0 for g in gpus) or len(set(gpus)) < len(gpus):
-        raise FgicError(f"-g/--gpu {gpu_flag}: give each GPU id once, 0 or more (e.g. 0,1,2,3)")
-    return gpus
-
-
-def relaunch_per_gpu(gpus: list[int], argv: list[str]) -> None:
-    """`python -m fgic.ddp -g 0,1` on a workstation: replace this process by torch's launcher, one process per GPU."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(gpus)}",
-           "-m", "fgic.ddp", *argv]
-    print("fgic: starting one process per GPU:", " ".join(cmd), file=sys.stderr, flush=True)
-    signals.hold()
-    os.execv(sys.executable, cmd)
-
-
 def pick_device(device_flag: str, gpus: list[int], local_rank: int) -> torch.device:
     """The device this process trains on; names the flag when CUDA or a GPU id isn't there."""
     cuda = torch.cuda.is_available()
@@ -131,7 +33,8 @@ def pick_device(device_flag: str, gpus: list[int], local_rank: int) -> torch.dev
     if device_flag == "cuda" and not cuda:
         raise FgicError("--device cuda: no CUDA GPU is visible here; use --device cpu (or check CUDA_VISIBLE_DEVICES)")
     if gpus and not cuda:
-        raise FgicError(f"-g/--gpu {','.join(map(str, gpus))}: no CUDA GPU is visible here; drop -g to train on the CPU")
+        raise FgicError(f"-g/--gpu {','.join(map(str, gpus))}: no CUDA GPU is visible here; drop -g to train on the "
+                        f"CPU")
     if not cuda:
         return torch.device("cpu")
     count = torch.cuda.device_count()

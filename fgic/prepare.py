@@ -129,8 +129,7 @@ def _read(name: str, src: Path, level: str, split: str) -> releases.Release:
         wanted = ("the Stanford Cars devkit (cars_meta.mat, cars_train/, cars_test/), cars_annos.mat with car_ims/, "
                   "or the CSV mirror (names.csv, anno_train.csv, anno_test.csv)")
     if release is None:
-        from fgic.data import _is_image  # imports torchvision: only for collated folders
-        release = releases.read_collated(src, _is_image)
+        release = releases.read_collated(src)
     if release is None:
         raise FgicError(f"{src}: no {name} release found; give {wanted}, or a folder with train/ and test/ class "
                         f"folders")

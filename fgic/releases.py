@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fgic import images
 from fgic.errors import FgicError
 
 SPLITS = ("train", "test")
@@ -168,7 +169,7 @@ def read_cars(src: Path) -> Release | None:
 
 def _loadmat(path: Path) -> dict:
     try:
-        from scipy.io import loadmat
+        from scipy.io import loadmat  # noqa: PLC0415  (scipy: an optional extra, for Cars .mat files only)
     except ImportError:
         raise FgicError(f"{path}: reading the Stanford Cars .mat files needs scipy (pip install scipy, or "
                         f"pip install 'fgic[cars]'); or give the CSV or class-folder layout") from None
@@ -293,7 +294,7 @@ def _files_by_name(src: Path, split: str) -> dict[str, Path]:
     return files
 
 
-def read_collated(src: Path, image_ok) -> Release | None:
+def read_collated(src: Path) -> Release | None:
     """A folder with train/ and test/ class folders (a collated mirror). Class folders keep their names; numbered
     ones ('1.x', '10.y') are ordered by number with a zero-padded prefix, others keep their sorted order."""
     root = find_dir(src, "train", "test", depth=3)
@@ -325,5 +326,5 @@ def read_collated(src: Path, image_ok) -> Release | None:
             top = root / split / name
             for folder, _, files in os.walk(top):
                 prefix = os.path.relpath(folder, top).replace(os.sep, "__") + "__" if folder != str(top) else ""
-                items[split].extend((Path(folder) / f, label, prefix + f) for f in sorted(files) if image_ok(f))
+                items[split].extend((Path(folder) / f, label, prefix + f) for f in sorted(files) if images.is_image(f))
     return Release(f"collated train/test class folders in {root}", folders, items, {s: [] for s in SPLITS}, notes)

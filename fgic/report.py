@@ -27,7 +27,7 @@ from pathlib import Path
 
 from fgic.config import MEANING
 from fgic.errors import FgicError, run_cli
-from fgic.runlog import read_object, read_records
+from fgic.runlog import CHECKPOINT, read_object, read_records
 
 # The configuration of a run: what changes its result, less the dataset and the seed (the table's columns and the
 # spread). arch and amp are always shown; the others only when they differ among the runs.
@@ -38,7 +38,6 @@ CONFIG_KEYS = ALWAYS_SHOWN + tuple(k for k in MEANING if k not in ("dataset", "n
 PUBLISHED = {"cub": 86.74, "aircraft": 93.25, "cars": 94.09}
 PUBLISHED_ARCH = "resnet50"
 BEST_LABEL = "best epoch (selected on the test set)"
-CHECKPOINT = "checkpoint.pt"  # fgic.checkpoint.CHECKPOINT, not imported from there: that would load torch
 FAILURE_KEYS = ("dataset", "seed", "amp", "args", "exit_code", "log")
 
 
@@ -217,10 +216,10 @@ def plot(runs: list[Run], path: Path) -> bool:
     """Test accuracy per epoch, one panel per dataset and one line per run (dashed: unfinished). False without
     matplotlib."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415  (matplotlib: an optional extra, for the plot only)
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+        from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
     except ImportError:
         return False
     runs = [r for r in runs if r.records]

@@ -10,6 +10,8 @@ from pathlib import Path
 from fgic import tblog
 from fgic.errors import FgicError
 
+CHECKPOINT = "checkpoint.pt"  # the run folder's latest state (fgic.checkpoint writes it; fgic.report looks for it)
+BEST = "best.pt"  # the model of the best epoch
 CSV_COLUMNS = ("Epoch", "lr", "Train_Loss", "Train_Acc", "Test_Acc")  # the seed train.py's log
 
 

@@ -13,7 +13,7 @@ def open_writer(run_dir: Path, done_epochs: int):
     """A SummaryWriter on RUN_DIR/tb, or None (with a one-line notice) when tensorboard cannot be imported. On
     resume, events of the epochs after the starting point are dropped (purge_step), so none is shown twice."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415  (tensorboard: an optional extra)
     except Exception as exc:  # ImportError, or a tensorboard/protobuf mismatch that fails while importing
         print(f"fgic: notice: --tensorboard: tensorboard is not usable ({str(exc).splitlines()[0][:100]}); "
               f"`pip install tensorboard` to get it; continuing without it", file=sys.stderr, flush=True)

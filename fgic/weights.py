@@ -52,7 +52,8 @@ def fetch(arch: str, spec: str = "imagenet") -> Path:
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:  # torch.hub writes a temporary file and moves it into place, so concurrent fetches are safe
-            torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=hash_prefix, progress=sys.stderr.isatty())
+            torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=hash_prefix,
+                                           progress=sys.stderr.isatty())
         except Exception as exc:  # network errors come in many types; all mean "not here"
             raise FgicError(f"--weights {spec}: {arch}'s ImageNet weights are not in {path.parent} and could not be "
                             f"downloaded ({type(exc).__name__}); on a machine with internet run "

@@ -1,4 +1,5 @@
-"""`python -m launch.submitit --datasets cub cars --seeds 0 1 2 [--amps off bf16] [fgic.ddp flags]`: a sweep as one submitit job array.
+"""`python -m launch.submitit --datasets cub cars --seeds 0 1 2 [--amps off bf16] [fgic.ddp flags]`: a sweep as one
+submitit job array.
 
 One job per dataset x seed x AMP mode, each running fgic.ddp (one task per GPU, or --tasks-per-node on CPUs). On
 Slurm's warning signal fgic checkpoints at a step boundary, then submitit requeues the job and the restart resumes

@@ -12,47 +12,24 @@ from __future__ import annotations
 import os
 import sys
 
-from fgic import signals
+from fgic import cluster, signals
 from fgic.errors import run_cli
-
-
-def local_gpus(env) -> int:
-    """GPUs this node may use: Slurm's allocation, else CUDA_VISIBLE_DEVICES, else what torch sees."""
-    if env.get("SLURM_GPUS_ON_NODE"):
-        return int(env["SLURM_GPUS_ON_NODE"])
-    if env.get("CUDA_VISIBLE_DEVICES") is not None:
-        return len([d for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
-    import torch
-    return torch.cuda.device_count()
-
-
-def nodes(env) -> int:
-    """The nodes of the Slurm job this runs in (1 outside Slurm)."""
-    return int(env.get("SLURM_NNODES", 1)) if env.get("SLURM_JOB_ID") else 1
 
 
 def command(argv: list[str], env=os.environ) -> list[str]:
     """The command line that runs fgic.ddp here."""
-    from fgic.dist import slurm_master  # imports torch: after main() has held the stop signals back
-
-    per_node = max(local_gpus(env), 1)
-    if nodes(env) > 1:
-        addr, port = slurm_master(env)
-        return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={env['SLURM_NNODES']}",
-                f"--node_rank={env.get('SLURM_NODEID', 0)}", f"--nproc_per_node={per_node}",
-                f"--master_addr={addr}", f"--master_port={port}", "-m", "fgic.ddp", *argv]
-    if per_node == 1:
-        return [sys.executable, "-m", "fgic.ddp", *argv]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={per_node}",
-            "-m", "fgic.ddp", *argv]
+    per_node = max(cluster.local_gpus(env), 1)
+    if cluster.nodes(env) > 1:
+        return cluster.command(argv, per_node, nnodes=cluster.nodes(env), node_rank=int(env.get("SLURM_NODEID", 0)),
+                               master=cluster.slurm_master(env))
+    return cluster.command(argv, per_node)
 
 
 def main() -> None:
     signals.hold()  # a warning during start-up waits for fgic.ddp's handlers (and, in a Slurm step, SIGTERM too)
     cmd = command(sys.argv[1:])
-    if nodes(os.environ) > 1 and os.environ.get("SLURM_NODEID", "0") == "0":  # the first host: torchrun's store
-        from fgic.dist import check_port, slurm_master
-        check_port(*slurm_master(os.environ))
+    if cluster.nodes(os.environ) > 1 and os.environ.get("SLURM_NODEID", "0") == "0":  # the first host: torchrun's store
+        cluster.check_port(*cluster.slurm_master(os.environ))
     print("launch.torchrun:", " ".join(cmd), file=sys.stderr, flush=True)
     os.execv(cmd[0], cmd)
 

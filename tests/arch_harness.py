@@ -16,11 +16,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgic import augment, engine, models
-from fgic import dist as dist_mod
+from fgic import augment, cluster, engine, models
+from fgic.dist import Dist
 from fgic.errors import FgicError
 
-SMALL_CROP = 64  # as the tiny CPU runs of the other tests (see tests/conftest.py TINY)
+SMALL_CROP = 64  # as the tiny CPU runs of the other tests (see tests/helpers.py TINY)
 CLASSES = 3
 BATCH = 2  # per process: BatchNorm sees 4 values per channel at a 1x1 map
 LR = 0.1
@@ -43,7 +43,7 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def train_two_steps(d: dist_mod.Dist, arch: str, crop: int) -> dict:
+def train_two_steps(dist: Dist, arch: str, crop: int) -> dict:
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     model = models.sync_batchnorm(models.build(arch, CLASSES, "none", crop=crop), cpu, distributed=True)
@@ -54,7 +54,7 @@ def train_two_steps(d: dist_mod.Dist, arch: str, crop: int) -> dict:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     criterion = nn.CrossEntropyLoss()
     before = checksums(model)
-    images = torch.Generator().manual_seed(d.rank)
+    images = torch.Generator().manual_seed(dist.rank)
     losses = []
     model.train()
     for _ in range(2):
@@ -66,7 +66,7 @@ def train_two_steps(d: dist_mod.Dist, arch: str, crop: int) -> dict:
     after = checksums(model)
     named = list(model.named_parameters())
     unchanged = [(n, p) for (n, p), b, a in zip(named, before, after) if torch.equal(b, a)]
-    ranks = d.gather(after.tolist())
+    ranks = dist.gather(after.tolist())
     del ddp  # before the next arch (and before the process group goes, see Dist.close)
     return {"losses": losses, "parameters": len(named), "numel": sum(p.numel() for _, p in named),
             "same_on_ranks": all(r == ranks[0] for r in ranks),
@@ -79,7 +79,7 @@ def train_two_steps(d: dist_mod.Dist, arch: str, crop: int) -> dict:
 
 
 def main(out: str, archs: list[str]) -> None:
-    d = dist_mod.Dist.start(dist_mod.detect(), torch.device("cpu"))
+    dist = Dist.start(cluster.detect(), torch.device("cpu"))
     try:
         for arch in archs:
             start = time.perf_counter()
@@ -90,17 +90,17 @@ def main(out: str, archs: list[str]) -> None:
                 refused = str(exc)
                 crop = models.nearest_crops(arch, SMALL_CROP)[1]
             probe_s = time.perf_counter() - start
-            if d.is_main:
+            if dist.is_main:
                 print(f"arch_harness: {arch} at {crop} px", file=sys.stderr, flush=True)
             result = {"arch": arch, "refused_at_64": refused, "crop": crop, "probe_s": probe_s}
             if crop is not None:
-                result.update(train_two_steps(d, arch, crop))
-            result.update(seconds=time.perf_counter() - start, peak_gb=d.gather(peak_gb()))
-            if d.is_main:
+                result.update(train_two_steps(dist, arch, crop))
+            result.update(seconds=time.perf_counter() - start, peak_gb=dist.gather(peak_gb()))
+            if dist.is_main:
                 with open(out, "a") as f:
                     f.write(json.dumps(result) + "\n")
     finally:
-        d.close()
+        dist.close()
 
 
 if __name__ == "__main__":

@@ -1,49 +1,18 @@
-"""Shared test helpers: tiny generated datasets and a runner for fgic.ddp under torchrun or as one process."""
+"""The tests' fixtures (their helpers are in tests/helpers.py)."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-# Small enough for CPU tests: resnet18 at 64 px (smaller inputs leave 1x1 maps whose BatchNorm statistics over a
-# few values make training chaotic), global batch 12 (splits over 1, 2 and 3 processes), 2 steps per epoch.
-TINY = {"arch": "resnet18", "weights": "none", "resize": 72, "crop": 64, "padding": 4, "batch-size": 12, "epochs": 2,
-        "device": "cpu", "workers": 0}
-
-
-def tiny_args(**overrides) -> list[str]:
-    """fgic.ddp flags for the tiny CPU runs, e.g. tiny_args(epochs=3, batch_size=6)."""
-    opts = {**TINY, **{k.replace("_", "-"): v for k, v in overrides.items()}}
-    return [x for k, v in opts.items() for x in (f"--{k}", str(v))] + ["--deterministic"]
-
-
-def make_dataset(root: Path, train_counts=(8, 8, 8), test_counts=(34, 34, 33), size=40, seed=0) -> Path:
-    """An ImageFolder dataset of random JPEGs whose classes differ by a colour cast (learnable, tiny)."""
-    rng = np.random.default_rng(seed)
-    for split, counts in (("train", train_counts), ("test", test_counts)):
-        for c, n in enumerate(counts):
-            folder = root / split / f"class_{c:02d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = (rng.random((size, size, 3)) * 90).astype(np.uint8)
-                pixels[..., c % 3] += 150
-                Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=90)
-    return root
+from fgic.demo import make_tiny
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """3 classes, 24 train images, 101 test images (34 + 34 + 33)."""
-    return make_dataset(tmp_path_factory.mktemp("data") / "tiny")
+    return make_tiny(tmp_path_factory.mktemp("data") / "tiny")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,69 +21,3 @@ def cache_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("fgic-cache")
     os.environ["FGIC_CACHE"] = str(folder)
     return folder
-
-
-def fgic_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_",
-                                                                      "SLURM_", "TORCHELASTIC"))}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
-    return env
-
-
-def run_fgic(args: list[str], nproc: int = 1, timeout: int = 600, **env) -> subprocess.CompletedProcess:
-    """`python -m fgic.ddp ARGS` (nproc 1) or `torchrun --standalone --nproc_per_node=N -m fgic.ddp ARGS`."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "fgic.ddp", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "fgic.ddp", *args]
-    return subprocess.run(cmd, cwd=REPO, env=fgic_env(**env), capture_output=True, text=True, timeout=timeout)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-TIMING = ("epoch_seconds", "train_images_per_second")
-
-
-def same_result(run: Path, reference: Path) -> None:
-    """A resumed run ended exactly as the uninterrupted one: bitwise weights, the same records but for timings."""
-    a = torch.load(run / "checkpoint.pt", weights_only=True)
-    b = torch.load(reference / "checkpoint.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] and a["step"] == b["step"] == 0
-    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items()), "weights differ"
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
-    assert strip(read_jsonl(run / "metrics.jsonl")) == strip(read_jsonl(reference / "metrics.jsonl"))
-    ours, theirs = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
-    assert {k: v for k, v in ours.items() if k != "wall_seconds"} == \
-           {k: v for k, v in theirs.items() if k != "wall_seconds"}
-
-
-def popen(args: list[str], nproc: int = 1, **env) -> subprocess.Popen:
-    """Start fgic.ddp in the background (under torchrun for nproc > 1)."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    return subprocess.Popen([sys.executable, *launcher, "-m", "fgic.ddp", *args], cwd=REPO, env=fgic_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def workers(proc: subprocess.Popen, nproc: int) -> list[int]:
-    """The training processes: the process itself, or torchrun's children."""
-    if nproc == 1:
-        return [proc.pid]
-    for _ in range(600):
-        pids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        if len(pids) == nproc:
-            return [int(p) for p in pids]
-        time.sleep(0.1)
-    raise AssertionError("torchrun did not start its workers")
-
-
-class PickledCode:
-    """An object whose unpickling would create `marker`: what a malicious checkpoint carries."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))

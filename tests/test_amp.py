@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_fgic, tiny_args
+from tests.helpers import run_fgic, tiny_args
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

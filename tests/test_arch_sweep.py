@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from torchvision import models as tvm
 
-from tests.conftest import REPO, fgic_env, read_jsonl, run_fgic, tiny_args
+from fgic import cluster
+from tests.helpers import REPO, fgic_env, read_jsonl, run_fgic, tiny_args
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
 
 HARNESS = REPO / "tests" / "arch_harness.py"
 PARAMS = {a: tvm.get_model_weights(a).DEFAULT.meta["num_params"] for a in tvm.list_models(module=tvm)}
@@ -53,9 +55,8 @@ def test_every_arch_trains_on_two_processes_or_stops_with_one_line(shard, tmp_pa
         pytest.fail(f"{archs[0]} needs ~{need:.1f} GB on 2 processes, this machine has had {have:.1f} GB available "
                     f"for 15 minutes: run it when less else is running")
     out = tmp_path / "results.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(HARNESS), str(out), *archs], cwd=REPO, env=fgic_env(), capture_output=True,
-                          text=True, timeout=1200)
+    proc = subprocess.run(cluster.command([str(out), *archs], 2, program=(str(HARNESS),)), cwd=REPO, env=fgic_env(),
+                          capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = read_jsonl(out)
     assert [r["arch"] for r in results] == archs

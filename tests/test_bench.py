@@ -21,6 +21,7 @@ def jpgs(tmp_path_factory):
     return folder
 
 
+@pytest.mark.e2e
 def test_make_data_writes_realistic_jpegs(jpgs):
     train = sorted((jpgs / "train").rglob("*.jpg"))
     assert len(train) == 20 and len(list((jpgs / "test").rglob("*.jpg"))) == 10
@@ -29,6 +30,7 @@ def test_make_data_writes_realistic_jpegs(jpgs):
     assert 10_000 < train[0].stat().st_size < 200_000  # photo-like, not flat colour nor pure noise
 
 
+@pytest.mark.e2e
 def test_loader_compares_the_two_pipelines(jpgs, tmp_path, capsys):
     out = tmp_path / "loader.json"
     bench.main(["loader", "-d", str(jpgs), *SMALL, "-b", "4", "--batches", "6", "--warmup", "1",
@@ -40,6 +42,7 @@ def test_loader_compares_the_two_pipelines(jpgs, tmp_path, capsys):
     assert "original: ImageFolder + PIL" in text and f"{result['ratio']:.1f}x" in text and "before timing" in text
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("source", [["--synthetic"], ["--pipeline", "fgic"], ["--pipeline", "original"]])
 def test_train_measures_each_source(jpgs, tmp_path, capsys, source):
     out = tmp_path / "train.json"
@@ -69,6 +72,7 @@ def test_bad_input_is_one_line(tmp_path):
             bench.main(["train", "--synthetic", "--device", "cuda"])
 
 
+@pytest.mark.e2e
 def test_cached_batches_chain_epochs_from_one_producer(jpgs, monkeypatch):
     """epochs() gives epoch 0's batches, then epoch 1's, ..., exactly as set_epoch + iter does, from one producer
     thread, and leaves the sampler as it was."""
@@ -93,6 +97,7 @@ def test_cached_batches_chain_epochs_from_one_producer(jpgs, monkeypatch):
     assert not any(t.name == "fgic-cache-batches" for t in threading.enumerate())  # close() stopped it
 
 
+@pytest.mark.e2e
 def test_train_keeps_one_producer_across_epochs(jpgs, tmp_path, monkeypatch):
     """1 warm-up and 12 timed steps of 5 per epoch span 3 epochs: one producer feeds them all (a new one per
     epoch would time a cold first batch at each boundary)."""

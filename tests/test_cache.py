@@ -2,7 +2,6 @@
 and the same batches as the uncached path, bit for bit."""
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import pickle
@@ -15,11 +14,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from fgic import augment, cache, data
+from fgic import augment, cache, data, images
 from fgic.cacheload import CachedBatches
+from fgic.demo import make_tiny
 from fgic.errors import FgicError
 from fgic.samplers import TrainSampler
-from tests.conftest import make_dataset
 
 FORK = multiprocessing.get_context("fork")
 
@@ -27,7 +26,7 @@ FORK = multiprocessing.get_context("fork")
 @pytest.fixture()
 def ds(tmp_path):
     """A dataset with non-square images of two sizes, so the resize really resamples."""
-    root = make_dataset(tmp_path / "d", (5, 4), (3, 3), size=40)
+    root = make_tiny(tmp_path / "d", (5, 4), (3, 3), size=40)
     Image.fromarray(np.full((30, 50, 3), 200, np.uint8)).save(root / "train" / "class_00" / "wide.png")
     return root
 
@@ -37,7 +36,7 @@ def samples(root, split="train"):
 
 
 def expected(samples_, size):
-    return np.stack([augment.resize(data.load_rgb(p), size).numpy() for p, _ in samples_])
+    return np.stack([augment.resize(images.load_rgb(p), size).numpy() for p, _ in samples_])
 
 
 def test_build_then_reuse(ds, tmp_path):
@@ -102,6 +101,7 @@ def _ensure_and_count(folder, root, s, counter):
     os._exit(0 if np.array_equal(arr, expected(s, 36)) else 3)
 
 
+@pytest.mark.e2e
 def test_concurrent_processes_build_once(ds, tmp_path):
     s = samples(ds)
     counter = tmp_path / "count"
@@ -123,6 +123,7 @@ def _hold_lock(folder, name, ready, die):
         time.sleep(30)  # a stuck one
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("die", [True, False], ids=["dead-builder", "stuck-builder"])
 def test_waiting_for_a_builder_never_hangs(ds, tmp_path, monkeypatch, die):
     s = samples(ds)
@@ -151,7 +152,7 @@ def test_waiting_for_a_builder_never_hangs(ds, tmp_path, monkeypatch, die):
 def args_for(**kw):
     opts = dict(resize=36, crop=32, padding=4, seed=3, check_images="fast", skip_bad_images=False, workers=0,
                 batch_size=4, cache="on", cache_dir=None)
-    return argparse.Namespace(**{**opts, **kw})
+    return data.DataSpec(**{**opts, **kw})
 
 
 @pytest.mark.parametrize("crop,padding", [(32, 4), (36, 0), (40, 2)])
@@ -193,6 +194,7 @@ def test_cache_holds_only_the_kept_images(ds, tmp_path):
     assert all("broken" not in p for p, _ in train_set.samples) and len(train_set.rows()) == 10
 
 
+@pytest.mark.e2e
 def test_batches_from_threads_and_workers(ds, tmp_path):
     train_set, test_set, loader, test_loader = data.build(args_for(cache_dir=str(tmp_path / "c")), ds, 1, 0, False)
     assert isinstance(loader, CachedBatches) and len(loader) == 2

@@ -8,14 +8,15 @@ import shutil
 import pytest
 import torch
 
-from fgic import ddp, dist
+from fgic import cluster, ddp
+from fgic.demo import make_tiny
 from fgic.errors import run_cli
-from tests.conftest import make_dataset, run_fgic, tiny_args
+from tests.helpers import run_fgic, tiny_args
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("d") / "good", (6, 6), (2, 2))
+    return make_tiny(tmp_path_factory.mktemp("d") / "good", (6, 6), (2, 2))
 
 
 def broken(tmp_path, good, what):
@@ -73,7 +74,7 @@ def in_process(monkeypatch):
 def test_bad_input_gets_one_clear_line(tmp_path, good, case, extra, message, in_process, capsys, monkeypatch):
     def relaunch(gpus, argv):  # -g with several ids starts one process per GPU, after every id is checked
         raise AssertionError(f"relaunched for -g {gpus} before the ids were checked")
-    monkeypatch.setattr(dist, "relaunch_per_gpu", relaunch)
+    monkeypatch.setattr(cluster, "relaunch_per_gpu", relaunch)
     data = tmp_path / "absent" if case == "missing_folder" else (
         broken(tmp_path, good, case) if case in ("no_test", "no_classes", "empty_class", "other_classes") else good)
     args = ["-d", str(data), *tiny_args(epochs=1, batch_size=6), "--data-root", str(tmp_path / "root"),
@@ -83,6 +84,7 @@ def test_bad_input_gets_one_clear_line(tmp_path, good, case, extra, message, in_
     assert code == 2 and line.startswith("fgic.ddp: error: ") and message in line, line
 
 
+@pytest.mark.e2e
 def test_the_real_command_prints_one_line_and_exits_2(tmp_path, good):
     res = run_fgic(["-d", str(good), *tiny_args(epochs=1), "--arch", "resnet5", "--output-dir", str(tmp_path)])
     assert res.returncode == 2 and "Traceback" not in res.stderr
@@ -90,6 +92,7 @@ def test_the_real_command_prints_one_line_and_exits_2(tmp_path, good):
                                                "model; did you mean resnet50, resnet152, resnet34?"]
 
 
+@pytest.mark.e2e
 def test_batch_that_does_not_split_over_the_processes(tmp_path, good):
     res = run_fgic(["-d", str(good), *tiny_args(epochs=1, batch_size=7), "--output-dir", str(tmp_path)], nproc=2)
     assert res.returncode != 0

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from tests.conftest import read_jsonl, run_fgic, tiny_args
+from tests.helpers import read_jsonl, run_fgic, tiny_args
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
 
 RUN = ("tiny", "resnet18-off-s2020")
 

@@ -29,7 +29,8 @@ def test_demo_defaults_only_fill_unset_flags():
     assert (b.epochs, b.arch, b.crop, b.weights) == (3, "resnet50", 56, "none")
 
 
-@pytest.mark.parametrize("given,mode", [("off", "off"), ("bf16", "bf16"), ("FP16", "fp16"), ("0", "off"), ("2", "fp16")])
+@pytest.mark.parametrize("given,mode", [("off", "off"), ("bf16", "bf16"), ("FP16", "fp16"), ("0", "off"),
+                                        ("2", "fp16")])
 def test_amp_modes(given, mode):
     assert parse("-d", "cub", "-a", given).amp == mode
 

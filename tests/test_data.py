@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as tf
 
 from fgic import augment, data
+from fgic.demo import make_tiny
 from fgic.errors import FgicError
 from fgic.samplers import ShardSampler, TrainSampler
-from tests.conftest import make_dataset
 
 
 def global_batches(n, batch, world, seed, epoch):
@@ -69,7 +69,7 @@ def test_normalize_matches_torchvision():
 
 
 def test_dataset_items_follow_their_keys(tmp_path):
-    root = make_dataset(tmp_path / "d", (3, 3), (2, 2))
+    root = make_tiny(tmp_path / "d", (3, 3), (2, 2))
     train = data.KeyedImageFolder(root / "train", True, 36, 32, 4, seed=1)
     x, y = train[(0, 4)]
     assert x.dtype == torch.uint8 and x.shape == (3, 32, 32) and y == 1
@@ -80,7 +80,7 @@ def test_dataset_items_follow_their_keys(tmp_path):
 
 
 def test_layout_checks_name_the_folder(tmp_path):
-    root = make_dataset(tmp_path / "d", (2, 2), (1, 1))
+    root = make_tiny(tmp_path / "d", (2, 2), (1, 1))
     (root / "train" / ".DS_Store").write_text("x")
     (root / "train" / "class_00" / "Thumbs.db").write_text("x")
     assert data.check_layout(root) == ["class_00", "class_01"]
@@ -99,11 +99,12 @@ def test_layout_checks_name_the_folder(tmp_path):
 
 
 def _only_train(tmp_path):
-    return make_dataset(tmp_path / "g", (1,), ())  # no test counts: no test/ folder
+    return make_tiny(tmp_path / "g", (1,), ())  # no test counts: no test/ folder
 
 
 def test_registry_names_point_at_the_data_root(tmp_path):
-    with pytest.raises(FgicError, match=r"-d cub: no dataset at .*cub; prepare it with `python -m fgic.prepare cub /path/to/CUB_200_2011`"):
+    with pytest.raises(FgicError, match=r"-d cub: no dataset at .*cub; prepare it with "
+                                        r"`python -m fgic.prepare cub /path/to/CUB_200_2011`"):
         data.resolve("cub", str(tmp_path))
     (tmp_path / "cub").mkdir()
     assert data.resolve("cub", str(tmp_path)) == ("cub", tmp_path / "cub")

@@ -8,7 +8,9 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import read_jsonl, run_fgic, tiny_args
+from tests.helpers import read_jsonl, run_fgic, tiny_args
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
 
 WORLDS = (1, 2, 3)
 

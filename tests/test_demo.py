@@ -128,10 +128,12 @@ def test_cli_prints_a_summary(small, tmp_path, capsys):
     assert f"{len(DEMO_CLASSES)} classes" in out and f"{2 * len(DEMO_CLASSES)} train" in out and str(tmp_path) in out
 
 
+@pytest.mark.e2e
 def test_demo_command_trains_and_learns(tmp_path):
     """The README's first command, `python -m fgic.ddp -d demo`, end to end (about 1.5 minutes on 2 CPU cores)."""
     import json
-    from tests.conftest import run_fgic
+
+    from tests.helpers import run_fgic
     res = run_fgic(["-d", "demo", "--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "runs")])
     assert res.returncode == 0, res.stderr
     summary = json.loads((tmp_path / "runs" / "demo" / "resnet18-off-s2020" / "summary.json").read_text())

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from fgic import engine
-from fgic.dist import Dist, Launch
-
+from fgic.cluster import Launch
+from fgic.dist import Dist
 
 
 def _fp16_steps(fused: bool, skip_first: bool) -> torch.Tensor:

@@ -4,16 +4,20 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
 import torch
 
-from tests.conftest import PickledCode, make_dataset, popen, read_jsonl, run_fgic, tiny_args, workers
+from fgic.demo import make_tiny
+from tests.helpers import PickledCode, popen, read_jsonl, run_fgic, tiny_args, workers
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
 
 RUN = ("tiny8", "resnet18-off-s2020")
 DEATH_BOUND_S = 60  # README, "Failures": all processes gone within this after one rank dies
 
 
 def args_for(tmp_path, out="runs"):
-    data = make_dataset(tmp_path / "tiny8", (16, 16, 16), (4, 4, 4))
+    data = make_tiny(tmp_path / "tiny8", (16, 16, 16), (4, 4, 4))
     return ["-d", str(data), *tiny_args(epochs=2, batch_size=6), "--output-dir", str(tmp_path / out)]
 
 

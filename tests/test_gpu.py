@@ -1,7 +1,6 @@
 """CUDA-only paths (NCCL, torch's SyncBatchNorm, CUDA AMP, batches cropped on the GPU, no host sync per step or
 per evaluation batch, fused SGD under a skipped fp16 step, repeatable --deterministic runs): `pytest -m gpu` on a GPU
 machine (`bash tests/gpu/check.sh` runs them with the benchmarks); skipped without CUDA."""
-import argparse
 import json
 import warnings
 
@@ -10,8 +9,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from fgic import augment, bench, data, engine, models
-from fgic.dist import Dist, Launch
-from tests.conftest import read_jsonl, run_fgic, same_result, tiny_args
+from fgic.cluster import Launch
+from fgic.dist import Dist
+from tests.helpers import read_jsonl, run_fgic, same_result, tiny_args
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -35,9 +35,8 @@ def test_batched_gpu_crop_equals_the_cpu_crops():
 
 
 def _loaders(root, cache):
-    args = argparse.Namespace(resize=72, crop=64, padding=4, seed=5, check_images="fast", skip_bad_images=False,
-                              workers=2, batch_size=6, cache=cache, cache_dir=None)
-    return data.build(args, root, 1, 0, pin_memory=True)
+    spec = data.DataSpec(resize=72, crop=64, padding=4, seed=5, batch_size=6, workers=2, cache=cache)
+    return data.build(spec, root, 1, 0, pin_memory=True)
 
 
 def test_cached_gpu_batches_equal_the_cpu_path_bit_for_bit(tiny_data):
@@ -238,6 +237,7 @@ def test_bench_train_on_the_gpu(tiny_data, tmp_path, cache):
     assert (r["prep_ms_per_batch"] < 5) if cache == "on" else "prep_ms_per_batch" not in r
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("amp,cache", [("off", "auto"), ("bf16", "auto"), ("fp16", "auto"), ("bf16", "off")])
 def test_one_gpu_trains_with_each_amp_mode(tiny_data, tmp_path, amp, cache):
     res = run_fgic(["-d", str(tiny_data), *cuda_args(), "-a", amp, "--cache", cache, "--output-dir", str(tmp_path)])
@@ -249,6 +249,7 @@ def test_one_gpu_trains_with_each_amp_mode(tiny_data, tmp_path, amp, cache):
     assert bool(torch.load(run / "checkpoint.pt", weights_only=True)["scaler"]) == (amp == "fp16")
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_nccl_sync_bn_match_one(tiny_data, tmp_path):
     out = {}
@@ -265,6 +266,7 @@ def test_two_gpus_nccl_sync_bn_match_one(tiny_data, tmp_path):
     assert [m["test_correct"] for m in out[1][1]] == [m["test_correct"] for m in out[2][1]]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("amp", ["off", "bf16"])
 def test_deterministic_one_gpu_run_is_repeatable_bitwise(tiny_data, tmp_path, amp):
     """Two `python -m fgic.ddp --deterministic` runs on 1 GPU: bitwise equal weights, equal metrics."""

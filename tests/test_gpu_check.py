@@ -12,7 +12,9 @@ import time
 import pytest
 
 from fgic import bench
-from tests.conftest import REPO
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
 
 CHECK = REPO / "tests" / "gpu" / "check.sh"
 STEPS = ["env", "pytest", "make-data", "loader", "train-synthetic", "train-cache", "train-original"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fgic import cache, data, signals
-from tests.conftest import REPO, fgic_env
+from tests.helpers import REPO, fgic_env
 
 
 class Pids(torch.utils.data.Dataset):
@@ -26,6 +26,7 @@ class Pids(torch.utils.data.Dataset):
         return os.getpid()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_loader_workers_outlive_the_stop_signals(method):
     loader = data.Loader(Pids(), batch_size=4, num_workers=2, multiprocessing_context=method, persistent_workers=True)
@@ -52,6 +53,7 @@ raise SystemExit(3)  # still holding the loader: multiprocessing's exit handler 
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["fork", "forkserver"])
 def test_the_training_process_still_ends_its_loader_workers(method):
     """The workers take SIGTERM from the process that started them (under forkserver, not their parent)."""
@@ -70,6 +72,7 @@ def fill_signalled(chunk):
     return FILL(chunk)
 
 
+@pytest.mark.e2e
 def test_cache_builders_outlive_the_stop_signals(tmp_path, monkeypatch):
     from PIL import Image
     paths = []

@@ -1,12 +1,16 @@
 """Unusual but valid images load as RGB; broken ones are all found by the scan before training."""
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from fgic import data, scan
-from tests.conftest import make_dataset, run_fgic, tiny_args
+from fgic import images
+from fgic.demo import make_tiny
+from tests.helpers import REPO, fgic_env, run_fgic, tiny_args
 
 
 def rgb_array(h=30, w=40):
@@ -29,11 +33,11 @@ def write_unusual(folder):
 
 def test_unusual_images_load_as_rgb(tmp_path):
     for path in write_unusual(tmp_path):
-        img = data.load_rgb(str(path))
+        img = images.load_rgb(str(path))
         assert img.mode == "RGB", path.name
         assert img.size == ((30, 40) if path.name == "rotated.jpg" else (40, 30)), path.name
-        assert scan.problem(str(path), "full") is None and scan.problem(str(path), "fast") is None
-    deep = np.asarray(data.load_rgb(str(tmp_path / "deep.png")))
+        assert images.problem(str(path), "full") is None and images.problem(str(path), "fast") is None
+    deep = np.asarray(images.load_rgb(str(tmp_path / "deep.png")))
     assert deep.max() > 200 and deep.min() < 10  # scaled to 8 bits, not clipped to white
 
 
@@ -52,13 +56,14 @@ def test_scan_finds_every_broken_file(tmp_path, mode):
     names = write_broken(tmp_path)
     write_unusual(tmp_path / "ok")
     paths = [str(p) for p in sorted(tmp_path.rglob("*")) if p.is_file()]
-    bad = scan.scan(paths, mode)
+    bad = images.scan(paths, mode)
     assert sorted(p.rsplit("/", 1)[1] for p in bad) == names
-    assert scan.scan(paths, "off") == {}
+    assert images.scan(paths, "off") == {}
 
 
+@pytest.mark.e2e
 def test_training_stops_on_bad_images_or_skips_them(tmp_path):
-    root = make_dataset(tmp_path / "d", (6, 6), (3, 3))
+    root = make_tiny(tmp_path / "d", (6, 6), (3, 3))
     write_broken(root / "train" / "class_00")
     args = ["-d", str(root), *tiny_args(epochs=1, batch_size=6), "--output-dir", str(tmp_path / "runs")]
     res = run_fgic(args)
@@ -69,3 +74,16 @@ def test_training_stops_on_bad_images_or_skips_them(tmp_path):
     res = run_fgic(args + ["--skip-bad-images"])
     assert res.returncode == 0, res.stderr
     assert "left out 3 bad image(s)" in res.stderr
+
+
+def test_image_files_are_those_imagefolder_lists():
+    assert images.IMG_EXTENSIONS == IMG_EXTENSIONS
+    assert images.is_image("a.JPG") and images.is_image("b.webp")
+    assert not images.is_image("._a.jpg") and not images.is_image("Thumbs.db") and not images.is_image("README")
+
+
+@pytest.mark.e2e
+def test_the_light_commands_do_not_import_torch():
+    code = "import sys, fgic.images, fgic.prepare, fgic.report; sys.exit('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=fgic_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr or "torch was imported"

@@ -11,14 +11,14 @@ import sys
 import pytest
 import torch
 
-from fgic import dist
+from fgic import cluster
 from launch import torchrun
-from tests.conftest import REPO, fgic_env, run_fgic, tiny_args
+from tests.helpers import REPO, fgic_env, run_fgic, tiny_args
 
 
 @pytest.fixture(autouse=True)
 def no_scontrol(monkeypatch):
-    monkeypatch.setattr(dist.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cluster.shutil, "which", lambda name: None)
 
 
 def test_two_slurm_nodes_with_four_gpus_each():
@@ -75,6 +75,7 @@ print(stop.signum)
 """
 
 
+@pytest.mark.e2e
 def test_the_stop_handler_says_so_without_sys_stderr():
     out = subprocess.run([sys.executable, "-c", SIGNAL_MID_WRITE], cwd=REPO, env=fgic_env(), capture_output=True,
                          text=True, timeout=60)
@@ -82,6 +83,7 @@ def test_the_stop_handler_says_so_without_sys_stderr():
     assert out.stderr == "fgic: got SIGUSR2; stopping at the next step boundary\n"
 
 
+@pytest.mark.e2e
 def test_a_signal_during_start_up_reaches_fgics_handler_after_exec():
     out = subprocess.run([sys.executable, "-c", HELD_THEN_EXEC], cwd=REPO, env=fgic_env(), capture_output=True,
                          text=True, timeout=60)
@@ -148,6 +150,7 @@ def fake_bin(tmp_path, **scripts) -> str:
     (["--gpus-per-node", "4", "--cpus-per-task", "3"], {"SINFO_NODES": ""}, "GPU(s) per node, --cpus-per-task 3\n"),
     ([], {"SINFO_NODES": ""}, "1 task(s), 0 GPU(s) per node, Slurm's default CPUs per task, 1 (give --cpus-per-task"),
 ], ids=["default-partition", "one-task-two-gpus", "partition-flag", "SBATCH_PARTITION", "given", "cpu-job"])
+@pytest.mark.e2e
 def test_submitit_default_cpus_per_task_is_the_nodes_share_per_gpu(tiny_data, tmp_path, capsys, monkeypatch, flags,
                                                                      env, expected):
     from launch import submitit as launcher
@@ -165,6 +168,7 @@ def test_submitit_default_cpus_per_task_is_the_nodes_share_per_gpu(tiny_data, tm
     (["--gpus-per-node", "4"], "", "--cpus-per-task: no default without sinfo's node list ("),
     (["--gpus-per-node", "4", "--cpus-per-task", "0"], "sinfo", "--cpus-per-task 0: give a number of at least 1"),
 ], ids=["too-few-gpus", "no-sinfo", "zero"])
+@pytest.mark.e2e
 def test_submitit_without_a_default_cpus_per_task_says_to_give_one(tiny_data, tmp_path, monkeypatch, flags, path,
                                                                     message):
     from fgic.errors import FgicError
@@ -175,6 +179,7 @@ def test_submitit_without_a_default_cpus_per_task_says_to_give_one(tiny_data, tm
         launcher.main(["-d", str(tiny_data), "--cluster", "slurm", "--dry-run", *flags])
 
 
+@pytest.mark.e2e
 def test_submitit_asks_the_job_and_its_srun_step_for_the_cpus(tiny_data, tmp_path):
     """The sbatch script submitit writes: the job asks for the CPUs per task, and so does its srun line, since
     Slurm 22.05's srun does not take --cpus-per-task from the job (tests/test_slurm.py shows the step on Slurm)."""
@@ -191,6 +196,7 @@ def test_submitit_asks_the_job_and_its_srun_step_for_the_cpus(tiny_data, tmp_pat
     assert len(srun) == 1 and " --cpus-per-task=8 " in srun[0], srun
 
 
+@pytest.mark.e2e
 def test_submitit_wait_says_why_a_job_failed(tiny_data, tmp_path):
     """A job that fails at run time (a garbled weights file) is reported with the job's own error, not submitit's
     pointer to its logs; the other jobs would go on, and the exit code says one failed."""
@@ -205,6 +211,7 @@ def test_submitit_wait_says_why_a_job_failed(tiny_data, tmp_path):
     assert failed[0].endswith("_0_log.err"), failed[0]
 
 
+@pytest.mark.e2e
 def test_submitit_requeue_survives_the_sigterm_that_ends_the_step():
     """submitit's handler runs `scontrol requeue`; Slurm then ends the step with SIGTERM, which may reach scontrol
     before it exits. Under hand_over the stand-in scontrol (it signals itself) lives, so the requeue does not fail."""
@@ -223,6 +230,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_two_nodes_meet_through_launch_torchrun_and_train_as_one_job(tiny_data, tmp_path):
     """Two "nodes" on this machine, each one launch.torchrun as `srun --ntasks-per-node=1` starts it (the same job,
     SLURM_NODEID 0 and 1, one CPU process per node): torchrun's multi-node rendezvous at the first host joins them

@@ -6,7 +6,7 @@ from torchvision.models.vision_transformer import interpolate_embeddings
 
 from fgic import models, weights
 from fgic.errors import FgicError
-from tests.conftest import PickledCode
+from tests.helpers import PickledCode
 
 
 @pytest.mark.parametrize("arch,head", [

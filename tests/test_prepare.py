@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from fgic import data, prepare
+from fgic import data, images, prepare
 from fgic.errors import FgicError, run_cli
 from fgic.prepare import Expected
-from tests.conftest import fgic_env
+from tests.helpers import fgic_env
 
 
 def write_image(path: Path, seed: int, mode: str = "RGB") -> Path:
@@ -98,7 +98,7 @@ def test_cub_release_is_linked_in_class_id_order_and_src_is_untouched(tmp_path):
     assert os.path.samefile(gray, src_gray)  # a hard link: same file, no re-encoding
     with Image.open(gray) as img:
         assert img.mode == "L"
-    assert data.load_rgb(str(gray)).mode == "RGB"  # the loader converts it
+    assert images.load_rgb(str(gray)).mode == "RGB"  # the loader converts it
     # class i is the same class in train and test, and is the official id i + 1
     assert data.check_layout(dst) == sorted(layout["train"])
     train = ImageFolder(str(dst / "train"))
@@ -495,6 +495,7 @@ def test_cars_mat_without_scipy_is_one_clear_line(tmp_path, monkeypatch):
         prepare.prepare("cars", src, tmp_path / "cars", expected=Expected(3, 4, 3))
 
 
+@pytest.mark.e2e
 def test_command_line_entry(tmp_path):
     src = make_cars_csv(tmp_path / "mirror")
     env = fgic_env()

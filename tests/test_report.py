@@ -12,7 +12,7 @@ import pytest
 from fgic import config, report
 from fgic.errors import FgicError
 from fgic.runlog import RunLog, write_json
-from tests.conftest import REPO, fgic_env
+from tests.helpers import REPO, fgic_env
 
 
 def make_run(root, dataset, seed, accs, epochs=None, finish=True, flags=()):
@@ -177,11 +177,7 @@ def test_bad_input_is_one_clear_error(tmp_path, case):
     assert named in str(exc.value) and "\n" not in str(exc.value)
 
 
-def test_the_checkpoint_name_is_fgic_checkpoints():
-    from fgic import checkpoint  # report avoids importing it (torch): the copy of the name must agree
-    assert report.CHECKPOINT == checkpoint.CHECKPOINT
-
-
+@pytest.mark.e2e
 def test_command_line_error_is_one_line_and_exit_2(tmp_path):
     res = subprocess.run([sys.executable, "-m", "fgic.report", str(tmp_path)], cwd=REPO, env=fgic_env(),
                          capture_output=True, text=True, timeout=120)

@@ -6,13 +6,16 @@ import pytest
 
 from fgic import requeue
 
+pytestmark = pytest.mark.e2e  # every test here starts processes
+
 
 @pytest.fixture
 def scontrol(tmp_path, monkeypatch):
     log = tmp_path / "calls"
     script = tmp_path / "scontrol"
     script.write_text(f'#!/bin/sh\necho "$@" >> {log}\n'
-                      f'[ "$1" = show ] && echo "JobId=$3 JobState=${{FAKE_STATE:-RUNNING}} Requeue=${{FAKE_REQUEUE:-1}} Restarts=0"\n'
+                      f'[ "$1" = show ] && echo "JobId=$3 JobState=${{FAKE_STATE:-RUNNING}} '
+                      f'Requeue=${{FAKE_REQUEUE:-1}} Restarts=0"\n'
                       f'[ "$1" = requeue ] && [ -n "$FAKE_STEP_KILL" ] && kill -TERM $$\nexit 0\n')
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")

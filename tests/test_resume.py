@@ -11,16 +11,18 @@ import time
 import pytest
 import torch
 
+from fgic.demo import make_tiny
 from fgic.signals import EXIT_PREEMPTED
-from tests.conftest import REPO, fgic_env, make_dataset, popen, read_jsonl, run_fgic, same_result, tiny_args, workers
+from tests.helpers import REPO, fgic_env, popen, read_jsonl, run_fgic, same_result, tiny_args, workers
 
+pytestmark = pytest.mark.e2e  # every test here starts processes
 RUN = ("tiny8", "resnet18-off-s2020")
 
 
 @pytest.fixture(scope="module")
 def data8(tmp_path_factory):
     """48 train images: 8 steps per epoch at the global batch of 6."""
-    return make_dataset(tmp_path_factory.mktemp("d") / "tiny8", (16, 16, 16), (10, 10, 10))
+    return make_tiny(tmp_path_factory.mktemp("d") / "tiny8", (16, 16, 16), (10, 10, 10))
 
 
 def args_for(data, out, cache="auto"):
@@ -80,6 +82,27 @@ def test_stop_mid_epoch_and_resume_bitwise(data8, references, tmp_path, sig, npr
     same_result(run, references(nproc))
 
 
+def test_a_stop_during_the_epoch_end_save_stops_there_on_every_rank(data8, tmp_path):
+    """SIGTERM to every process (as Slurm sends it) while rank 0 writes the epoch-2 checkpoint: the job stops at that
+    epoch boundary, with that checkpoint, instead of training on into epoch 3 until Slurm's SIGKILL."""
+    args = ["-d", str(data8), *tiny_args(epochs=3, batch_size=6), "--output-dir", str(tmp_path)]
+    run = tmp_path.joinpath(*RUN)
+    proc = popen(args, 2, FGIC_TEST_STALL_SAVE_S="4")  # the overwrite (epoch 2's save) is held back 4 s
+    pids = workers(proc, 2)
+    deadline = time.time() + 300
+    while not list(run.glob(".checkpoint.pt.*.tmp")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "stopped by SIGTERM at the end of epoch 2; checkpoint written" in err, err
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 0) and len(read_jsonl(run / "metrics.jsonl")) == 2
+    res = run_fgic(args, nproc=2)
+    assert res.returncode == 0 and f"resuming {run / 'checkpoint.pt'} at epoch 3, step 0" in res.stdout, res.stderr
+
+
 def test_resume_on_another_world_size(data8, references, tmp_path):
     """Stop on 2 processes, resume on 3: allowed (the layout does not change the run's meaning); the result equals
     the uninterrupted run up to float rounding, not bitwise (bitwise is promised for the same layout). A torn
@@ -118,6 +141,7 @@ def test_resume_on_another_world_size(data8, references, tmp_path):
 # shuts its loader workers down at once, and may then take seconds to exit).
 SCONTROL = """#!{python}
 import os, sys, time
+
 if sys.argv[1:3] == ["show", "job"]:
     print("JobId=4242 JobName=fgic Requeue=1 Restarts=0")
 elif sys.argv[1:2] == ["requeue"]:

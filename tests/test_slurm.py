@@ -14,17 +14,19 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, fgic_env, make_dataset, read_jsonl, same_result, tiny_args
+from fgic import cluster
+from fgic.demo import make_tiny
+from tests.helpers import REPO, fgic_env, read_jsonl, same_result, tiny_args
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
 TRAIN, SWEEP = str(REPO / "slurm" / "train.sbatch"), str(REPO / "slurm" / "sweep.sh")
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the templates ask for GPUs; these jobs train on the CPU
@@ -94,8 +96,8 @@ def lab(tmp_path_factory):
             pytest.fail(f"CI runs the Slurm tests, but {message}")
         pytest.skip(message)
     root = tmp_path_factory.mktemp("slurm")
-    alpha = make_dataset(root / "data" / "alpha", test_counts=(6, 6, 6))
-    beta = make_dataset(root / "data" / "beta", test_counts=(6, 6, 6), seed=1)
+    alpha = make_tiny(root / "data" / "alpha", test_counts=(6, 6, 6))
+    beta = make_tiny(root / "data" / "beta", test_counts=(6, 6, 6), seed=1)
     job_name = f"fgic-test-{os.getpid()}"
     env = fgic_env(PYTHON=sys.executable, SBATCH_JOB_NAME=job_name)
 
@@ -140,8 +142,7 @@ def lab(tmp_path_factory):
                                      "--output-dir", root / "submitit_preempted"], PYTHONPATH=str(REPO), **slow),
         "reference": start([sys.executable, "-m", "fgic.ddp", "-d", alpha, *tiny_args(**LONG),
                             "--output-dir", root / "reference"]),
-        "reference2": start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "fgic.ddp", "-d", alpha, *tiny_args(**LONG), "--output-dir", root / "reference2"]),
+        "reference2": start(cluster.command(["-d", alpha, *tiny_args(**LONG), "--output-dir", root / "reference2"], 2)),
     }
     lab = Lab(root, alpha, procs)
     preempted = [(f"{layout}_{sig}", preempt_by_scancel) for layout in ("gpu2", "srun2") for sig in SIGNALS]
@@ -307,11 +308,13 @@ def test_submitit_job_preempted_requeues_and_ends_as_an_uninterrupted_run(lab):
     assert lab.procs[name].returncode == 0 and ": done" in out, why
     assert "fgic: stopped by SIGUSR2" in err and "Requeued job" in log and "fgic: resuming" in log + err, err
     same_result(lab.root / name / "alpha" / RUN, reference(lab))
+    assert json.loads((lab.root / name / "alpha" / RUN / "config.json").read_text())["launcher"] == "submitit"
 
 
 STEP_PROBE = """
 import os, subprocess, sys
 import launch.submitit as launcher
+
 
 class Probe:  # the job body in place of fgic.ddp: writes what Slurm reports for this task's step
     def __init__(self, argv):

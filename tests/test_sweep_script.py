@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SWEEP = REPO / "slurm" / "sweep.sh"
 FAKE_SRUN = """#!/bin/bash
@@ -30,12 +30,14 @@ def fake_slurm(tmp_path):
 
 def run_task(fake_slurm, tmp_path, index, count, **env):
     full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    full.update(PATH=f"{fake_slurm}:{os.environ['PATH']}", SRUN_CALLS=str(tmp_path / "calls"), RUNS=str(tmp_path / "runs"),
-                SLURM_JOB_ID="100", SLURM_ARRAY_JOB_ID="99", SLURM_ARRAY_TASK_ID=str(index), SLURM_ARRAY_TASK_COUNT=str(count),
+    full.update(PATH=f"{fake_slurm}:{os.environ['PATH']}", SRUN_CALLS=str(tmp_path / "calls"),
+                RUNS=str(tmp_path / "runs"), SLURM_JOB_ID="100", SLURM_ARRAY_JOB_ID="99",
+                SLURM_ARRAY_TASK_ID=str(index), SLURM_ARRAY_TASK_COUNT=str(count),
                 SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_MAX=str(count - 1), **env)
     return subprocess.run(["bash", str(SWEEP)], env=full, capture_output=True, text=True, cwd=tmp_path)
 
 
+@pytest.mark.e2e
 def test_every_index_runs_one_combination(fake_slurm, tmp_path):
     env = dict(DATASETS="cub /data/my cars", SEEDS="0 7", AMPS="off bf16", FGIC_ARGS="--epochs 3 --note x")
     for i in range(12):
@@ -50,6 +52,7 @@ def test_every_index_runs_one_combination(fake_slurm, tmp_path):
     assert seen == set(itertools.product(["cub", "/data/my", "cars"], ["0", "7"], ["off", "bf16"]))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("count", [3, 5])
 def test_wrong_array_size_is_an_error(fake_slurm, tmp_path, count):
     out = run_task(fake_slurm, tmp_path, 0, count, DATASETS="cub cars", SEEDS="0 1")
@@ -57,6 +60,7 @@ def test_wrong_array_size_is_an_error(fake_slurm, tmp_path, count):
     assert "has 4 combinations; submit with sbatch --array=0-3 slurm/sweep.sh" in out.stderr
 
 
+@pytest.mark.e2e
 def test_failure_is_recorded_and_preemption_is_not(fake_slurm, tmp_path):
     env = dict(DATASETS="/nowhere/birds", SEEDS="3", FGIC_ARGS="--epochs 2")
     record = tmp_path / "runs" / "failed" / "birds-off-s3.json"
@@ -69,6 +73,7 @@ def test_failure_is_recorded_and_preemption_is_not(fake_slurm, tmp_path):
     assert not record.exists()  # a later success clears it
 
 
+@pytest.mark.e2e
 def test_empty_fgic_args_add_no_argument(fake_slurm, tmp_path):
     """No FGIC_ARGS: srun gets exactly the sweep's own flags (no empty "" argument) and the failure record no args."""
     (fake_slurm / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$#" "$@" >"$SRUN_CALLS"\nexit "${SRUN_EXIT:-0}"\n')

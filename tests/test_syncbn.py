@@ -124,6 +124,7 @@ def _diffs(ranks, ref, kind) -> dict:
     return d
 
 
+@pytest.mark.e2e
 def test_matches_global_batchnorm(ranks, reference):
     diffs = _diffs(ranks, reference, "sync")
     bad = {k: v for k, v in diffs.items() if not v <= TOL}
@@ -131,6 +132,7 @@ def test_matches_global_batchnorm(ranks, reference):
     assert all(int(r["sync"]["state"][f"{i}.num_batches_tracked"]) == STEPS for r in ranks for i in (1, 4))
 
 
+@pytest.mark.e2e
 def test_unsynchronized_batchnorm_differs(ranks, reference):
     # Guards against a vacuous comparison: per-process BN statistics are clearly different.
     diffs = _diffs(ranks, reference, "plain")
@@ -138,6 +140,7 @@ def test_unsynchronized_batchnorm_differs(ranks, reference):
     assert diffs["out"] > 1e-3 and diffs["xgrad"] > 1e-3
 
 
+@pytest.mark.e2e
 def test_empty_local_batch_and_global_count_one(ranks):
     z = torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ref = nn.BatchNorm1d(3, momentum=None).double()
