@@ -25,6 +25,21 @@ def data8(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("d") / "tiny8", (16, 16, 16), (10, 10, 10))
 
 
+# The stop tests' steps sleep this long at each stop check (signals.StopRequest), so epoch 2 lasts 8 x 0.5 s at the
+# least: a signal sent INSIDE seconds after epoch 1's checkpoint appears lands mid-epoch, past the epoch-end stop check
+# (which acts on a signal sent during the evaluation or the saves) and before the last step.
+STEP_SLEEP = {"FGIC_TEST_STEP_SLEEP_S": "0.5"}
+INSIDE = 1.5
+
+
+def wait_inside_epoch_2(proc, run, deadline_s=300) -> None:
+    deadline = time.time() + deadline_s
+    while not (run / "checkpoint.pt").is_file():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(INSIDE)
+
+
 def args_for(data, out, cache="auto"):
     return ["-d", str(data), *tiny_args(epochs=2, batch_size=6), "--output-dir", str(out), "--cache", cache]
 
@@ -55,12 +70,9 @@ def references(data8, tmp_path_factory):
 def test_stop_mid_epoch_and_resume_bitwise(data8, references, tmp_path, sig, nproc, target, cache):
     args = args_for(data8, tmp_path, cache)
     run = tmp_path.joinpath(*RUN)
-    proc = popen(args, nproc)
+    proc = popen(args, nproc, **STEP_SLEEP)
     pids = workers(proc, nproc)
-    deadline = time.time() + 300
-    while not (run / "metrics.jsonl").is_file() or not read_jsonl(run / "metrics.jsonl"):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
+    wait_inside_epoch_2(proc, run)
     for pid in (pids if target != "one" else pids[-1:]):
         subprocess.run(["kill", f"-{sig.name[3:]}", str(pid)], check=True)
     if target == "twice":  # a second signal while stopping (and saving) changes nothing
@@ -90,7 +102,7 @@ def test_a_stop_during_the_epoch_end_save_stops_there_on_every_rank(data8, tmp_p
     proc = popen(args, 2, FGIC_TEST_STALL_SAVE_S="4")  # the overwrite (epoch 2's save) is held back 4 s
     pids = workers(proc, 2)
     deadline = time.time() + 300
-    while not list(run.glob(".checkpoint.pt.*.tmp")):
+    while not ((run / "checkpoint.pt").is_file() and list(run.glob(".checkpoint.pt.*.tmp"))):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
     for pid in pids:
@@ -109,11 +121,9 @@ def test_resume_on_another_world_size(data8, references, tmp_path):
     metrics.jsonl line first stops the resume with one line on every rank."""
     args = args_for(data8, tmp_path)
     run = tmp_path.joinpath(*RUN)
-    proc = popen(args, 2)
+    proc = popen(args, 2, **STEP_SLEEP)
     pids = workers(proc, 2)
-    while not (run / "metrics.jsonl").is_file() or not read_jsonl(run / "metrics.jsonl"):
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+    wait_inside_epoch_2(proc, run)
     for pid in pids:
         subprocess.run(["kill", "-TERM", str(pid)], check=True)
     proc.communicate(timeout=300)
@@ -182,12 +192,9 @@ def test_a_slurm_step_signalled_whole_stops_together_requeues_and_resumes(data8,
     args = [*args_for(data8, tmp_path, cache="off"), "--workers", "2"]
     cmd = [sys.executable, "-m", "launch.torchrun", *args]
     run = tmp_path.joinpath(*RUN)
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, "FGIC_TEST_STEP_SLEEP_S": "0.3"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (run / "metrics.jsonl").is_file() or not read_jsonl(run / "metrics.jsonl"):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **STEP_SLEEP}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_inside_epoch_2(proc, run)
     step = tree(proc.pid)  # what Slurm tracks as the step's processes (torchrun starts its workers in new sessions)
     assert len(step) == 1 + 2 + 2 * (2 + 2), step  # torchrun, 2 ranks, each with 2 train and 2 test loader workers
     for pid in step:
