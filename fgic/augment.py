@@ -1,17 +1,27 @@
-"""Per-sample augmentation: crop offset and flip drawn from (seed, epoch, sample index), so no process or worker
-count changes them."""
+"""Per-sample augmentation: the crop, flip, policy (TrivialAugment, RandAugment, AugMix), random erasing and the
+mixup/cutmix partner and ratio of a sample are drawn from (seed, epoch, sample index), so no process or worker count
+changes them."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Random erasing fills with the mean colour as uint8 (the host augments bytes), which normalises to within 0.006 of
+# torchvision's value=0 after Normalize.
+ERASE_FILL = [round(255 * m) for m in IMAGENET_MEAN]
+# The streams drawn from one (seed, epoch, index) key besides the crop and flip (whose stream, the key alone, is the
+# seed recipe's and stays as it was).
+POLICY_STREAM, MIX_STREAM = 1, 2
+MIX_SWITCH_PROB = 0.5  # with both alphas: cutmix for half the samples (timm's switch_prob, torchvision's RandomChoice)
 
 
 class CropFlip(NamedTuple):
@@ -75,3 +85,92 @@ def _per_channel(values, device: torch.device) -> torch.Tensor:
     host memory to a GPU waits for it, every batch."""
     exact = (torch.tensor(values) * 255).tolist()  # float32 rounding, as a host tensor of them would hold
     return torch.stack([torch.full((), v, device=device) for v in exact]).view(1, 3, 1, 1)
+
+
+@dataclass(frozen=True)
+class Extra:
+    """The augmentations beyond the seed's crop and flip (all off by default)."""
+    auto_augment: str = "none"
+    random_erase: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    @property
+    def per_image(self) -> bool:
+        return self.auto_augment != "none" or self.random_erase > 0
+
+    def policy(self) -> v2.Transform | None:
+        """The per-image transforms after the crop and flip, on uint8 tensors, in torchvision's reference order."""
+        steps = {"none": [], "ta_wide": [v2.TrivialAugmentWide()], "ra": [v2.RandAugment()],
+                 "augmix": [v2.AugMix()]}[self.auto_augment]
+        if self.random_erase > 0:
+            steps.append(v2.RandomErasing(p=self.random_erase, value=ERASE_FILL))
+        return v2.Compose(steps) if steps else None
+
+
+def apply_policy(policy: v2.Transform, image: torch.Tensor, seed: int, epoch: int, index: int) -> torch.Tensor:
+    """torchvision's policy with torch's generator seeded from the sample's key; the caller's generator state is kept
+    (torchvision's transforms draw from the global one). Not thread-safe: loader workers are processes."""
+    key = int(np.random.default_rng((seed, epoch, index, POLICY_STREAM)).integers(2 ** 63))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(key)
+        return policy(image)
+
+
+def mix_params(seed: int, epoch: int, index: int, n: int, crop: int, extra: Extra) -> tuple[int, torch.Tensor]:
+    """The sample's mixing partner, drawn from the whole training set (n samples), and its (cutmix, lam, y1, y2, x1,
+    x2) row: lam ~ Beta(alpha, alpha) is the sample's weight, exact for a cutmix box (torchvision's CutMix box)."""
+    rng = np.random.default_rng((seed, epoch, index, MIX_STREAM))
+    partner = int(rng.integers(0, n))
+    cut = extra.cutmix_alpha > 0 and (extra.mixup_alpha == 0 or rng.random() < MIX_SWITCH_PROB)
+    lam = float(rng.beta(*(2 * [extra.cutmix_alpha if cut else extra.mixup_alpha])))
+    box = (0, 0, 0, 0)
+    if cut:
+        cy, cx = (int(v) for v in rng.integers(0, crop, size=2))
+        half = int(0.5 * math.sqrt(1.0 - lam) * crop)
+        box = (max(cy - half, 0), min(cy + half, crop), max(cx - half, 0), min(cx + half, crop))
+        lam = 1.0 - (box[1] - box[0]) * (box[3] - box[2]) / crop ** 2
+    return partner, torch.tensor((float(cut), lam, *box), dtype=torch.float64)
+
+
+def mix(images: torch.Tensor, labels: torch.Tensor, partners: torch.Tensor, partner_labels: torch.Tensor,
+        rows: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images mixed with their normalised partners by their rows (mix_params), and the soft targets
+    lam * one_hot(label) + (1 - lam) * one_hot(partner's)."""
+    cut, lam = rows[:, 0].bool(), rows[:, 1]
+    y1, y2, x1, x2 = rows[:, 2:].long().unbind(1)
+    steps = torch.arange(images.shape[-1], device=images.device)
+    inside = ((steps >= y1[:, None]) & (steps < y2[:, None]))[:, :, None] & \
+        ((steps >= x1[:, None]) & (steps < x2[:, None]))[:, None, :]
+    weight = torch.where(cut[:, None, None], (~inside).to(images.dtype), lam[:, None, None].to(images.dtype))
+    weight = weight[:, None]
+    mixed = images * weight + partners * (1 - weight)
+    lam = lam.float()[:, None]
+    targets = torch.nn.functional.one_hot(labels, num_classes).float() * lam + \
+        torch.nn.functional.one_hot(partner_labels, num_classes).float() * (1 - lam)
+    return mixed, targets
+
+
+class Views:
+    """A training set's items by key: the sample's view (crop and flip, then the policy) and, when mixing, its
+    partner's view, labels and mixing row. `image(i)` is sample i resized (uint8 CHW), `label(i)` its class."""
+
+    def __init__(self, seed: int, size: int, crop: int, padding: int, extra: Extra):
+        self.seed, self.size, self.crop, self.padding, self.extra = seed, size, crop, padding, extra
+        self.policy = extra.policy()
+
+    def view(self, image: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        out = crop_flip(image, sample_params(self.seed, epoch, index, self.size, self.crop, self.padding), self.crop,
+                        self.padding)
+        return out if self.policy is None else apply_policy(self.policy, out, self.seed, epoch, index)
+
+    def item(self, image, label, n: int, epoch: int, index: int) -> tuple:
+        own = self.view(image(index), epoch, index), label(index)
+        if not self.extra.mixing:
+            return own
+        partner, row = mix_params(self.seed, epoch, index, n, self.crop, self.extra)
+        return (*own, self.view(image(partner), epoch, partner), label(partner), row)

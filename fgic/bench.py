@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets
 from torchvision import transforms as T
 
-from fgic import augment, config, data, demo, engine, models
+from fgic import augment, config, data, demo, engine, models, optim
 from fgic.config import RECIPE
 from fgic.dist import pick_device
 from fgic.errors import FgicError, run_cli
@@ -133,7 +133,7 @@ def train_cmd(a) -> dict:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         engine.check_amp(a.amp, device)
-    optimizer = engine.sgd(model, device, lr=config.scaled_lr(a.batch_size), momentum=RECIPE["momentum"],
+    optimizer = optim.sgd(model.parameters(), device, lr=config.scaled_lr(a.batch_size), momentum=RECIPE["momentum"],
                            weight_decay=RECIPE["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=a.amp == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=RECIPE["label_smoothing"])

@@ -18,13 +18,16 @@ class CachedImageFolder(torch.utils.data.Dataset):
 
     Training batches come from CachedBatches: the resized uint8 images, the labels and each sample's (top, left, flip)
     from augment.sample_params; `to_device` crops and flips them where the batch trains (one gather on a GPU).
-    Items (`dataset[key]`, the test split's loader) are cropped on the host, exactly as KeyedImageFolder's."""
+    Items (`dataset[key]`, the test split's loader) are made on the host, exactly as KeyedImageFolder's; so are the
+    training items when augment.Extra adds per-image policies or mixing (its torch generator is not thread-safe, and
+    a partner doubles the reads), served by loader worker processes then."""
 
     def __init__(self, folder, array: np.ndarray):
         self.root, self.samples, self.targets = folder.root, folder.samples, folder.targets
         self.classes = folder.classes
         self.train, self.size, self.crop, self.padding, self.seed = (folder.train, folder.size, folder.crop,
                                                                      folder.padding, folder.seed)
+        self.views = folder.views
         self.path, self.array = array.filename, array
 
     def __len__(self) -> int:
@@ -38,24 +41,33 @@ class CachedImageFolder(torch.utils.data.Dataset):
             self.array = np.load(self.path, mmap_mode="r")
         return self.array
 
+    @property
+    def device_crops(self) -> bool:
+        """Whether training batches are cropped and flipped where they train (CachedBatches), not item by item."""
+        return self.train and not (self.views.extra.per_image or self.views.extra.mixing)
+
+    def image(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.rows()[index]))
+
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
+
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (None, key)
-        image = torch.from_numpy(np.array(self.rows()[index]))
         if self.train:
-            params = augment.sample_params(self.seed, epoch, index, self.size, self.crop, self.padding)
-            return augment.crop_flip(image, params, self.crop, self.padding), self.samples[index][1]
-        return augment.center_crop(image, self.crop), self.samples[index][1]
+            return self.views.item(self.image, self.label, len(self.samples), epoch, index)
+        return augment.center_crop(self.image(index), self.crop), self.label(index)
 
     def params(self, keys) -> torch.Tensor:
         """(top, left, flip) of each (epoch, index) key, as an int16 (B, 3) tensor."""
         return torch.tensor([augment.sample_params(self.seed, e, i, self.size, self.crop, self.padding)
                              for e, i in keys], dtype=torch.int16)
 
-    def to_device(self, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """A loader batch -> (uint8 NCHW crops, labels) on `device`: training batches are cropped and flipped there."""
-        if len(batch) == 2:  # test items, cropped already
-            images, labels = batch
-            return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    def to_device(self, batch, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """A loader batch -> (uint8 NCHW crops, labels[, mixing's partners]) on `device`: CachedBatches' batches
+        (images, labels, crop params) are cropped and flipped there."""
+        if len(batch) != 3:  # items, made already
+            return tuple(t.to(device, non_blocking=True) for t in batch)
         images, labels, params = batch
         images = augment.crop_flip_batch(images.to(device, non_blocking=True), params.to(device, non_blocking=True),
                                          self.crop, self.padding)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fgic.config import MEANING
+from fgic.config import MEANING, completed
 from fgic.errors import FgicError
 from fgic.runlog import CHECKPOINT
 from fgic.weights import safe_load
@@ -60,6 +60,7 @@ def load(path: Path) -> dict:
 
 def differences(saved: dict, current: dict) -> list[str]:
     """The meaning-changing options whose values differ, as 'option: saved -> current'."""
+    saved, current = completed(saved), completed(current)
     return [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {current.get(k)!r}"
             for k in MEANING if saved.get(k) != current.get(k)]
 
@@ -67,12 +68,14 @@ def differences(saved: dict, current: dict) -> list[str]:
 @dataclass
 class Progress:
     """Where a run stands: finished epochs, steps done inside the next one, the running training totals of each
-    rank for that epoch (loss sum, correct, images), the best test accuracy so far, and the time spent."""
+    rank for that epoch (loss sum, correct, images), the best test accuracy so far (and the EMA model's), and the
+    time spent."""
     epoch: int = 0
     step: int = 0
     totals: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": 0})
     wall_seconds: float = 0.0
+    best_ema: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": 0})
 
     def totals_of(self, rank: int, world_size: int) -> list[float] | None:
         """This rank's running totals. Resumed on another world size, rank 0 carries the sum of all of them (the
@@ -84,29 +87,26 @@ class Progress:
         return [sum(col) for col in zip(*self.totals)] if rank == 0 else None
 
 
-def state(model, optimizer, scheduler, scaler, progress: Progress, config: dict) -> dict:
-    """Everything needed to continue exactly, in types that torch.load(weights_only=True) accepts."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": progress.epoch, "step": progress.step,
-            "train_totals": progress.totals, "best": progress.best, "wall_seconds": progress.wall_seconds,
-            "rng": rng_state(), "config": config}
+def state(model, opt, progress: Progress, config: dict) -> dict:
+    """Everything needed to continue exactly, in types that torch.load(weights_only=True) accepts. `opt` is the
+    run's optim.Optimization (optimizer, scheduler, scaler, EMA)."""
+    return {"model": model.state_dict(), **opt.state_dict(), "epoch": progress.epoch, "step": progress.step,
+            "train_totals": progress.totals, "best": progress.best, "best_ema": progress.best_ema,
+            "wall_seconds": progress.wall_seconds, "rng": rng_state(), "config": config}
 
 
-def restore(ckpt: dict, path: Path, config: dict, model, optimizer, scheduler, scaler) -> Progress:
+def restore(ckpt: dict, path: Path, config: dict, model, opt) -> Progress:
     """Load a checkpoint into the run's objects after checking it was made with the same meaning-changing options."""
     diff = differences(ckpt["config"], config)
     if diff:
         raise FgicError(f"--resume {path}: made with other options ({'; '.join(diff)}); use --resume none to start "
                         f"over, or another --note / --output-dir")
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("scaler") and scaler.is_enabled():  # a disabled scaler saves {} and must not load it
-        scaler.load_state_dict(ckpt["scaler"])
+    opt.load_state_dict(ckpt)
     if ckpt.get("rng"):
         set_rng_state(ckpt["rng"])
     return Progress(ckpt["epoch"], ckpt.get("step", 0), ckpt.get("train_totals") or [], ckpt["best"],
-                    ckpt.get("wall_seconds", 0.0))
+                    ckpt.get("wall_seconds", 0.0), ckpt.get("best_ema") or Progress().best_ema)
 
 
 def rng_state() -> dict:

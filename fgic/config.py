@@ -8,6 +8,25 @@ from pathlib import Path
 
 from fgic.errors import FgicError
 
+# Options added later, off in the seed's recipe (torchvision's reference names and defaults). A run that predates
+# them ran with these values: `completed` fills them into an older config.json or checkpoint.
+LATER = {
+    "recipe": "seed",
+    "opt": "sgd",
+    "norm_weight_decay": None,  # None: --weight-decay for every parameter
+    "layer_decay": None,
+    "lr_warmup_epochs": 0,
+    "lr_warmup_method": "constant",
+    "lr_warmup_decay": 0.01,
+    "clip_grad_norm": None,
+    "model_ema": False,
+    "model_ema_decay": 0.99998,
+    "model_ema_steps": 32,
+    "auto_augment": "none",
+    "random_erase": 0.0,
+    "mixup_alpha": 0.0,
+    "cutmix_alpha": 0.0,
+}
 # The reference recipe. Flags left unset take these values (or DEMO's, for -d demo).
 RECIPE = {
     "arch": "resnet50",
@@ -21,7 +40,27 @@ RECIPE = {
     "weight_decay": 5e-4,
     "label_smoothing": 0.1,
     "workers": None,  # None: chosen from the CPUs available to each process
+    **{k: v for k, v in LATER.items() if k != "recipe"},
 }
+LR_PER_256 = 0.1  # the seed's linear scaling rule: --lr = global batch / 256 x 0.1
+# --recipe NAME: values for the flags left unset, over the seed's (RECIPE) and the demo's. Sources in the README
+# ("Recipes"); "lr_per_256" replaces LR_PER_256 in the lr rule. What each preset leaves out of its source is said there.
+RECIPES = {
+    "seed": {},
+    # torchvision's ResNet-50 IMAGENET1K_V2 recipe (references/classification), its pieces for fine-tuning: the seed's
+    # SGD, lr rule, weight decay, sizes and epochs stay; EMA decay for FGVC's ~6k images (see the README).
+    "tv-v2": {"norm_weight_decay": 0.0, "lr_warmup_epochs": 5, "lr_warmup_method": "linear", "lr_warmup_decay": 0.01,
+              "auto_augment": "ta_wide", "random_erase": 0.1, "mixup_alpha": 0.2, "cutmix_alpha": 1.0,
+              "model_ema": True, "model_ema_steps": 32, "model_ema_decay": 0.998},
+    # MAE's ViT fine-tuning recipe (AdamW, lr 5e-4 x batch/256, wd 0.05, layer decay 0.65, 5 warmup epochs, mixup 0.8,
+    # cutmix 1.0, random erasing 0.25), with TrivialAugment for RandAugment and torchvision's ViT clipping and EMA.
+    "transformer": {"opt": "adamw", "lr_per_256": 5e-4, "weight_decay": 0.05, "norm_weight_decay": 0.0,
+                    "layer_decay": 0.65, "lr_warmup_epochs": 5, "lr_warmup_method": "linear",
+                    "lr_warmup_decay": 0.01, "clip_grad_norm": 1.0, "auto_augment": "ta_wide", "random_erase": 0.25,
+                    "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "model_ema": True, "model_ema_steps": 32,
+                    "model_ema_decay": 0.998},
+}
+AUTO_AUGMENT = ("none", "ta_wide", "ra", "augmix")
 # -d demo: small enough to finish in a few minutes on a laptop CPU, from scratch (no download).
 DEMO = {
     "arch": "resnet18",
@@ -37,7 +76,9 @@ AMP_MODES = ("off", "fp16", "bf16")
 # groups runs by them. The world size and the worker count are not among them: fgic gives the same result on any
 # layout, so a run may resume on another.
 MEANING = ("dataset", "num_classes", "arch", "weights", "batch_size", "epochs", "lr", "momentum", "weight_decay",
-           "label_smoothing", "resize", "crop", "padding", "seed", "amp")
+           "label_smoothing", "resize", "crop", "padding", "seed", "amp", "recipe", "opt", "norm_weight_decay",
+           "layer_decay", "lr_warmup_epochs", "lr_warmup_method", "lr_warmup_decay", "clip_grad_norm", "model_ema",
+           "model_ema_decay", "model_ema_steps", "auto_augment", "random_erase", "mixup_alpha", "cutmix_alpha")
 # The seed's -a took 0 (off), 1 (NVIDIA apex O1) and 2 (native fp16 AMP).
 _LEGACY_AMP = {"0": "off", "1": "fp16", "2": "fp16"}
 
@@ -64,6 +105,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="before training: fast (headers and end markers), full (decode every image) or off")
     g.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (with a count) "
                                                                   "instead of stopping")
+    g.add_argument("--auto-augment", choices=AUTO_AUGMENT, help="per-image policy: TrivialAugment (ta_wide), "
+                                                                "RandAugment (ra), AugMix (default none)")
+    g.add_argument("--random-erase", type=float, metavar="P", help="random erasing probability (default 0)")
+    g.add_argument("--mixup-alpha", type=float, help="mixup's Beta(alpha, alpha); partners from the whole train set "
+                                                     "(default 0: off)")
+    g.add_argument("--cutmix-alpha", type=float, help="cutmix's Beta(alpha, alpha) (default 0: off; with mixup, "
+                                                      "half the samples each)")
     g.add_argument("--cache", default="auto", choices=("auto", "on", "off"),
                    help="decode and resize each split once into a memory-mapped file shared by the node's processes: "
                         "auto (when it fits in memory), on or off (default auto)")
@@ -83,6 +131,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", type=float, help="SGD weight decay (default 5e-4)")
     g.add_argument("--label-smoothing", type=float, help="label smoothing (default 0.1)")
+    g.add_argument("--recipe", choices=tuple(RECIPES), help="fill the flags left unset from a named set: seed (the "
+                                                           "default), tv-v2 or transformer (see README 'Recipes')")
+    g.add_argument("--opt", choices=("sgd", "adamw"), help="optimizer (default sgd)")
+    g.add_argument("--norm-weight-decay", type=float, help="weight decay of norm layers and biases (default: "
+                                                           "--weight-decay)")
+    g.add_argument("--layer-decay", type=float, help="layer-wise lr decay: block k of L gets lr x X^(L+1-k) "
+                                                     "(ViT, Swin, ConvNeXt, EfficientNet, ResNet; default off)")
+    g.add_argument("--lr-warmup-epochs", type=int, help="epochs of lr warmup, per step, before the cosine (default 0)")
+    g.add_argument("--lr-warmup-method", choices=("linear", "constant"), help="warmup shape (default constant)")
+    g.add_argument("--lr-warmup-decay", type=float, help="warmup's first lr factor (default 0.01)")
+    g.add_argument("--clip-grad-norm", type=float, help="clip the global gradient norm to X (default off)")
+    g.add_argument("--model-ema", action=argparse.BooleanOptionalAction,
+                   help="also keep and evaluate an exponential moving average of the weights")
+    g.add_argument("--model-ema-decay", type=float, help="EMA decay, adjusted for the global batch and "
+                                                         "--model-ema-steps as torchvision's (default 0.99998)")
+    g.add_argument("--model-ema-steps", type=int, help="steps between EMA updates (default 32)")
     g.add_argument("-a", "--amp", default="off", help="mixed precision: off|fp16|bf16 (the seed's 0/1/2 are accepted)")
     g.add_argument("-s", "--seed", type=int, default=2020,
                    help="seed of the weights, order and augmentation (default 2020)")
@@ -110,13 +174,17 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if not args.data:
         raise FgicError("-d/--data is required: a dataset name (cub, aircraft, cars, demo) or a folder with train/ "
                         "and test/")
-    defaults = {**RECIPE, **DEMO} if args.data == "demo" else dict(RECIPE)
+    if getattr(args, "recipe", None) is None:
+        args.recipe = "seed"
+    preset = dict(RECIPES[args.recipe])
+    per_256 = preset.pop("lr_per_256", LR_PER_256)
+    defaults = {**RECIPE, **(DEMO if args.data == "demo" else {}), **preset}
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.amp = _resolve_amp(str(args.amp))
     if args.lr is None:
-        args.lr = scaled_lr(args.batch_size)
+        args.lr = scaled_lr(args.batch_size, per_256)
     args.note = args.note.strip()
     if args.note and not all(c.isalnum() or c in "-_." for c in args.note):
         raise FgicError(f"-n/--note {args.note!r}: use letters, digits, '-', '_' or '.' (it becomes part of a folder "
@@ -131,12 +199,38 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise FgicError(f"--label-smoothing {args.label_smoothing}: must be in [0, 1)")
     if args.lr <= 0:
         raise FgicError(f"--lr {args.lr}: must be positive")
+    check_recipe(args)
     return args
 
 
-def scaled_lr(batch_size: int) -> float:
-    """The recipe's linear scaling rule: 0.1 for a global batch of 256."""
-    return batch_size / 256 * 0.1
+def check_recipe(args: argparse.Namespace) -> None:
+    """The values of the optimisation and augmentation flags beyond the seed's."""
+    ranges = (("--weight-decay", args.weight_decay, 0, None), ("--norm-weight-decay", args.norm_weight_decay, 0, None),
+              ("--random-erase", args.random_erase, 0, 1), ("--mixup-alpha", args.mixup_alpha, 0, None),
+              ("--cutmix-alpha", args.cutmix_alpha, 0, None), ("--lr-warmup-epochs", args.lr_warmup_epochs, 0, None))
+    for flag, value, low, high in ranges:
+        if value is not None and (value < low or (high is not None and value > high)):
+            raise FgicError(f"{flag} {value}: must be in [{low}, {high if high is not None else 'inf'})")
+    for flag, value in (("--layer-decay", args.layer_decay), ("--lr-warmup-decay", args.lr_warmup_decay),
+                        ("--model-ema-decay", args.model_ema_decay)):
+        if value is not None and not 0 < value <= 1:
+            raise FgicError(f"{flag} {value}: must be in (0, 1]")
+    if args.clip_grad_norm is not None and args.clip_grad_norm <= 0:
+        raise FgicError(f"--clip-grad-norm {args.clip_grad_norm}: must be positive (leave it out for no clipping)")
+    if args.model_ema_steps < 1:
+        raise FgicError(f"--model-ema-steps {args.model_ema_steps}: must be at least 1")
+    if args.lr_warmup_epochs >= args.epochs:
+        raise FgicError(f"--lr-warmup-epochs {args.lr_warmup_epochs}: must be fewer than --epochs {args.epochs}")
+
+
+def completed(cfg: dict) -> dict:
+    """A config.json or checkpoint config with the options added since it was written at the values it ran with."""
+    return {**LATER, **cfg}
+
+
+def scaled_lr(batch_size: int, per_256: float = LR_PER_256) -> float:
+    """The linear scaling rule: `per_256` (the seed's 0.1) for a global batch of 256."""
+    return batch_size / 256 * per_256
 
 
 def check_sizes(resize: int, crop: int, padding: int) -> None:
@@ -161,8 +255,10 @@ def _resolve_amp(value: str) -> str:
 
 
 def run_name(args: argparse.Namespace) -> str:
-    """The run folder's name: stable across restarts so that --resume auto finds it (arch, amp, seed, note)."""
-    name = f"{args.arch}-{args.amp}-s{args.seed}"
+    """The run folder's name: stable across restarts so that --resume auto finds it (arch, amp, the recipe unless
+    the seed's, seed, note)."""
+    recipe = "" if args.recipe == "seed" else f"-{args.recipe}"
+    name = f"{args.arch}-{args.amp}{recipe}-s{args.seed}"
     return f"{name}-{args.note}" if args.note else name
 
 

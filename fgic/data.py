@@ -68,27 +68,29 @@ def check_layout(root: Path) -> list[str]:
 
 class KeyedImageFolder(ImageFolder):
     """ImageFolder returning uint8 CHW tensors. Training items are fetched by (epoch, index) keys and augmented from
-    (seed, epoch, index); test items by index, resized and centre-cropped."""
+    (seed, epoch, index) (augment.Views); test items by index, resized and centre-cropped."""
 
-    def __init__(self, root: Path, train: bool, resize: int, crop: int, padding: int, seed: int):
+    def __init__(self, root: Path, train: bool, resize: int, crop: int, padding: int, seed: int,
+                 extra: augment.Extra = augment.Extra()):
         super().__init__(str(root), loader=images.load_rgb)
         self.train, self.size, self.crop, self.padding, self.seed = train, resize, crop, padding, seed
+        self.views = augment.Views(seed, resize, crop, padding, extra)
+
+    def image(self, index: int) -> torch.Tensor:
+        return augment.resize(self.loader(self.samples[index][0]), self.size)
+
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (None, key)
-        path, label = self.samples[index]
-        image = augment.resize(self.loader(path), self.size)
         if self.train:
-            params = augment.sample_params(self.seed, epoch, index, self.size, self.crop, self.padding)
-            image = augment.crop_flip(image, params, self.crop, self.padding)
-        else:
-            image = augment.center_crop(image, self.crop)
-        return image, label
+            return self.views.item(self.image, self.label, len(self.samples), epoch, index)
+        return augment.center_crop(self.image(index), self.crop), self.label(index)
 
-    def to_device(self, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """A loader batch -> (uint8 NCHW crops, labels) on `device`."""
-        images, labels = batch
-        return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    def to_device(self, batch, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """A loader batch -> (uint8 NCHW crops, labels[, partners' crops, their labels, mixing rows]) on `device`."""
+        return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
 class Loader(DataLoader):
@@ -151,6 +153,14 @@ class DataSpec:
     skip_bad_images: bool = False
     cache: str = "auto"
     cache_dir: str | None = None
+    auto_augment: str = "none"
+    random_erase: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+    @property
+    def extra(self) -> augment.Extra:
+        return augment.Extra(self.auto_augment, self.random_erase, self.mixup_alpha, self.cutmix_alpha)
 
     @classmethod
     def of(cls, args) -> DataSpec:
@@ -161,7 +171,7 @@ class DataSpec:
 def build(spec: DataSpec, root: Path, world_size: int, rank: int, pin_memory: bool):
     """(train_set, test_set, train_loader, test_loader) for this process; the loaders' batch is the per-process one.
     With the cache on (--cache), the datasets read the node's decoded-image cache, built first if needed."""
-    train_set = KeyedImageFolder(root / "train", True, spec.resize, spec.crop, spec.padding, spec.seed)
+    train_set = KeyedImageFolder(root / "train", True, spec.resize, spec.crop, spec.padding, spec.seed, spec.extra)
     test_set = KeyedImageFolder(root / "test", False, spec.resize, spec.crop, spec.padding, spec.seed)
     for split in (train_set, test_set):
         drop_bad_images(split, spec.check_images, spec.skip_bad_images, spec.workers)
@@ -172,7 +182,7 @@ def build(spec: DataSpec, root: Path, world_size: int, rank: int, pin_memory: bo
     per_process = spec.batch_size // world_size
     opts = dict(num_workers=spec.workers, pin_memory=pin_memory, persistent_workers=spec.workers > 0)
     sampler = TrainSampler(len(train_set), world_size, rank, spec.seed)
-    if isinstance(train_set, CachedImageFolder):  # whole batches gathered from the memory map by threads
+    if isinstance(train_set, CachedImageFolder) and train_set.device_crops:  # whole batches from the map by threads
         train_loader = CachedBatches(train_set, sampler, per_process, threads=max(spec.workers, 1), pin=pin_memory)
     else:
         train_loader = Loader(train_set, batch_size=per_process, drop_last=True, sampler=sampler, **opts)

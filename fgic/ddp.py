@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgic import checkpoint, cluster, config, data, engine, models, runlog
+from fgic import checkpoint, cluster, config, data, engine, models, optim, runlog
 from fgic.cluster import Launch
 from fgic.config import get_args_parser  # noqa: F401  (launchers import the parser from here)
 from fgic.dist import Dist, pick_device
@@ -113,9 +113,7 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
         lambda: data.build(data.DataSpec.of(args), run.root, dist.world_size, dist.rank,
                            pin_memory=dist.device.type == "cuda"))
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer = engine.sgd(model, dist.device, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=args.amp == "fp16")
+    opt = dist.agree(lambda: optim.build(model, dist.device, args, len(train_loader)))  # --layer-decay's arch check
 
     # Resume: the run folder's checkpoint (auto), a named one, or none.
     progress = checkpoint.Progress()
@@ -124,12 +122,16 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
         ckpt = dist.agree(lambda: checkpoint.load(ckpt_path))
         if args.eval_only:
             model.load_state_dict(ckpt["model"])
+            if opt.ema is not None:
+                dist.agree(lambda: load_ema(opt, ckpt, ckpt_path))
         else:
-            progress = checkpoint.restore(ckpt, ckpt_path, cfg, model, optimizer, scheduler, scaler)
+            progress = checkpoint.restore(ckpt, ckpt_path, cfg, model, opt)
+            opt.steps = progress.epoch * len(train_loader) + progress.step
             say(f"fgic: resuming {ckpt_path} at epoch {progress.epoch + 1}, step {progress.step}")
         del ckpt
     if args.eval_only:
-        return evaluate_only(run, dist, model, test_loader, criterion, log, ckpt_path)
+        return evaluate_only(run, dist, model if opt.ema is None else opt.ema.module, test_loader, criterion, log,
+                             ckpt_path)
     if progress.epoch >= args.epochs:
         say(f"fgic: {run_dir} already finished its {args.epochs} epochs; nothing to do (--resume none starts over)")
         return 0
@@ -152,35 +154,43 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
     def save(prog: checkpoint.Progress) -> None:
         if dist.is_main:
             prog.wall_seconds = time.perf_counter() - started
-            checkpoint.save_atomic(checkpoint.state(model, optimizer, scheduler, scaler, prog, cfg),
-                                   run_dir / runlog.CHECKPOINT)
+            checkpoint.save_atomic(checkpoint.state(model, opt, prog, cfg), run_dir / runlog.CHECKPOINT)
 
     for epoch in range(progress.epoch, args.epochs):
         t0 = time.perf_counter()
         first_step = progress.step if epoch == progress.epoch else 0
         train_loader.sampler.set_epoch(epoch, skip=first_step * run.per_process_batch)
-        lr = optimizer.param_groups[0]["lr"]
-        tr = engine.train_one_epoch(ddp_model, train_loader, optimizer, scaler, criterion, dist, args.amp,
+        lr = opt.lr_at(epoch * len(train_loader))
+        tr = engine.train_one_epoch(ddp_model, train_loader, opt, criterion, dist, args.amp,
                                     desc=f"epoch {epoch + 1}/{args.epochs}", start_step=first_step,
                                     totals=progress.totals_of(dist.rank, dist.world_size),
                                     stop=lambda step: step % every == 0 and stop.agree(dist.max))
         if tr["stopped_at"] is not None:  # a stop signal: checkpoint this step boundary and leave
-            save(checkpoint.Progress(epoch, tr["stopped_at"], dist.gather(tr["totals"]), progress.best))
+            save(checkpoint.Progress(epoch, tr["stopped_at"], dist.gather(tr["totals"]), progress.best,
+                                     best_ema=progress.best_ema))
             return preempted(dist, stop, run_dir, f"epoch {epoch + 1}, step {tr['stopped_at']}")
-        scheduler.step()
+        opt.after_epoch()
         te = engine.evaluate(model, test_loader, criterion, dist, args.amp, len(run.classes))
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"],
                   "test_loss": te["test_loss"], "test_acc": te["test_acc"], "test_top5": te["test_top5"],
                   "test_correct": te["test_correct"], "test_total": te["test_total"],
                   "epoch_seconds": time.perf_counter() - t0,
                   "train_images_per_second": tr["train_images_per_second"]}
-        best = progress.best
+        best, best_ema = progress.best, progress.best_ema
         if te["test_acc"] > best["acc"]:
             best = {"acc": te["test_acc"], "epoch": epoch + 1}
             if dist.is_main:
                 checkpoint.save_atomic(model.state_dict(), run_dir / runlog.BEST)
+        if opt.ema is not None:
+            ema = engine.evaluate(opt.ema.module, test_loader, criterion, dist, args.amp, len(run.classes), "test ema")
+            record.update(ema_test_loss=ema["test_loss"], ema_test_acc=ema["test_acc"], ema_test_top5=ema["test_top5"],
+                          ema_test_correct=ema["test_correct"])
+            if ema["test_acc"] > best_ema["acc"]:
+                best_ema = {"acc": ema["test_acc"], "epoch": epoch + 1}
+                if dist.is_main:
+                    checkpoint.save_atomic(opt.ema.module.state_dict(), run_dir / runlog.BEST_EMA)
         log.epoch(record)
-        progress = checkpoint.Progress(epoch + 1, 0, [], best)
+        progress = checkpoint.Progress(epoch + 1, 0, [], best, best_ema=best_ema)
         save(progress)
         dist.barrier()  # the others wait for rank 0's saves here, patiently, not in the next epoch's collectives
         say(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {tr['train_loss']:.3f} acc "
@@ -196,6 +206,9 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
     summary = {"final_test_acc": record["test_acc"], "best_test_acc": progress.best["acc"],
                "best_epoch": progress.best["epoch"], "epochs": args.epochs, "test_total": record["test_total"],
                "world_size": dist.world_size, "wall_seconds": progress.wall_seconds}
+    if opt.ema is not None:
+        summary.update(ema_final_test_acc=record["ema_test_acc"], ema_best_test_acc=progress.best_ema["acc"],
+                       ema_best_epoch=progress.best_ema["epoch"])
     log.write("summary.json", summary)
     say(f"fgic: done. final top-1 {summary['final_test_acc']:.2f}% (last epoch); best {summary['best_test_acc']:.2f}% "
         f"at epoch {summary['best_epoch']} (selected on the test set); {run_dir}")
@@ -214,6 +227,14 @@ def preempted(dist: Dist, stop: StopRequest, run_dir: Path, where: str) -> int:
     dist.barrier()
     stop.done()
     return EXIT_PREEMPTED
+
+
+def load_ema(opt: optim.Optimization, ckpt: dict, path: Path) -> None:
+    """--eval-only --model-ema: the checkpoint's EMA weights into opt.ema."""
+    if "model_ema" not in ckpt:
+        raise FgicError(f"--eval-only --model-ema: {path} holds no EMA weights (trained without --model-ema); "
+                        f"leave --model-ema out to evaluate its weights")
+    opt.ema.load_state_dict(ckpt["model_ema"])
 
 
 def evaluate_only(run: Run, dist: Dist, model, test_loader, criterion, log: RunLog, ckpt_path) -> int:

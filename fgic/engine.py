@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fgic.augment import normalize
+from fgic import augment
 from fgic.dist import Dist
 from fgic.errors import FgicError
 from fgic.models import logits
@@ -26,30 +26,6 @@ def check_amp(amp: str, device: torch.device) -> None:
         raise FgicError(f"-a/--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use -a fp16")
 
 
-def sgd(model: nn.Module, device: torch.device, *, fused: bool | None = None, **opts) -> torch.optim.SGD:
-    """SGD with momentum; fused (torch >= 2.3 builds that have it) where `fused` says, by default on a GPU, else the
-    foreach kernel there; the CPU keeps torch's default per-parameter loop.
-
-    The momentum buffers exist, zeroed, before the first step. torch's fused SGD creates them with `empty_like` at
-    its first step and leaves them so when the GradScaler skips that step (an fp16 overflow at the initial scale,
-    common); the next step then applied the garbage (seen: 1e24 on the CPU, torch 2.14.1). A zero buffer gives
-    0.9 * 0 + g = g, bitwise what SGD's own first step stores (dampening 0), on every kernel and torch version."""
-    if fused is None:
-        fused = device.type == "cuda"
-    if fused:
-        try:
-            optimizer = torch.optim.SGD(model.parameters(), fused=True, **opts)
-        except (TypeError, RuntimeError):
-            optimizer = torch.optim.SGD(model.parameters(), foreach=device.type == "cuda", **opts)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), fused=False, foreach=device.type == "cuda", **opts)
-    if optimizer.defaults["momentum"] and optimizer.defaults["dampening"] == 0:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return optimizer
-
-
 def progress(loader, dist: Dist, desc: str):
     """tqdm on rank 0 only; in a log file (not a terminal) it writes a line every 30 s instead of redrawing."""
     return tqdm(loader, desc=desc, disable=not dist.is_main, leave=False, dynamic_ncols=True,
@@ -58,10 +34,16 @@ def progress(loader, dist: Dist, desc: str):
 
 def inputs(loader, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A loader batch -> (normalised float images, labels) on the device: the dataset moves and crops it there (the
-    host moves uint8 bytes only); channels_last on a GPU."""
-    images, labels = loader.dataset.to_device(batch, device)
+    host moves uint8 bytes only), and mixes each image with its partner (the targets are then class probabilities);
+    channels_last on a GPU."""
+    images, labels, *partner = loader.dataset.to_device(batch, device)
+    images = augment.normalize(images)
+    if partner:
+        partners, partner_labels, rows = partner
+        images, labels = augment.mix(images, labels, augment.normalize(partners), partner_labels, rows,
+                                     len(loader.dataset.classes))
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # the CPU: as uncached
-    return normalize(images).contiguous(memory_format=layout), labels
+    return images.contiguous(memory_format=layout), labels
 
 
 class DeviceBatches:
@@ -101,22 +83,28 @@ class DeviceBatches:
         return tensors
 
 
-def train_step(model: nn.Module, images, labels, optimizer, scaler, criterion, device: torch.device, amp: str):
-    """Forward, backward and optimizer step of one batch; returns (loss, logits), still on the device."""
+def train_step(model: nn.Module, images, labels, optimizer, scaler, criterion, device: torch.device, amp: str,
+               clip_grad_norm: float | None = None):
+    """Forward, backward and optimizer step of one batch; returns (loss, logits), still on the device. `labels` are
+    class indices or, mixed, class probabilities. Clipping acts on the gradient DDP has reduced, unscaled."""
     with autocast(device, amp):
         out = logits(model(images))
         loss = criterion(out, labels)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if clip_grad_norm is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad_norm)
     scaler.step(optimizer)
     scaler.update()
     return loss, out
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scaler, criterion, dist: Dist, amp: str, desc: str,
-                    start_step: int = 0, totals: list[float] | None = None, stop=None) -> dict:
+def train_one_epoch(model: nn.Module, loader, opt, criterion, dist: Dist, amp: str, desc: str, start_step: int = 0,
+                    totals: list[float] | None = None, stop=None) -> dict:
     """One pass over this process's share of every global batch, from `start_step` on (resuming inside an epoch,
-    with this rank's running `totals` from the checkpoint). Loss and accuracy accumulate on the device.
+    with this rank's running `totals` from the checkpoint), stepping `opt` (an optim.Optimization). Loss and
+    accuracy (of mixed samples: against the larger share's class) accumulate on the device.
 
     `stop(step)` is asked after each step; when it returns True (every rank gets the same answer) the epoch ends
     early and the result has "stopped_at" (steps done) and this rank's unreduced "totals" for a checkpoint."""
@@ -129,10 +117,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, criterion, dist
     step = start_step
     shown = start
     for step, (images, labels) in enumerate(bar, start=start_step + 1):
-        loss, out = train_step(model, images, labels, optimizer, scaler, criterion, device, amp)
+        loss, out = train_step(model, images, labels, opt.optimizer, opt.scaler, criterion, device, amp,
+                               opt.clip_grad_norm)
+        opt.after_step()
         n = len(labels)  # no host sync in the step: the totals stay on the device until read
         local[0] += loss.detach().double() * n
-        local[1] += (out.argmax(1) == labels).sum()
+        local[1] += (out.argmax(1) == (labels if labels.dim() == 1 else labels.argmax(1))).sum()
         local[2] += n
         if dist.is_main and time.perf_counter() - shown >= bar.mininterval:  # when the bar redraws, not every step
             shown = time.perf_counter()

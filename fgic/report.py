@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fgic.config import MEANING
+from fgic.config import MEANING, completed
 from fgic.errors import FgicError, run_cli
 from fgic.runlog import CHECKPOINT, read_object, read_records
 
@@ -64,7 +64,7 @@ class Run:
 def load_run(folder: Path) -> Run:
     """A run folder's files, and why it is not finished (empty when it is)."""
     metrics, summary = folder / "metrics.jsonl", folder / "summary.json"
-    run = Run(folder, read_object(folder / "config.json"))
+    run = Run(folder, completed(read_object(folder / "config.json")))
     run.records = read_records(metrics)
     if summary.is_file():
         run.summary = read_object(summary)

@@ -12,6 +12,7 @@ from fgic.errors import FgicError
 
 CHECKPOINT = "checkpoint.pt"  # the run folder's latest state (fgic.checkpoint writes it; fgic.report looks for it)
 BEST = "best.pt"  # the model of the best epoch
+BEST_EMA = "best_ema.pt"  # the EMA model of its best epoch (--model-ema)
 CSV_COLUMNS = ("Epoch", "lr", "Train_Loss", "Train_Acc", "Test_Acc")  # the seed train.py's log
 
 

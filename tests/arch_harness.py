@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgic import augment, cluster, engine, models
+from fgic import augment, cluster, engine, models, optim
 from fgic.dist import Dist
 from fgic.errors import FgicError
 
@@ -50,7 +50,7 @@ def train_two_steps(dist: Dist, arch: str, crop: int) -> dict:
     ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)  # as fgic.ddp makes it on the CPU
     # no weight decay: only a gradient moves a weight; no momentum: its buffers would add 2.4 GB a process for the
     # largest models, beyond what 2 of them fit in on a 24 GB machine
-    optimizer = engine.sgd(model, cpu, lr=LR, momentum=0.0)
+    optimizer = optim.sgd(model.parameters(), cpu, lr=LR, momentum=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     criterion = nn.CrossEntropyLoss()
     before = checksums(model)

@@ -51,6 +51,7 @@ def same_result(run: Path, reference: Path) -> None:
     b = torch.load(reference / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] and a["step"] == b["step"] == 0
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items()), "weights differ"
+    assert a.keys() == b.keys() and all(torch.equal(v, b["model_ema"][k]) for k, v in a.get("model_ema", {}).items())
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
     assert strip(read_jsonl(run / "metrics.jsonl")) == strip(read_jsonl(reference / "metrics.jsonl"))
     ours, theirs = (json.loads((r / "summary.json").read_text()) for r in (run, reference))

@@ -176,6 +176,23 @@ def test_cached_batches_equal_uncached_bitwise(ds, tmp_path, crop, padding):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("extra", [dict(auto_augment="ta_wide", random_erase=0.5, mixup_alpha=0.2, cutmix_alpha=1.0),
+                                   dict(auto_augment="augmix"), dict(mixup_alpha=0.4)])
+def test_cached_batches_equal_uncached_with_the_augmentations(ds, tmp_path, extra):
+    """Policies, erasing and mixing: the cache's items (by loader workers) equal the decoded ones, partners too."""
+    cached = data.build(args_for(cache_dir=str(tmp_path / "c"), workers=2, **extra), ds, 1, 0, False)
+    plain = data.build(args_for(cache="off", **extra), ds, 1, 0, False)
+    assert isinstance(cached[0], data.CachedImageFolder) and not cached[0].device_crops
+    cpu = torch.device("cpu")
+    for epoch in (0, 1):
+        for loader in (cached[2], plain[2]):
+            loader.sampler.set_epoch(epoch)
+        for a, b in zip(cached[2], plain[2], strict=True):
+            a, b = cached[2].dataset.to_device(a, cpu), plain[2].dataset.to_device(b, cpu)
+            assert len(a) == (5 if "mixup_alpha" in extra else 2) and a[0].shape == (4, 3, 32, 32)
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_the_gpus_batched_crop_equals_per_image_crops():
     images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
     params = torch.tensor([(0, 0, 0), (8, 3, 1), (5, 8, 0), (8, 8, 1), (0, 7, 1), (3, 0, 0)], dtype=torch.int16)

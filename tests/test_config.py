@@ -48,6 +48,15 @@ def test_legacy_apex_amp_maps_to_native_fp16_with_a_notice(capsys):
     (("--crop", "600"), "--crop"),
     (("--label-smoothing", "1.5"), "--label-smoothing"),
     (("-w", "-1"), "-w/--workers"),
+    (("--lr-warmup-epochs", "128"), "--lr-warmup-epochs"),
+    (("--recipe", "tv-v2", "--epochs", "5"), "--lr-warmup-epochs 5: must be fewer than --epochs 5"),
+    (("--random-erase", "1.5"), "--random-erase"),
+    (("--mixup-alpha", "-1"), "--mixup-alpha"),
+    (("--layer-decay", "0"), "--layer-decay"),
+    (("--model-ema-decay", "1.5"), "--model-ema-decay"),
+    (("--model-ema-steps", "0"), "--model-ema-steps"),
+    (("--clip-grad-norm", "0"), "--clip-grad-norm"),
+    (("--norm-weight-decay", "-0.1"), "--norm-weight-decay"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     data = () if not argv else ("-d", "cub")
@@ -58,6 +67,7 @@ def test_bad_values_name_the_flag(argv, flag):
 def test_run_name_is_stable_and_shows_arch_amp_seed_note():
     assert config.run_name(parse("-d", "cub")) == "resnet50-off-s2020"
     assert config.run_name(parse("-d", "cub", "-a", "bf16", "-s", "1", "-n", "lr.2")) == "resnet50-bf16-s1-lr.2"
+    assert config.run_name(parse("-d", "cub", "--recipe", "tv-v2")) == "resnet50-off-tv-v2-s2020"
 
 
 def test_parser_is_reusable_as_a_parent():
@@ -66,3 +76,27 @@ def test_parser_is_reusable_as_a_parent():
     p.add_argument("--seeds", nargs="+", type=int)
     a = p.parse_args(["-d", "cub", "--seeds", "0", "1"])
     assert a.seeds == [0, 1] and a.data == "cub"
+
+
+def test_the_seed_recipe_leaves_every_later_option_off():
+    a = parse("-d", "cub")
+    assert a.recipe == "seed" and {k: getattr(a, k) for k in config.LATER} == config.LATER
+    assert (a.opt, a.model_ema, a.mixup_alpha, a.auto_augment, a.lr_warmup_epochs, a.layer_decay) == \
+        ("sgd", False, 0.0, "none", 0, None)
+
+
+def test_a_recipe_fills_only_unset_flags_and_keeps_the_lr_rule():
+    a = parse("-d", "cub", "--recipe", "tv-v2")
+    assert (a.opt, a.auto_augment, a.mixup_alpha, a.cutmix_alpha, a.model_ema, a.lr_warmup_epochs,
+            a.norm_weight_decay, a.weight_decay) == ("sgd", "ta_wide", 0.2, 1.0, True, 5, 0.0, 5e-4)
+    assert a.lr == pytest.approx(64 / 256 * 0.1) and a.arch == "resnet50"
+    t = parse("-d", "cub", "--recipe", "transformer", "-b", "128", "--mixup-alpha", "0", "--no-model-ema")
+    assert (t.opt, t.layer_decay, t.weight_decay, t.mixup_alpha, t.model_ema) == ("adamw", 0.65, 0.05, 0.0, False)
+    assert t.lr == pytest.approx(128 / 256 * 5e-4)
+    d = parse("-d", "demo", "--recipe", "transformer")  # the demo's arch and sizes, the recipe's optimisation
+    assert (d.arch, d.crop, d.opt, d.epochs) == ("resnet18", 64, "adamw", 8)
+
+
+def test_configs_from_before_the_later_options_read_as_the_seed_recipe():
+    old = {k: v for k, v in vars(parse("-d", "cub")).items() if k not in config.LATER}
+    assert config.completed(old) == vars(parse("-d", "cub"))

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import read_jsonl, run_fgic, tiny_args
+from tests.helpers import REPO, TIMING, read_jsonl, run_fgic, tiny_args
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
 
@@ -50,6 +50,19 @@ def test_same_weights_and_accuracy_on_1_2_3_processes(runs):
         assert [m["test_correct"] for m in metrics] == [m["test_correct"] for m in ref_metrics]
         for m, r in zip(metrics, ref_metrics):
             assert m["train_loss"] == pytest.approx(r["train_loss"], rel=1e-3)
+
+
+def test_the_seed_recipe_gives_the_records_it_gave_before_the_recipe_flags(runs):
+    """The default run against the records fgic wrote for it before issue 13's flags existed: byte for byte on the
+    torch that wrote them; on another torch, equal up to its float rounding."""
+    golden = json.loads((REPO / "tests" / "data" / "seed_recipe_tiny.json").read_text())
+    ours = [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(run_dir(runs[1][0]) / "metrics.jsonl")]
+    if torch.__version__ == golden["torch"]:
+        assert ours == golden["records"]
+    else:
+        assert [r.keys() for r in ours] == [r.keys() for r in golden["records"]]
+        for r, g in zip(ours, golden["records"]):
+            assert r["lr"] == pytest.approx(g["lr"]) and r["train_loss"] == pytest.approx(g["train_loss"], rel=1e-3)
 
 
 def test_every_test_image_counted_once(runs):

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from fgic import engine
+from fgic import engine, optim
 from fgic.cluster import Launch
 from fgic.dist import Dist
 
@@ -16,7 +16,7 @@ def _fp16_steps(fused: bool, skip_first: bool) -> torch.Tensor:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(8, 5))
-    optimizer = engine.sgd(model, cpu, fused=fused, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    optimizer = optim.sgd(model.parameters(), cpu, fused=fused, lr=0.1, momentum=0.9, weight_decay=5e-4)
     assert bool(optimizer.defaults["fused"]) == fused  # the fused kernel, not a fallback
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 70 if skip_first else 2.0 ** 10, backoff_factor=2.0 ** -60)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fgic import augment, bench, data, engine, models
+from fgic import augment, bench, data, engine, models, optim
 from fgic.cluster import Launch
 from fgic.dist import Dist
 from tests.helpers import read_jsonl, run_fgic, same_result, tiny_args
@@ -86,14 +86,15 @@ def test_no_host_sync_per_training_step(tiny_data, cache):
     cuda = torch.device("cuda")
     _, _, loader, _ = _loaders(tiny_data, cache)
     model = models.build("resnet18", 3, "none").to(cuda).to(memory_format=torch.channels_last)
-    opt = engine.sgd(model, cuda, lr=0.01, momentum=0.9)
+    opt = optim.sgd(model.parameters(), cuda, lr=0.01, momentum=0.9)
     assert opt.defaults.get("fused") or opt.defaults.get("foreach")
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    stepper = optim.Optimization(opt, torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0), False,
+                                 torch.amp.GradScaler("cuda", enabled=False), model)
     dist = Dist(Launch("single", rank=1), cuda)  # not the main rank: no progress bar reads
     counts = []
     for steps in (1, 2, 4):  # the first epoch (not compared) initialises cuDNN, cuBLAS and the allocators
         loader.sampler.set_epoch(0, skip=(4 - steps) * 6)
-        out, n = _count_syncs(lambda: engine.train_one_epoch(model, loader, opt, scaler, torch.nn.CrossEntropyLoss(),
+        out, n = _count_syncs(lambda: engine.train_one_epoch(model, loader, stepper, torch.nn.CrossEntropyLoss(),
                                                              dist, "bf16", desc="t"))
         assert out["train_images"] == steps * 6
         counts.append(n)
@@ -139,7 +140,8 @@ def _fp16_run(batches: list, fused: bool, skip: bool, device: torch.device) -> d
     starts at 2**10 on the second batch. Returns the final parameters and scale, and what the skipped step left."""
     torch.manual_seed(0)
     model = models.build("resnet18", 3, "none").to(device).to(memory_format=torch.channels_last)
-    opt = engine.sgd(model, device, lr=0.05, momentum=0.9, weight_decay=5e-4, **({} if fused else {"fused": False}))
+    opt = optim.sgd(model.parameters(), device, lr=0.05, momentum=0.9, weight_decay=5e-4,
+                    **({} if fused else {"fused": False}))
     assert bool(opt.defaults.get("fused")) == fused
     scaler = torch.amp.GradScaler(device.type, init_scale=SKIP_SCALE if skip else NEXT_SCALE, backoff_factor=2.0 ** -60)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -198,7 +200,7 @@ def _amp_losses(amp: str, device: torch.device) -> list[float]:
     (the runs would not take the same steps): on the CPU the first overflow comes at a scale of 2**18, not 2**16."""
     torch.manual_seed(0)
     model = models.build("resnet18", 10, "none").to(device).to(memory_format=torch.channels_last)
-    opt = engine.sgd(model, device, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    opt = optim.sgd(model.parameters(), device, lr=0.01, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # as fgic.ddp makes it
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     losses = []
