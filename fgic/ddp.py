@@ -159,8 +159,8 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
     for epoch in range(progress.epoch, args.epochs):
         t0 = time.perf_counter()
         first_step = progress.step if epoch == progress.epoch else 0
+        lr = opt.lr_at(epoch * len(train_loader))  # before the skip, which shortens the loader
         train_loader.sampler.set_epoch(epoch, skip=first_step * run.per_process_batch)
-        lr = opt.lr_at(epoch * len(train_loader))
         tr = engine.train_one_epoch(ddp_model, train_loader, opt, criterion, dist, args.amp,
                                     desc=f"epoch {epoch + 1}/{args.epochs}", start_step=first_step,
                                     totals=progress.totals_of(dist.rank, dist.world_size),

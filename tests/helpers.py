@@ -53,7 +53,9 @@ def same_result(run: Path, reference: Path) -> None:
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items()), "weights differ"
     assert a.keys() == b.keys() and all(torch.equal(v, b["model_ema"][k]) for k, v in a.get("model_ema", {}).items())
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
-    assert strip(read_jsonl(run / "metrics.jsonl")) == strip(read_jsonl(reference / "metrics.jsonl"))
+    ours, theirs = (strip(read_jsonl(r / "metrics.jsonl")) for r in (run, reference))
+    assert ours == theirs, [(r["epoch"], k, v, t.get(k)) for r, t in zip(ours, theirs) for k, v in r.items()
+                            if v != t.get(k)]
     ours, theirs = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
     assert {k: v for k, v in ours.items() if k != "wall_seconds"} == \
            {k: v for k, v in theirs.items() if k != "wall_seconds"}

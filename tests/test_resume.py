@@ -72,6 +72,8 @@ def references(data8, tmp_path_factory):
     pytest.param(signal.SIGUSR2, 2, "one", "auto", (), id="USR2-torchrun-one-rank"),  # both stop at the same step
     # the uncached loader resumes mid-epoch too, and ends bitwise as the (cached) reference
     pytest.param(signal.SIGUSR2, 1, "all", "off", (), id="USR2-cache-off"),
+    # every recipe flag on (EMA, the warmup position, the keyed augmentation and mixing), uncached with workers
+    pytest.param(signal.SIGTERM, 2, "all", "auto", (*ALL_ON, "--workers", "2"), id="TERM-torchrun-every-recipe-flag"),
 ])
 def test_stop_mid_epoch_and_resume_bitwise(data8, references, tmp_path, sig, nproc, target, cache, extra):
     args = args_for(data8, tmp_path, cache, extra)
