@@ -4,11 +4,14 @@
   python -m fgic.bench loader -d DIR [-w N] [--json FILE]         images/s each pipeline hands to the device
   python -m fgic.bench train --synthetic|-d DIR [--pipeline fgic|original] [--arch resnet50 --crop 448 --amp bf16
                              -b 128 --steps N] [--json FILE]      training images/s and the share of the FLOP ceiling
+  --recipe NAME (loader, train)                                   with fgic.ddp's preset: its policies, mixing,
+                                                                  optimizer, clipping and EMA in the timed work
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import itertools
 import json
@@ -45,13 +48,24 @@ def recipe_loader(root: Path, resize: int, crop: int, padding: int, batch: int, 
 
 
 def fgic_loader(root: Path, resize: int, crop: int, padding: int, batch: int, workers: int, pin: bool,
-                cache_dir: str | None):
+                cache_dir: str | None, extra: augment.Extra = augment.Extra()):
     """fgic's training loader reading the decoded-image cache (built and paged in here, before any timing)."""
     spec = data.DataSpec(resize=resize, crop=crop, padding=padding, seed=0, batch_size=batch, workers=workers,
-                         cache="on", cache_dir=cache_dir)
+                         cache="on", cache_dir=cache_dir, **dataclasses.asdict(extra))
     loader = data.build(spec, root, 1, 0, pin_memory=pin)[2]
     int(np.asarray(loader.dataset.rows()).reshape(-1)[::4096].sum())  # map every page now, not while timing
     return loader
+
+
+def recipe_flags(a) -> argparse.Namespace:
+    """fgic.ddp's flags resolved for --recipe at the benchmark's sizes, arch and batch (the lr by its rule)."""
+    argv = ["-d", "bench", "--recipe", a.recipe, "-b", str(a.batch_size), "--resize", str(a.resize), "--crop",
+            str(a.crop), "--padding", str(a.padding), "--arch", getattr(a, "arch", RECIPE["arch"])]
+    return config.resolve(config.get_args_parser().parse_args(argv))
+
+
+def extra_of(flags: argparse.Namespace) -> augment.Extra:
+    return augment.Extra(**{f.name: getattr(flags, f.name) for f in dataclasses.fields(augment.Extra)})
 
 
 def endless(loader):
@@ -85,8 +99,9 @@ def loader_cmd(a) -> dict:
         return {}
     root = _data_root(a.data)
     pin = torch.cuda.is_available()
+    extra = extra_of(recipe_flags(a))
     t0 = time.perf_counter()
-    ours = fgic_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin, a.cache_dir)
+    ours = fgic_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin, a.cache_dir, extra)
     cache_seconds = time.perf_counter() - t0
     base = recipe_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin)
     base_rate = images_per_second(base, a.batches, a.warmup)
@@ -97,18 +112,20 @@ def loader_cmd(a) -> dict:
     batch = next(iter(ours))
     start = time.perf_counter()
     for _ in range(3):
-        x, _ = ours.dataset.to_device(batch, torch.device("cpu"))
-        augment.normalize(x)
+        inputs = ours.dataset.to_device(batch, torch.device("cpu"))
+        augment.normalize(inputs[0])
     cpu_prep = 3 * len(batch[1]) / (time.perf_counter() - start)
     result = {"baseline_images_per_second": base_rate, "fgic_images_per_second": ours_rate,
               "ratio": ours_rate / base_rate, "workers": a.workers, "batch_size": a.batch_size,
               "batches_timed": a.batches, "warmup_batches": a.warmup, "resize": a.resize, "crop": a.crop,
-              "images": len(ours.dataset), "cache_ready_seconds": cache_seconds,
+              "images": len(ours.dataset), "cache_ready_seconds": cache_seconds, "recipe": a.recipe,
               "fgic_device_work_on_this_cpu_images_per_second": cpu_prep, "cpus": data.usable_cpus(), "pin_memory": pin}
     print(f"host-side loader throughput, {a.workers} workers, batch {a.batch_size}, {a.batches} batches timed after "
           f"{a.warmup} warm-up batches; the cache was ready before timing ({cache_seconds:.1f} s to build or open)")
+    what = "crop/flip draws" if extra == augment.Extra() else \
+        f"--recipe {a.recipe}'s per-image policies{' and partners' if extra.mixing else ''} in the workers"
     _table([("original: ImageFolder + PIL Resize/RandomCrop/Flip/ToTensor/Normalize -> float", base_rate),
-            ("fgic: uint8 resized images gathered from the cache + crop/flip draws", ours_rate)])
+            (f"fgic: uint8 resized images gathered from the cache + {what}", ours_rate)])
     print(f"ratio fgic / original: {ours_rate / base_rate:.1f}x   (fgic's crop, flip and normalize then run on the "
           f"device; on this CPU they would take {cpu_prep:.0f} img/s)")
     return result
@@ -122,6 +139,9 @@ def train_cmd(a) -> dict:
         raise FgicError("train: give -d PATH (real data) or --synthetic, one of them")
     if a.synthetic and a.pipeline == "original":
         raise FgicError("--pipeline original needs -d PATH (it reads JPEGs)")
+    if a.pipeline == "original" and a.recipe != "seed":
+        raise FgicError(f"--pipeline original --recipe {a.recipe}: the original pipeline has the seed's augmentation "
+                        f"only; use --pipeline fgic")
     device = pick_device(a.device, [], 0)
     models.check_arch(a.arch)
     models.check_input(a.arch, a.crop)
@@ -133,10 +153,11 @@ def train_cmd(a) -> dict:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         engine.check_amp(a.amp, device)
-    optimizer = optim.sgd(model.parameters(), device, lr=config.scaled_lr(a.batch_size), momentum=RECIPE["momentum"],
-                           weight_decay=RECIPE["weight_decay"])
-    scaler = torch.amp.GradScaler(device.type, enabled=a.amp == "fp16")
-    criterion = nn.CrossEntropyLoss(label_smoothing=RECIPE["label_smoothing"])
+    flags = recipe_flags(a)
+    flags.amp = a.amp
+    extra = extra_of(flags)
+    opt = optim.build(model, device, flags, steps_per_epoch=a.warmup + a.steps)  # fgic.ddp's
+    criterion = nn.CrossEntropyLoss(label_smoothing=flags.label_smoothing)
     step_model = torch.compile(model) if a.compile else model
     pin = device.type == "cuda"
 
@@ -145,10 +166,10 @@ def train_cmd(a) -> dict:
                                             device=device))
         batch = (x.contiguous(memory_format=torch.channels_last) if pin else x,
                  torch.randint(0, classes, (a.batch_size,), device=device))
-        source = itertools.repeat(batch)
-        what = "synthetic batch already on the device"
+        source = synthetic_mixed(batch, extra, a.crop, classes) if extra.mixing else itertools.repeat(batch)
+        what = "synthetic batch already on the device" + (", mixed with itself rolled by one" if extra.mixing else "")
     elif a.pipeline == "fgic":
-        loader = fgic_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin, a.cache_dir)
+        loader = fgic_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin, a.cache_dir, extra)
         source = _endless_device(loader, device)
         what = f"fgic: the cache -> {a.workers} workers -> crop/flip/normalize on the {device.type}"
     else:
@@ -159,14 +180,18 @@ def train_cmd(a) -> dict:
         what = f"original: ImageFolder + PIL transforms, {a.workers} workers, float batches copied to the device"
 
     flops = step_flops(model, a, device, criterion)
-    for _ in range(a.warmup):
+    def step():
         images, labels = next(source)
-        engine.train_step(step_model, images, labels, optimizer, scaler, criterion, device, a.amp)
+        loss, _ = engine.train_step(step_model, images, labels, opt.optimizer, opt.scaler, criterion, device, a.amp,
+                                    opt.clip_grad_norm)
+        opt.after_step()
+        return loss
+    for _ in range(a.warmup):
+        step()
     _sync(device)
     start = time.perf_counter()
     for _ in range(a.steps):
-        images, labels = next(source)
-        loss, _ = engine.train_step(step_model, images, labels, optimizer, scaler, criterion, device, a.amp)
+        loss = step()
     _sync(device)
     seconds = time.perf_counter() - start
     if hasattr(source, "close"):
@@ -177,16 +202,17 @@ def train_cmd(a) -> dict:
     result = {"images_per_second": rate, "step_ms": 1000 * seconds / a.steps, "source": "synthetic" if a.synthetic
               else a.pipeline, "arch": a.arch, "crop": a.crop, "amp": a.amp, "batch_size": a.batch_size,
               "steps_timed": a.steps, "warmup_steps": a.warmup, "workers": a.workers, "compile": a.compile,
+              "recipe": a.recipe, "step": step_name(flags),
               "device": _device_name(device), "step_flops": flops, "achieved_tflops": achieved / 1e12,
               "peak_tflops": peak, "peak_from": peak_from,
               "fraction_of_peak": achieved / (peak * 1e12) if peak else None,
               "loss_is_finite": bool(torch.isfinite(loss).item()), "torch": torch.__version__}
-    if not a.synthetic and a.pipeline == "fgic":
+    if not a.synthetic and a.pipeline == "fgic" and loader.dataset.device_crops:
         result.update(prep_cost(loader, device, seconds / a.steps))
     print(f"training throughput on {result['device']}: {a.arch} at {a.crop} px, amp {a.amp}, batch {a.batch_size}, "
           f"{a.steps} steps timed after {a.warmup} warm-up steps")
     print(f"data: {what}")
-    _table([("training (forward + backward + SGD)", rate)])
+    _table([(f"training (forward + backward + {step_name(flags)})", rate)])
     frac = f"{100 * result['fraction_of_peak']:.1f}% of the {peak:g} TFLOP/s ceiling ({peak_from})" if peak else \
         "no FLOP ceiling known for this device (--peak-tflops sets one)"
     print(f"model FLOPs per step {flops / 1e12:.2f} TFLOP (counted), achieved {achieved / 1e12:.1f} TFLOP/s = {frac}")
@@ -196,9 +222,27 @@ def train_cmd(a) -> dict:
     return result
 
 
+def step_name(flags: argparse.Namespace) -> str:
+    """What a step does beyond forward and backward, e.g. "AdamW + clipping + EMA"."""
+    parts = ["AdamW" if flags.opt == "adamw" else "SGD"]
+    parts += [name for name, on in (("layer decay", flags.layer_decay), ("clipping", flags.clip_grad_norm),
+                                    ("EMA", flags.model_ema)) if on]
+    return " + ".join(parts)
+
+
+def synthetic_mixed(batch, extra: augment.Extra, crop: int, classes: int):
+    """The synthetic batch mixed, every step, with itself rolled by one by the mixing rows of samples 0..n-1."""
+    images, labels = batch
+    rows = torch.stack([augment.mix_params(0, 0, i, len(labels), crop, extra)[1] for i in range(len(labels))])
+    rows = rows.to(images.device)
+    while True:
+        yield augment.mix(images, labels, images.roll(1, 0), labels.roll(1, 0), rows, classes)
+
+
 class _AllEpochs:
-    """A CachedBatches' epochs 0, 1, 2, ... as one loader for DeviceBatches: one producer throughout, where a new
-    iteration per epoch would time a cold start (its first batch gathered while the GPU waits) at every boundary."""
+    """A loader's epochs 0, 1, 2, ... as one loader for DeviceBatches: one producer throughout (CachedBatches'), where
+    a new iteration per epoch would time a cold start (its first batch gathered while the GPU waits) at every
+    boundary."""
 
     def __init__(self, loader):
         self.loader, self.dataset = loader, loader.dataset
@@ -207,7 +251,7 @@ class _AllEpochs:
         return len(self.loader)
 
     def __iter__(self):
-        return self.loader.epochs(0)
+        return self.loader.epochs(0) if hasattr(self.loader, "epochs") else endless(self.loader)
 
 
 def _endless_device(loader, device):
@@ -299,6 +343,8 @@ def get_parser() -> argparse.ArgumentParser:
                                                                              "recipe's)")
     common.add_argument("--cache-dir", help="where fgic's cache lives (default as in fgic.ddp)")
     common.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    common.add_argument("--recipe", default="seed", choices=tuple(config.RECIPES),
+                        help="time fgic.ddp's preset: its augmentation, and its optimizer step in train (default seed)")
     lo = sub.add_parser("loader", parents=[common], help="host-side images/s: the recipe's pipeline beside fgic's")
     lo.add_argument("-b", "--batch-size", type=int, default=RECIPE["batch_size"], help="batch (default: the recipe's)")
     lo.add_argument("--batches", type=int, default=40, help="batches timed (default 40)")

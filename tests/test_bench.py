@@ -58,6 +58,33 @@ def test_train_measures_each_source(jpgs, tmp_path, capsys, source):
     assert "training (forward + backward + SGD)" in capsys.readouterr().out
 
 
+@pytest.mark.e2e  # in-process, but it trains: seconds
+def test_train_times_a_recipe_step(tmp_path, capsys):
+    """--recipe: fgic.ddp's Optimization (AdamW, layer decay, clipping, EMA) steps on a mixed synthetic batch."""
+    out = tmp_path / "train.json"
+    bench.main(["train", "--synthetic", *SMALL, "--arch", "resnet18", "-b", "4", "--steps", "2", "--warmup", "1",
+                "--amp", "off", "--device", "cpu", "--recipe", "transformer", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert (r["recipe"], r["step"], r["loss_is_finite"]) == \
+        ("transformer", "AdamW + layer decay + clipping + EMA", True)
+    text = capsys.readouterr().out
+    assert "mixed with itself rolled by one" in text and "training (forward + backward + AdamW + layer" in text
+    with pytest.raises(FgicError, match="--pipeline original --recipe tv-v2: .* use --pipeline fgic"):
+        bench.main(["train", "-d", str(tmp_path), "--pipeline", "original", "--recipe", "tv-v2", *SMALL])
+
+
+@pytest.mark.e2e
+def test_loader_and_train_with_a_recipes_policies(jpgs, tmp_path, capsys):
+    """--recipe tv-v2 on real images: TrivialAugment, erasing and the mixing partners made in the loader."""
+    bench.main(["loader", "-d", str(jpgs), *SMALL, "-b", "4", "--batches", "3", "--warmup", "1", "--recipe", "tv-v2"])
+    assert "--recipe tv-v2's per-image policies and partners in the workers" in capsys.readouterr().out
+    out = tmp_path / "train.json"
+    bench.main(["train", "-d", str(jpgs), *SMALL, "--arch", "resnet18", "-b", "4", "--steps", "2", "--warmup", "1",
+                "--amp", "off", "--device", "cpu", "--recipe", "tv-v2", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert (r["step"], r["loss_is_finite"], "prep_ms_per_batch" in r) == ("SGD + EMA", True, False)
+
+
 def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(FgicError, match="-d PATH .* or --synthetic"):
         bench.main(["train"])

@@ -69,11 +69,12 @@ def references(data8, tmp_path_factory):
     pytest.param(signal.SIGUSR2, 1, "all", "auto", (), id="USR2"),
     pytest.param(signal.SIGTERM, 1, "twice", "auto", (), id="TERM-twice"),
     pytest.param(signal.SIGUSR1, 1, "all", "auto", (), id="USR1"),
-    pytest.param(signal.SIGUSR2, 2, "one", "auto", (), id="USR2-torchrun-one-rank"),  # both stop at the same step
     # the uncached loader resumes mid-epoch too, and ends bitwise as the (cached) reference
     pytest.param(signal.SIGUSR2, 1, "all", "off", (), id="USR2-cache-off"),
-    # every recipe flag on (EMA, the warmup position, the keyed augmentation and mixing), uncached with workers
-    pytest.param(signal.SIGTERM, 2, "all", "auto", (*ALL_ON, "--workers", "2"), id="TERM-torchrun-every-recipe-flag"),
+    # 2 processes, the signal to one of them (both stop at the same step), every recipe flag on (EMA, the warmup
+    # position, the keyed policies and mixing), the cached set served by loader workers
+    pytest.param(signal.SIGUSR2, 2, "one", "auto", (*ALL_ON, "--workers", "2"),
+                 id="USR2-torchrun-one-rank-every-recipe-flag"),
 ])
 def test_stop_mid_epoch_and_resume_bitwise(data8, references, tmp_path, sig, nproc, target, cache, extra):
     args = args_for(data8, tmp_path, cache, extra)
