@@ -64,10 +64,6 @@ def recipe_flags(a) -> argparse.Namespace:
     return config.resolve(config.get_args_parser().parse_args(argv))
 
 
-def extra_of(flags: argparse.Namespace) -> augment.Extra:
-    return augment.Extra(**{f.name: getattr(flags, f.name) for f in dataclasses.fields(augment.Extra)})
-
-
 def endless(loader):
     """Batches across epochs, as training sees them."""
     for epoch in itertools.count():
@@ -99,7 +95,7 @@ def loader_cmd(a) -> dict:
         return {}
     root = _data_root(a.data)
     pin = torch.cuda.is_available()
-    extra = extra_of(recipe_flags(a))
+    extra = data.DataSpec.of(recipe_flags(a)).extra
     t0 = time.perf_counter()
     ours = fgic_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin, a.cache_dir, extra)
     cache_seconds = time.perf_counter() - t0
@@ -155,7 +151,7 @@ def train_cmd(a) -> dict:
         engine.check_amp(a.amp, device)
     flags = recipe_flags(a)
     flags.amp = a.amp
-    extra = extra_of(flags)
+    extra = data.DataSpec.of(flags).extra
     opt = optim.build(model, device, flags, steps_per_epoch=a.warmup + a.steps)  # fgic.ddp's
     criterion = nn.CrossEntropyLoss(label_smoothing=flags.label_smoothing)
     step_model = torch.compile(model) if a.compile else model

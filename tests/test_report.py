@@ -93,6 +93,16 @@ def test_groups_by_the_options_that_differ_and_only_shows_those(tmp_path):
     assert not any(k.startswith("resnet50, published") for k in rows)  # birds has no published number
 
 
+def test_a_recipe_groups_apart_with_the_flags_it_resolved(tmp_path):
+    for seed in (0, 1):
+        make_run(tmp_path, "birds", seed, [50.0, 60.0 + seed])
+        make_run(tmp_path, "birds", seed, [40.0, 70.0 + seed], flags=("--recipe", "tv-v2", "--lr-warmup-epochs", "1"))
+    keys, rows = results_table(run_report(tmp_path))
+    assert keys[:3] == ["arch", "amp", "recipe"] and "model ema" in keys and "mixup alpha" in keys, keys
+    by_recipe = {row["recipe"]: row["birds final epoch"] for row in rows.values()}
+    assert by_recipe == {"seed": spread([60.0, 61.0]), "tv-v2": spread([70.0, 71.0])}
+
+
 def test_unfinished_and_failed_runs_are_listed_not_averaged(tmp_path):
     make_run(tmp_path, "cub", 0, [70.0, 80.0])
     make_run(tmp_path, "cub", 1, [60.0, 82.0])
