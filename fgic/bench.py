@@ -167,7 +167,10 @@ def train_cmd(a) -> dict:
     elif a.pipeline == "fgic":
         loader = fgic_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin, a.cache_dir, extra)
         source = _endless_device(loader, device)
-        what = f"fgic: the cache -> {a.workers} workers -> crop/flip/normalize on the {device.type}"
+        what = (f"fgic: the cache -> {a.workers} workers -> crop/flip/normalize on the {device.type}"
+                if loader.dataset.device_crops else
+                f"fgic: the cache -> {a.workers} workers making --recipe {a.recipe}'s items -> mixing on the "
+                f"{device.type}")
     else:
         loader = recipe_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin)
         source = ((x.to(device, non_blocking=True).contiguous(
