@@ -9,6 +9,7 @@ import time
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torchvision import models
 from torchvision.models.vision_transformer import interpolate_embeddings
 
@@ -92,8 +93,8 @@ def fit_to_model(model: nn.Module, state: dict, source: str) -> dict:
 
 def check_input(arch: str, crop: int) -> None:
     """Stop with one line when `arch` cannot train on crop x crop images; says which crops nearby can. Meant for
-    before any data work: at 448 px it takes 0.01-0.8 s of CPU for the archs of torchvision 0.29, regnets 0.2-1.6 s
-    and regnet_y_128gf 6 s (see `construct_on_meta`)."""
+    before any data work: at 448 px it takes 0.15-0.75 s of CPU for the archs of torchvision 0.29, regnets included
+    (see `construct_on_meta`)."""
     built: dict = {}
     problem = input_problem(arch, crop, built)
     if problem is None:
@@ -129,15 +130,28 @@ def input_problem(arch: str, crop: int, built: dict | None = None) -> str | None
 
 def construct_on_meta(arch: str, crop: int) -> nn.Module:
     """`construct` on the meta device, in training mode. RegNets compute their widths from tensors while building,
-    which the meta device cannot read back: those are built on the CPU and then moved (0.2-1.6 s of CPU,
-    regnet_y_128gf 6 s and 2.4 GB for that time)."""
+    which the meta device cannot read back: those are built with only their parameters on it (see EmptyOnMeta), the
+    small buffers moved after."""
     try:
         with torch.device("meta"):
             return construct(arch, crop).train()
     except Exception as exc:
         if not meta_limited(exc):
             raise
-    return construct(arch, crop).to("meta").train()
+    with EmptyOnMeta():
+        return construct(arch, crop).to("meta").train()
+
+
+class EmptyOnMeta(TorchFunctionMode):
+    """`torch.empty` without a device makes meta tensors, every other call runs as usual: nn.Module's parameters are
+    torch.empty, a RegNet's width arithmetic is not. Built on the CPU instead, regnet_y_128gf took 7.8 s and 2.4 GB,
+    most of it in the initialisers (measured on this machine's CPU); this way 0.2 s."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
 
 
 def meta_limited(exc: Exception) -> bool:
