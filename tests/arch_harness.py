@@ -27,11 +27,13 @@ LR = 0.1
 
 
 def checksums(model: nn.Module) -> list[tuple[int, float]]:
-    """Each parameter's float32 bit patterns summed as int32 (wrapping: exact modular arithmetic, so a change to any
-    one element changes it) and its float32 sum: equal tensors give equal sums. Comparing the tensors themselves
-    would need a copy of the largest models (2.6 GB); sums of float64 copies took 41 ms a million parameters on this
-    machine's CPU, 2 x 5.4 G parameters in the sweep; these 0.3 ms."""
-    return [(int(p.detach().view(torch.int32).sum(dtype=torch.int32)), float(p.detach().sum()))
+    """Each parameter's float32 bit patterns summed as int32 (wrapping: exact modular arithmetic) and its float64 sum
+    (no float64 copy): equal tensors give equal pairs. A change escapes the first only when the bit deltas cancel, as
+    in LayerNorm weights of 1.0 of which one went up 1 ulp and one down 1 ulp (1 ulp below 1.0 is half as large),
+    where the float64 sum moves; it escapes the second when one went up 1 ulp and two down, where the first moves.
+    Comparing the tensors would need a copy of the largest models (2.6 GB); float64 copies took 41 ms a million
+    parameters on this machine's CPU, these 5 ms (2 x 5.4 G parameters in the sweep)."""
+    return [(int(p.detach().view(torch.int32).sum(dtype=torch.int32)), float(p.detach().sum(dtype=torch.float64)))
             for p in model.parameters()]
 
 
