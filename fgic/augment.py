@@ -20,7 +20,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ERASE_FILL = [round(255 * m) for m in IMAGENET_MEAN]
 # The streams drawn from one (seed, epoch, index) key besides the crop and flip (whose stream, the key alone, is the
 # seed recipe's and stays as it was).
-POLICY_STREAM, MIX_STREAM = 1, 2
+POLICY_STREAM, MIX_STREAM, DROP_STREAM = 1, 2, 3  # DROP_STREAM: fgic.drop's masks
 MIX_SWITCH_PROB = 0.5  # with both alphas: cutmix for half the samples (timm's switch_prob, torchvision's RandomChoice)
 
 

@@ -1,0 +1,99 @@
+"""Stochastic depth and dropout whose masks are a function of (seed, epoch, sample index, layer), like the
+augmentation: 1 process and N draw the same masks for a sample, and a resumed run the ones the uninterrupted run drew.
+torch's own draw from each process's generator, in batch order, so they depend on the layout and on the RNG state.
+
+`replace(model)` swaps torchvision's StochasticDepth ("row" mode) and nn.Dropout for KeyedDrop at build time; the
+training step hands each batch's sample keys to them with `keyed(model, keys)`.
+
+The mask of a sample comes from a counter-based integer hash, not a generator: integer arithmetic gives the same bits
+on the CPU and on a GPU, for any batch composition, and costs a few elementwise ops."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+from fgic.augment import DROP_STREAM
+
+M32 = 0xFFFFFFFF
+MULT = 0x45D9F3B  # the multiplier of a well-studied 32-bit integer mix; below 2**27, so products stay in int64
+GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: spreads consecutive counters
+
+
+def sample_key(seed: int, epoch: int, index: int) -> int:
+    """A sample's 32-bit drop key for the epoch."""
+    return int(np.random.default_rng((seed, epoch, index, DROP_STREAM)).integers(2 ** 32))
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective mix of 32-bit values held in int64 (exact on every device: no float, no overflow)."""
+    x = ((x >> 16) ^ x) * MULT & M32
+    x = ((x >> 16) ^ x) * MULT & M32
+    return (x >> 16) ^ x
+
+
+def uniform(keys: torch.Tensor, layer: int, per_sample: int) -> torch.Tensor:
+    """(len(keys), per_sample) float32 values in [0, 1) on a 2**-24 grid, each a function of (key, layer, column)."""
+    base = mix32(keys.to(torch.int64) ^ int(mix32(torch.tensor(layer))))
+    column = torch.arange(per_sample, device=keys.device, dtype=torch.int64) * GOLDEN & M32
+    return (mix32((base[:, None] + column) & M32) >> 8).to(torch.float32) * 2.0 ** -24
+
+
+class KeyedDrop(nn.Module):
+    """Zeroes whole samples ("row": stochastic depth) or single elements ("element": dropout) with probability p and
+    scales the rest by 1/(1-p), as torchvision's StochasticDepth and nn.Dropout do, in training mode only."""
+
+    def __init__(self, p: float, mode: str, layer: int):
+        super().__init__()
+        self.p, self.mode, self.layer = p, mode, layer
+        self.keys: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, mode={self.mode}, layer={self.layer}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.keys is None or len(self.keys) != len(x):
+            raise RuntimeError(f"KeyedDrop (layer {self.layer}) in training mode needs the batch's sample keys: "
+                               f"run the forward inside drop.keyed(model, keys)")
+        per_sample = 1 if self.mode == "row" else x[0].numel()
+        keep = uniform(self.keys, self.layer, per_sample) >= self.p
+        scale = keep.to(x.dtype) / (1.0 - self.p) if self.p < 1.0 else keep.to(x.dtype)
+        shape = (len(x), *[1] * (x.dim() - 1)) if self.mode == "row" else x.shape
+        return x * scale.view(shape)
+
+
+def replace(model: nn.Module) -> int:
+    """Swap every StochasticDepth and nn.Dropout of `model` for a KeyedDrop of its rate, numbered in module order;
+    returns how many. A StochasticDepth in "batch" mode (one draw for a whole batch: no sample owns it) is refused."""
+    layer = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, StochasticDepth):
+            if module.mode != "row":
+                raise ValueError(f"{name}: StochasticDepth in {module.mode!r} mode has no per-sample mask")
+            new = KeyedDrop(module.p, "row", layer)
+        elif type(module) is nn.Dropout:
+            new = KeyedDrop(module.p, "element", layer)
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+        layer += 1
+    return layer
+
+
+@contextmanager
+def keyed(model: nn.Module, keys: torch.Tensor):
+    """The model's KeyedDrop layers use `keys` (one per sample of the batch, on the model's device) inside."""
+    layers = [m for m in model.modules() if isinstance(m, KeyedDrop)]
+    for m in layers:
+        m.keys = keys
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.keys = None

@@ -1,0 +1,107 @@
+"""fgic.drop: stochastic depth and dropout masks keyed per sample, the same for a sample in any batch."""
+import pytest
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.ops import StochasticDepth
+
+from fgic import drop
+
+KEYS = torch.tensor([drop.sample_key(2020, 0, i) for i in range(4000)])
+
+
+def masks(layer: drop.KeyedDrop, keys: torch.Tensor, shape=(1,)) -> torch.Tensor:
+    """Which elements the layer keeps, for an input of ones."""
+    layer.train()
+    with drop.keyed(layer, keys):
+        return layer(torch.ones(len(keys), *shape, device=keys.device)) != 0
+
+
+@pytest.mark.parametrize("mode,shape", [("row", (3, 2, 2)), ("element", (5, 7))])
+def test_a_samples_mask_does_not_depend_on_its_batch(mode, shape):
+    layer = drop.KeyedDrop(0.4, mode, layer=3)
+    whole = masks(layer, KEYS[:64], shape)
+    for part in (KEYS[32:64], KEYS[[5, 60, 2]], KEYS[7:8]):  # another process's share, another order, one sample
+        rows = [int(torch.nonzero(KEYS[:64] == k)) for k in part]
+        assert torch.equal(masks(layer, part, shape), whole[rows])
+    if mode == "row":
+        assert all(m.all() or not m.any() for m in whole)  # a whole sample, kept or dropped
+    else:
+        assert len({tuple(m.flatten().tolist()) for m in whole}) == len(whole)  # elements apart, samples apart
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
+def test_the_rate_and_the_scale_are_torchs(p):
+    layer = drop.KeyedDrop(p, "element", layer=0)
+    layer.train()
+    x = torch.rand(len(KEYS), 16)
+    with drop.keyed(layer, KEYS):
+        y = layer(x)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - p) < 0.005  # 64,000 draws: 5 standard deviations at most
+    assert torch.allclose(y[kept], x[kept] / (1 - p))
+
+
+def test_layers_and_epochs_draw_apart():
+    p = 0.5
+    a, b = masks(drop.KeyedDrop(p, "row", 0), KEYS), masks(drop.KeyedDrop(p, "row", 1), KEYS)
+    later = masks(drop.KeyedDrop(p, "row", 0), torch.tensor([drop.sample_key(2020, 1, i) for i in range(len(KEYS))]))
+    for other in (b, later):
+        assert abs((a == other).float().mean().item() - (p * p + (1 - p) * (1 - p))) < 0.03  # as independent draws
+
+
+def test_eval_mode_and_p0_pass_through():
+    x = torch.randn(4, 3)
+    assert drop.KeyedDrop(0.5, "row", 0).eval()(x) is x  # no keys needed
+    assert drop.KeyedDrop(0.0, "element", 0).train()(x) is x
+
+
+def test_training_without_keys_says_so():
+    with pytest.raises(RuntimeError, match="drop.keyed"):
+        drop.KeyedDrop(0.2, "row", 5).train()(torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("arch", ["convnext_tiny", "efficientnet_b0", "swin_t", "vgg11", "mobilenet_v3_small"])
+def test_replace_takes_every_stochastic_depth_and_dropout(arch):
+    model = tvm.get_model(arch, num_classes=3)
+    before = [type(m) for m in model.modules() if isinstance(m, StochasticDepth) or type(m) is nn.Dropout]
+    assert drop.replace(model) == len(before) > 0
+    assert not any(isinstance(m, StochasticDepth) or type(m) is nn.Dropout for m in model.modules())
+    layers = [m for m in model.modules() if isinstance(m, drop.KeyedDrop)]
+    assert [m.layer for m in layers] == list(range(len(layers)))
+    assert [m.mode for m in layers] == ["row" if t is StochasticDepth else "element" for t in before]
+
+
+def test_a_sample_trains_through_the_same_masks_in_any_batch():
+    """A ConvNeXt (LayerNorm: no batch statistics) in training mode with a high stochastic depth rate: a sample's
+    output is the same computed with the whole batch, with half of it, or alone. Its blocks' layer scale at 1, not
+    1e-6: a dropped block changes the output."""
+    torch.manual_seed(0)
+    model = tvm.convnext_tiny(num_classes=3, stochastic_depth_prob=0.6, layer_scale=1.0)
+    drop.replace(model)
+    model.train()
+    images = torch.randn(4, 3, 32, 32)
+    with drop.keyed(model, KEYS[:4]):
+        whole = model(images)
+    with drop.keyed(model, KEYS[2:4]):
+        half = model(images[2:])
+    with drop.keyed(model, KEYS[3:4]):
+        alone = model(images[3:])
+    torch.testing.assert_close(half, whole[2:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alone, whole[3:], rtol=1e-5, atol=1e-6)
+    with drop.keyed(model, KEYS[4:8]):  # other samples' masks: another output for the same images
+        assert not torch.allclose(model(images), whole, rtol=1e-3, atol=1e-4)
+
+
+def test_batch_mode_stochastic_depth_is_refused():
+    model = nn.Sequential(nn.Linear(2, 2), StochasticDepth(0.1, "batch"))
+    with pytest.raises(ValueError, match="'batch' mode"):
+        drop.replace(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_masks_on_a_gpu_are_the_cpus():
+    for mode in ("row", "element"):
+        layer = drop.KeyedDrop(0.3, mode, layer=7)
+        assert torch.equal(masks(layer.cuda(), KEYS[:256].cuda(), (4, 9)).cpu(), masks(layer.cpu(), KEYS[:256], (4, 9)))
