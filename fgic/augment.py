@@ -121,6 +121,11 @@ def apply_policy(policy: v2.Transform, image: torch.Tensor, seed: int, epoch: in
         return policy(image)
 
 
+def drop_key(seed: int, epoch: int, index: int) -> int:
+    """The sample's 32-bit key for its stochastic depth and dropout masks in the epoch (see fgic.drop)."""
+    return int(np.random.default_rng((seed, epoch, index, DROP_STREAM)).integers(2 ** 32))
+
+
 def mix_params(seed: int, epoch: int, index: int, n: int, crop: int, extra: Extra) -> tuple[int, torch.Tensor]:
     """The sample's mixing partner, drawn from the whole training set (n samples), and its (cutmix, lam, y1, y2, x1,
     x2) row: lam ~ Beta(alpha, alpha) is the sample's weight, exact for a cutmix box (torchvision's CutMix box)."""
@@ -156,8 +161,9 @@ def mix(images: torch.Tensor, labels: torch.Tensor, partners: torch.Tensor, part
 
 
 class Views:
-    """A training set's items by key: the sample's view (crop and flip, then the policy) and, when mixing, its
-    partner's view, labels and mixing row. `image(i)` is sample i resized (uint8 CHW), `label(i)` its class."""
+    """A training set's items by key: the sample's view (crop and flip, then the policy), label and drop key and,
+    when mixing, its partner's view, label and mixing row. `image(i)` is sample i resized (uint8 CHW), `label(i)` its
+    class."""
 
     def __init__(self, seed: int, size: int, crop: int, padding: int, extra: Extra):
         self.seed, self.size, self.crop, self.padding, self.extra = seed, size, crop, padding, extra
@@ -169,7 +175,7 @@ class Views:
         return out if self.policy is None else apply_policy(self.policy, out, self.seed, epoch, index)
 
     def item(self, image, label, n: int, epoch: int, index: int) -> tuple:
-        own = self.view(image(index), epoch, index), label(index)
+        own = self.view(image(index), epoch, index), label(index), drop_key(self.seed, epoch, index)
         if not self.extra.mixing:
             return own
         partner, row = mix_params(self.seed, epoch, index, n, self.crop, self.extra)

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets
 from torchvision import transforms as T
 
-from fgic import augment, config, data, demo, engine, models, optim
+from fgic import augment, config, data, demo, drop, engine, models, optim
 from fgic.config import RECIPE
 from fgic.dist import pick_device
 from fgic.errors import FgicError, run_cli
@@ -179,10 +179,11 @@ def train_cmd(a) -> dict:
         what = f"original: ImageFolder + PIL transforms, {a.workers} workers, float batches copied to the device"
 
     flops = step_flops(model, a, device, criterion)
+    fixed = torch.tensor([augment.drop_key(0, 0, i) for i in range(a.batch_size)], device=device)
     def step():
-        images, labels = next(source)
+        images, labels, *keys = next(source)  # the loader's drop keys, or fixed ones for a source without
         loss, _ = engine.train_step(step_model, images, labels, opt.optimizer, opt.scaler, criterion, device, a.amp,
-                                    opt.clip_grad_norm)
+                                    opt.clip_grad_norm, keys[0] if keys else fixed)
         opt.after_step()
         return loss
     for _ in range(a.warmup):
@@ -263,7 +264,8 @@ def step_flops(model, a, device, criterion) -> float:
     x = torch.zeros((a.batch_size, 3, a.crop, a.crop), device=device)
     y = torch.zeros(a.batch_size, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False)
-    with counter, engine.autocast(device, a.amp):
+    keys = torch.zeros(a.batch_size, dtype=torch.int64, device=device)  # masks for a model with dropout
+    with counter, engine.autocast(device, a.amp), drop.keyed(probe, keys):
         criterion(models.logits(probe(x)), y).backward()
     del probe
     return float(counter.get_total_flops())
@@ -271,11 +273,11 @@ def step_flops(model, a, device, criterion) -> float:
 
 def prep_cost(loader, device, step_seconds: float) -> dict:
     """Device time of crop/flip/normalize per batch (from batches already on the device), and its share of a step."""
-    batches = [tuple(t.to(device) for t in b) for b, _ in zip(loader, range(3))]
+    batches = [type(b)(*(t.to(device) for t in b)) for b, _ in zip(loader, range(3))]  # CachedBatches' Gathered
     ds = loader.dataset
 
     def prep(b):
-        x = augment.crop_flip_batch(b[0], b[2], ds.crop, ds.padding)
+        x = augment.crop_flip_batch(b.images, b.params, ds.crop, ds.padding)
         return augment.normalize(x).contiguous(memory_format=torch.channels_last if device.type == "cuda"
                                                else torch.contiguous_format)
     for b in batches:

@@ -6,11 +6,20 @@ import itertools
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from fgic import augment
+
+
+class Gathered(NamedTuple):
+    """A CachedBatches batch: uint8 resized images, labels, drop keys, (top, left, flip) crop params."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: torch.Tensor
+    params: torch.Tensor
 
 
 class CachedImageFolder(torch.utils.data.Dataset):
@@ -64,20 +73,19 @@ class CachedImageFolder(torch.utils.data.Dataset):
                              for e, i in keys], dtype=torch.int16)
 
     def to_device(self, batch, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """A loader batch -> (uint8 NCHW crops, labels[, mixing's partners]) on `device`: CachedBatches' batches
-        (images, labels, crop params) are cropped and flipped there."""
-        if len(batch) != 3:  # items, made already
+        """A loader batch -> (uint8 NCHW crops, labels[, drop keys[, mixing's partners]]) on `device`: CachedBatches'
+        batches (Gathered) are cropped and flipped there."""
+        if not isinstance(batch, Gathered):  # items, made already
             return tuple(t.to(device, non_blocking=True) for t in batch)
-        images, labels, params = batch
-        images = augment.crop_flip_batch(images.to(device, non_blocking=True), params.to(device, non_blocking=True),
-                                         self.crop, self.padding)
-        return images, labels.to(device, non_blocking=True)
+        images = augment.crop_flip_batch(batch.images.to(device, non_blocking=True),
+                                         batch.params.to(device, non_blocking=True), self.crop, self.padding)
+        return images, batch.labels.to(device, non_blocking=True), batch.keys.to(device, non_blocking=True)
 
 
 class CachedBatches:
-    """Training batches (uint8 resized images, labels, crop/flip params) gathered whole from the cache's memory map
-    by `threads` threads (numpy copies release the GIL), `depth` batches ahead of the consumer: no worker
-    processes, no per-item collation, and one host copy per image. In place of a DataLoader: it has `dataset`,
+    """Training batches (Gathered: uint8 resized images, labels, drop keys, crop/flip params) gathered whole from the
+    cache's memory map by `threads` threads (numpy copies release the GIL), `depth` batches ahead of the consumer: no
+    worker processes, no per-item collation, and one host copy per image. In place of a DataLoader: it has `dataset`,
     `sampler` (a TrainSampler; its set_epoch applies) and len(). `epochs()` chains epochs with one producer.
 
     With `pin` (training on a GPU) each batch lives in pinned memory from torch's caching host allocator, which
@@ -166,4 +174,6 @@ class CachedBatches:
                 out[j] = rows[index[j]]
         list(pool.map(copy, [range(t, len(index), self.threads) for t in range(self.threads)]))
         labels, params = torch.tensor([self.dataset.samples[i][1] for i in index]), self.dataset.params(keys)
-        return (images, labels.pin_memory(), params.pin_memory()) if self.pin else (images, labels, params)
+        drops = torch.tensor([augment.drop_key(self.dataset.seed, e, i) for e, i in keys])
+        small = [t.pin_memory() for t in (labels, drops, params)] if self.pin else (labels, drops, params)
+        return Gathered(images, *small)

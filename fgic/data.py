@@ -89,7 +89,8 @@ class KeyedImageFolder(ImageFolder):
         return augment.center_crop(self.image(index), self.crop), self.label(index)
 
     def to_device(self, batch, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """A loader batch -> (uint8 NCHW crops, labels[, partners' crops, their labels, mixing rows]) on `device`."""
+        """A loader batch -> (uint8 NCHW crops, labels[, drop keys[, partners' crops, their labels, mixing rows]]) on
+        `device` (training batches have the keys)."""
         return tuple(t.to(device, non_blocking=True) for t in batch)
 
 

@@ -104,7 +104,9 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
     dist.agree(log.make_dir)  # an unwritable --output-dir is said before any set-up work
 
     # Model: same seed on every rank gives the same initial weights (DDP broadcasts rank 0's anyway).
-    model = dist.agree(lambda: models.build(args.arch, len(run.classes), args.weights, crop=args.crop))
+    keyed = not os.environ.get("FGIC_TEST_TORCH_DROP")  # test hook: torch's per-process masks, to measure them
+    model = dist.agree(lambda: models.build(args.arch, len(run.classes), args.weights, crop=args.crop,
+                                            keyed_drop=keyed))
     model = models.sync_batchnorm(model, dist.device, dist.distributed, same_code=args.deterministic).to(dist.device)
     if dist.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -3,7 +3,8 @@ augmentation: 1 process and N draw the same masks for a sample, and a resumed ru
 torch's own draw from each process's generator, in batch order, so they depend on the layout and on the RNG state.
 
 `replace(model)` swaps torchvision's StochasticDepth ("row" mode) and nn.Dropout for KeyedDrop at build time; the
-training step hands each batch's sample keys to them with `keyed(model, keys)`.
+training step hands each batch's sample keys (augment.drop_key, carried by the batch) to them with `keyed(model,
+keys)`.
 
 The mask of a sample comes from a counter-based integer hash, not a generator: integer arithmetic gives the same bits
 on the CPU and on a GPU, for any batch composition, and costs a few elementwise ops."""
@@ -11,21 +12,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from fgic.augment import DROP_STREAM
-
 M32 = 0xFFFFFFFF
 MULT = 0x45D9F3B  # the multiplier of a well-studied 32-bit integer mix; below 2**27, so products stay in int64
 GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: spreads consecutive counters
-
-
-def sample_key(seed: int, epoch: int, index: int) -> int:
-    """A sample's 32-bit drop key for the epoch."""
-    return int(np.random.default_rng((seed, epoch, index, DROP_STREAM)).integers(2 ** 32))
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +80,7 @@ def replace(model: nn.Module) -> int:
 
 
 @contextmanager
-def keyed(model: nn.Module, keys: torch.Tensor):
+def keyed(model: nn.Module, keys: torch.Tensor | None):
     """The model's KeyedDrop layers use `keys` (one per sample of the batch, on the model's device) inside."""
     layers = [m for m in model.modules() if isinstance(m, KeyedDrop)]
     for m in layers:

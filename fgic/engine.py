@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fgic import augment
+from fgic import augment, drop
 from fgic.dist import Dist
 from fgic.errors import FgicError
 from fgic.models import logits
@@ -32,23 +32,25 @@ def progress(loader, dist: Dist, desc: str):
                 mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
-def inputs(loader, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loader batch -> (normalised float images, labels) on the device: the dataset moves and crops it there (the
-    host moves uint8 bytes only), and mixes each image with its partner (the targets are then class probabilities);
-    channels_last on a GPU."""
-    images, labels, *partner = loader.dataset.to_device(batch, device)
+def inputs(loader, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A loader batch -> (normalised float images, labels, drop keys) on the device: the dataset moves and crops it
+    there (the host moves uint8 bytes only), and mixes each image with its partner (the targets are then class
+    probabilities); channels_last on a GPU. Test batches have no drop keys (None)."""
+    images, labels, *rest = loader.dataset.to_device(batch, device)
+    keys, partner = (rest[0], rest[1:]) if rest else (None, ())
     images = augment.normalize(images)
     if partner:
         partners, partner_labels, rows = partner
         images, labels = augment.mix(images, labels, augment.normalize(partners), partner_labels, rows,
                                      len(loader.dataset.classes))
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # the CPU: as uncached
-    return images.contiguous(memory_format=layout), labels
+    return images.contiguous(memory_format=layout), labels, keys
 
 
 class DeviceBatches:
-    """A loader's batches as (normalised images, labels) on the device (see `inputs`). On a GPU the next batch is
-    copied, cropped and normalised on a side stream while the current one trains, so the step never waits for it."""
+    """A loader's batches as (normalised images, labels, drop keys) on the device (see `inputs`). On a GPU the next
+    batch is copied, cropped and normalised on a side stream while the current one trains, so the step never waits
+    for it."""
 
     def __init__(self, loader, device: torch.device):
         self.loader, self.device = loader, device
@@ -79,15 +81,17 @@ class DeviceBatches:
         tensors, done = pending
         main.wait_event(done)
         for t in tensors:
-            t.record_stream(main)  # made on the side stream, used on the main one
+            if t is not None:
+                t.record_stream(main)  # made on the side stream, used on the main one
         return tensors
 
 
 def train_step(model: nn.Module, images, labels, optimizer, scaler, criterion, device: torch.device, amp: str,
-               clip_grad_norm: float | None = None):
+               clip_grad_norm: float | None = None, keys: torch.Tensor | None = None):
     """Forward, backward and optimizer step of one batch; returns (loss, logits), still on the device. `labels` are
-    class indices or, mixed, class probabilities. Clipping acts on the gradient DDP has reduced, unscaled."""
-    with autocast(device, amp):
+    class indices or, mixed, class probabilities; `keys` the samples' drop keys, for a model with stochastic depth or
+    dropout. Clipping acts on the gradient DDP has reduced, unscaled."""
+    with autocast(device, amp), drop.keyed(model, keys):
         out = logits(model(images))
         loss = criterion(out, labels)
     optimizer.zero_grad(set_to_none=True)
@@ -116,9 +120,9 @@ def train_one_epoch(model: nn.Module, loader, opt, criterion, dist: Dist, amp: s
     bar = progress(DeviceBatches(loader, device), dist, desc)
     step = start_step
     shown = start
-    for step, (images, labels) in enumerate(bar, start=start_step + 1):
+    for step, (images, labels, keys) in enumerate(bar, start=start_step + 1):
         loss, out = train_step(model, images, labels, opt.optimizer, opt.scaler, criterion, device, amp,
-                               opt.clip_grad_norm)
+                               opt.clip_grad_norm, keys)
         opt.after_step()
         n = len(labels)  # no host sync in the step: the totals stay on the device until read
         local[0] += loss.detach().double() * n
@@ -148,7 +152,7 @@ def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_clas
     k = min(5, num_classes)
     totals = torch.zeros(3 + 2 * num_classes, dtype=torch.float64, device=device)
     # loss sum, top-1 correct, top-k correct, then per-class correct and per-class total
-    for images, labels in progress(DeviceBatches(loader, device), dist, desc):
+    for images, labels, _ in progress(DeviceBatches(loader, device), dist, desc):
         with autocast(device, amp):
             out = logits(model(images))
         loss = nn.functional.cross_entropy(out.float(), labels, reduction="sum",

@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torchvision import models
 from torchvision.models.vision_transformer import interpolate_embeddings
 
+from fgic import drop
 from fgic import weights as weights_mod
 from fgic.errors import FgicError
 from fgic.syncbn import convert_sync_batchnorm
@@ -59,9 +60,10 @@ def construct(arch: str, crop: int | None = None) -> nn.Module:
     return models.get_model(arch, weights=None, **options(arch, crop))
 
 
-def build(arch: str, num_classes: int, weights: str, crop: int | None = None) -> nn.Module:
-    """torchvision's `arch` for crop x crop images (None: its default size) with --weights applied and every
-    1000-way ImageNet head replaced by a num_classes one."""
+def build(arch: str, num_classes: int, weights: str, crop: int | None = None, keyed_drop: bool = True) -> nn.Module:
+    """torchvision's `arch` for crop x crop images (None: its default size) with --weights applied, every 1000-way
+    ImageNet head replaced by a num_classes one, and stochastic depth and dropout keyed per sample (fgic.drop; not
+    with keyed_drop=False: torch's own, per process)."""
     check_arch(arch)
     model = construct(arch, crop)
     if weights.split(":")[0] == "imagenet":
@@ -70,6 +72,8 @@ def build(arch: str, num_classes: int, weights: str, crop: int | None = None) ->
     heads = replace_head(model, num_classes)
     if weights not in ("none",) and weights.split(":")[0] != "imagenet":
         load_file(model, weights, heads)
+    if keyed_drop:
+        drop.replace(model)
     return model
 
 

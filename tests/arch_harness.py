@@ -64,7 +64,8 @@ def train_two_steps(dist: Dist, arch: str, crop: int) -> dict:
     for _ in range(2):
         batch = augment.normalize(torch.randint(0, 256, (BATCH, 3, crop, crop), dtype=torch.uint8, generator=images))
         labels = torch.randint(0, CLASSES, (BATCH,), generator=images)
-        loss, out = engine.train_step(ddp, batch, labels, optimizer, scaler, criterion, cpu, "off")
+        keys = torch.randint(0, 2 ** 32, (BATCH,), generator=images)  # the samples' drop keys
+        loss, out = engine.train_step(ddp, batch, labels, optimizer, scaler, criterion, cpu, "off", keys=keys)
         assert out.shape == (BATCH, CLASSES), out.shape
         losses.append(loss.item())
     after = checksums(model)

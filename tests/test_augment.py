@@ -26,9 +26,9 @@ def item(v, pictures, epoch, index):
 def test_the_default_view_is_the_seed_recipes_crop_and_flip():
     pictures = images()
     for index in range(10):
-        got, label = item(views(augment.Extra()), pictures, 3, index)
+        got, label, key = item(views(augment.Extra()), pictures, 3, index)
         want = augment.crop_flip(pictures[index], augment.sample_params(7, 3, index, 20, 16, 2), 16, 2)
-        assert torch.equal(got, want) and label == index % 5
+        assert torch.equal(got, want) and label == index % 5 and key == augment.drop_key(7, 3, index)
 
 
 @pytest.mark.parametrize("policy", ["ta_wide", "ra", "augmix"])
@@ -76,7 +76,7 @@ def test_mix_applies_the_rows_exactly():
 
 
 def test_one_and_three_processes_see_the_same_mixed_batches(tiny_data):
-    """The global batch of 1 process equals the 3 ranks' batches interleaved, partners and rows included."""
+    """The global batch of 1 process equals the 3 ranks' batches interleaved, drop keys, partners and rows included."""
     spec = data.DataSpec(resize=36, crop=32, padding=4, seed=5, batch_size=6, workers=0, cache="off",
                          auto_augment="ta_wide", random_erase=0.5, mixup_alpha=0.2, cutmix_alpha=1.0)
     one = data.build(spec, tiny_data, 1, 0, False)[2]
@@ -84,12 +84,15 @@ def test_one_and_three_processes_see_the_same_mixed_batches(tiny_data):
     for loader in (one, *ranks):
         loader.sampler.set_epoch(1)
     cpu = torch.device("cpu")
-    for whole, *parts in zip(one, *ranks, strict=True):
-        assert len(whole) == 5 and whole[4].shape == (6, 6)
+    drops = [augment.drop_key(5, e, i) for e, i in one.sampler]
+    for n, (whole, *parts) in enumerate(zip(one, *ranks, strict=True)):
+        assert len(whole) == 6 and whole[5].shape == (6, 6)  # images, labels, drop keys, partners, their labels, rows
+        assert whole[2].tolist() == drops[6 * n:6 * n + 6]
         for i, t in enumerate(whole):
             assert torch.equal(t, torch.stack([p[i][j] for j in range(2) for p in parts]))
-        x, y = engine.inputs(one, whole, cpu)
+        x, y, keys = engine.inputs(one, whole, cpu)
         assert x.dtype == torch.float32 and y.shape == (6, 3) and torch.allclose(y.sum(1), torch.ones(6))
+        assert torch.equal(keys, whole[2])
 
 
 def test_the_sampler_keys_reach_the_views(tiny_data):

@@ -119,7 +119,7 @@ def test_cached_batches_chain_epochs_from_one_producer(jpgs, monkeypatch):
     batches.close()
     assert producers == ["fgic-cache-batches"]
     assert all(torch.equal(a, b) for got, want in zip(chained, expected, strict=False) for a, b in zip(got, want))
-    assert [int(p.sum()) for _, _, p in chained[:5]] != [int(p.sum()) for _, _, p in chained[5:10]]  # new draws
+    assert [int(p.sum()) for *_, p in chained[:5]] != [int(p.sum()) for *_, p in chained[5:10]]  # new draws
     assert (loader.sampler.epoch, loader.sampler.skip) == (7, 4)
     assert not any(t.name == "fgic-cache-batches" for t in threading.enumerate())  # close() stopped it
 

@@ -166,10 +166,10 @@ def test_cached_batches_equal_uncached_bitwise(ds, tmp_path, crop, padding):
         for loader in (cached[2], plain[2]):
             loader.sampler.set_epoch(epoch)
         for a, b in zip(cached[2], plain[2], strict=True):
-            (xa, ya), (xb, yb) = cached[2].dataset.to_device(a, cpu), plain[2].dataset.to_device(b, cpu)
+            (xa, ya, ka), (xb, yb, kb) = cached[2].dataset.to_device(a, cpu), plain[2].dataset.to_device(b, cpu)
             assert xa.dtype == torch.uint8 and xa.shape == (4, 3, crop, crop)
-            assert torch.equal(xa, xb) and torch.equal(ya, yb)
-            flips.update(a[2][:, 2].tolist())
+            assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ka, kb)
+            flips.update(a.params[:, 2].tolist())
             del a  # a cached batch's buffer is reused once the next ones are taken
     assert flips == {0, 1}  # both flips were exercised
     for a, b in zip(cached[3], plain[3], strict=True):  # test split: centre crops
@@ -189,7 +189,7 @@ def test_cached_batches_equal_uncached_with_the_augmentations(ds, tmp_path, extr
             loader.sampler.set_epoch(epoch)
         for a, b in zip(cached[2], plain[2], strict=True):
             a, b = cached[2].dataset.to_device(a, cpu), plain[2].dataset.to_device(b, cpu)
-            assert len(a) == (5 if "mixup_alpha" in extra else 2) and a[0].shape == (4, 3, 32, 32)
+            assert len(a) == (6 if "mixup_alpha" in extra else 3) and a[0].shape == (4, 3, 32, 32)
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 

@@ -71,8 +71,8 @@ def test_normalize_matches_torchvision():
 def test_dataset_items_follow_their_keys(tmp_path):
     root = make_tiny(tmp_path / "d", (3, 3), (2, 2))
     train = data.KeyedImageFolder(root / "train", True, 36, 32, 4, seed=1)
-    x, y = train[(0, 4)]
-    assert x.dtype == torch.uint8 and x.shape == (3, 32, 32) and y == 1
+    x, y, key = train[(0, 4)]
+    assert x.dtype == torch.uint8 and x.shape == (3, 32, 32) and y == 1 and key == augment.drop_key(1, 0, 4)
     assert torch.equal(x, train[(0, 4)][0])
     assert any(not torch.equal(x, train[(e, 4)][0]) for e in range(1, 6))  # a new epoch, a new crop/flip
     test = data.KeyedImageFolder(root / "test", False, 36, 32, 4, seed=1)

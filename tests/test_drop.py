@@ -5,9 +5,9 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.ops import StochasticDepth
 
-from fgic import drop
+from fgic import augment, drop
 
-KEYS = torch.tensor([drop.sample_key(2020, 0, i) for i in range(4000)])
+KEYS = torch.tensor([augment.drop_key(2020, 0, i) for i in range(4000)])
 
 
 def masks(layer: drop.KeyedDrop, keys: torch.Tensor, shape=(1,)) -> torch.Tensor:
@@ -45,7 +45,7 @@ def test_the_rate_and_the_scale_are_torchs(p):
 def test_layers_and_epochs_draw_apart():
     p = 0.5
     a, b = masks(drop.KeyedDrop(p, "row", 0), KEYS), masks(drop.KeyedDrop(p, "row", 1), KEYS)
-    later = masks(drop.KeyedDrop(p, "row", 0), torch.tensor([drop.sample_key(2020, 1, i) for i in range(len(KEYS))]))
+    later = masks(drop.KeyedDrop(p, "row", 0), torch.tensor([augment.drop_key(2020, 1, i) for i in range(len(KEYS))]))
     for other in (b, later):
         assert abs((a == other).float().mean().item() - (p * p + (1 - p) * (1 - p))) < 0.03  # as independent draws
 

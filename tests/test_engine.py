@@ -55,7 +55,8 @@ def test_evaluation_counts_each_class_exactly():
     correct, total = [0] * 7, [0] * 7
     with torch.inference_mode():
         for batch in loader:
-            images, labels = engine.inputs(loader, batch, torch.device("cpu"))
+            images, labels, keys = engine.inputs(loader, batch, torch.device("cpu"))
+            assert keys is None  # test batches
             for label, pred in zip(labels.tolist(), model(images).argmax(1).tolist()):
                 total[label] += 1
                 correct[label] += pred == label

@@ -49,14 +49,14 @@ def test_cached_gpu_batches_equal_the_cpu_path_bit_for_bit(tiny_data):
             train.sampler.set_epoch(epoch)
         batches = [list(engine.DeviceBatches(train, dev)) for (_, dev), (_, _, train, _) in loaders.items()]
         assert [len(b) for b in batches] == [4, 4, 4, 4]
-        for (x, y), *others in zip(*batches):
+        for (x, y, k), *others in zip(*batches):
             assert x.is_cuda and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
-            for x2, y2 in others:
-                assert torch.equal(x.cpu(), x2.cpu()) and torch.equal(y.cpu(), y2.cpu())
+            for x2, y2, k2 in others:
+                assert all(torch.equal(a.cpu(), b.cpu()) for a, b in ((x, x2), (y, y2), (k, k2)))
     tests = [list(engine.DeviceBatches(test, dev)) for (_, dev), (_, _, _, test) in loaders.items()]
     assert len(tests[0]) == 17  # 101 images in batches of 6
-    for (x, y), *others in zip(*tests, strict=True):
-        assert all(torch.equal(x.cpu(), x2.cpu()) and torch.equal(y.cpu(), y2.cpu()) for x2, y2 in others)
+    for (x, y, _), *others in zip(*tests, strict=True):
+        assert all(torch.equal(x.cpu(), x2.cpu()) and torch.equal(y.cpu(), y2.cpu()) for x2, y2, _ in others)
 
 
 def _count_syncs(fn):
