@@ -25,6 +25,11 @@ def tiny_args(**overrides) -> list[str]:
     return [x for k, v in opts.items() for x in (f"--{k}", str(v))] + ["--deterministic"]
 
 
+def max_difference(a: dict, b: dict) -> float:
+    """The largest absolute difference between two state_dicts' floating-point tensors."""
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
 def fgic_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_",
                                                                       "SLURM_", "TORCHELASTIC"))}

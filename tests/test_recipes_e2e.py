@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from tests.helpers import read_jsonl, run_fgic, tiny_args
+from tests.helpers import max_difference, read_jsonl, run_fgic, tiny_args
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
 
@@ -30,10 +30,6 @@ def runs(tiny_data, tmp_path_factory):
         assert res.returncode == 0, res.stdout + res.stderr
         out[key] = folder / "tiny" / NAME
     return out
-
-
-def max_difference(a: dict, b: dict) -> float:
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
 def test_every_flag_on_gives_one_result_on_1_2_3_processes(runs):
