@@ -13,6 +13,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
+from fgic.drop import M32, mix32
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Random erasing fills with the mean colour as uint8 (the host augments bytes), which normalises to within 0.006 of
@@ -122,8 +124,14 @@ def apply_policy(policy: v2.Transform, image: torch.Tensor, seed: int, epoch: in
 
 
 def drop_key(seed: int, epoch: int, index: int) -> int:
-    """The sample's 32-bit key for its stochastic depth and dropout masks in the epoch (see fgic.drop)."""
-    return int(np.random.default_rng((seed, epoch, index, DROP_STREAM)).integers(2 ** 32))
+    """The sample's 32-bit key for its stochastic depth and dropout masks in the epoch: fgic.drop's integer mix of
+    (seed, stream, epoch, index): 1.8 us a sample where numpy's seeded generator took 27 us (the cached loader makes
+    one for every training image). Distinct indices of an epoch get distinct keys: each step of the mix is a
+    bijection."""
+    key = mix32((seed ^ DROP_STREAM) & M32)
+    for part in (epoch, index):
+        key = mix32(key ^ (part & M32))
+    return key
 
 
 def mix_params(seed: int, epoch: int, index: int, n: int, crop: int, extra: Extra) -> tuple[int, torch.Tensor]:

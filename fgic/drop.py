@@ -21,8 +21,9 @@ MULT = 0x45D9F3B  # the multiplier of a well-studied 32-bit integer mix; below 2
 GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: spreads consecutive counters
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective mix of 32-bit values held in int64 (exact on every device: no float, no overflow)."""
+def mix32(x):
+    """A bijective mix of 32-bit values: Python ints, or int64 tensors (exact on every device: no float, no
+    overflow)."""
     x = ((x >> 16) ^ x) * MULT & M32
     x = ((x >> 16) ^ x) * MULT & M32
     return (x >> 16) ^ x
@@ -30,7 +31,7 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 def uniform(keys: torch.Tensor, layer: int, per_sample: int) -> torch.Tensor:
     """(len(keys), per_sample) float32 values in [0, 1) on a 2**-24 grid, each a function of (key, layer, column)."""
-    base = mix32(keys.to(torch.int64) ^ int(mix32(torch.tensor(layer))))
+    base = mix32(keys.to(torch.int64) ^ mix32(layer))
     column = torch.arange(per_sample, device=keys.device, dtype=torch.int64) * GOLDEN & M32
     return (mix32((base[:, None] + column) & M32) >> 8).to(torch.float32) * 2.0 ** -24
 
