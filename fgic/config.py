@@ -26,6 +26,8 @@ LATER = {
     "random_erase": 0.0,
     "mixup_alpha": 0.0,
     "cutmix_alpha": 0.0,
+    "stochastic_depth": None,  # None: the arch's own rate
+    "dropout": None,
 }
 # The reference recipe. Flags left unset take these values (or DEMO's, for -d demo).
 RECIPE = {
@@ -78,7 +80,8 @@ AMP_MODES = ("off", "fp16", "bf16")
 MEANING = ("dataset", "num_classes", "arch", "weights", "batch_size", "epochs", "lr", "momentum", "weight_decay",
            "label_smoothing", "resize", "crop", "padding", "seed", "amp", "recipe", "opt", "norm_weight_decay",
            "layer_decay", "lr_warmup_epochs", "lr_warmup_method", "lr_warmup_decay", "clip_grad_norm", "model_ema",
-           "model_ema_decay", "model_ema_steps", "auto_augment", "random_erase", "mixup_alpha", "cutmix_alpha")
+           "model_ema_decay", "model_ema_steps", "auto_augment", "random_erase", "mixup_alpha", "cutmix_alpha",
+           "stochastic_depth", "dropout")
 # The seed's -a took 0 (off), 1 (NVIDIA apex O1) and 2 (native fp16 AMP).
 _LEGACY_AMP = {"0": "off", "1": "fp16", "2": "fp16"}
 
@@ -123,6 +126,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--weights", metavar="imagenet|none|PATH",
                    help="imagenet (torchvision's, from the torch cache; imagenet:NAME picks e.g. IMAGENET1K_V2), "
                         "none, or a state_dict file (default imagenet)")
+    g.add_argument("--stochastic-depth", "--drop-path", type=float, metavar="P",
+                   help="stochastic depth rate of the deepest block (torchvision's stochastic_depth_prob; default: "
+                        "the arch's)")
+    g.add_argument("--dropout", "--drop", type=float, metavar="P", help="dropout rate (torchvision's dropout "
+                                                                         "argument; default: the arch's)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("-b", "--batch-size", type=int, help="GLOBAL batch, split evenly over the processes (default 64)")
@@ -206,7 +214,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 def check_recipe(args: argparse.Namespace) -> None:
     """The values of the optimisation and augmentation flags beyond the seed's."""
     ranges = (("--weight-decay", args.weight_decay, 0, None), ("--norm-weight-decay", args.norm_weight_decay, 0, None),
-              ("--random-erase", args.random_erase, 0, 1), ("--mixup-alpha", args.mixup_alpha, 0, None),
+              ("--random-erase", args.random_erase, 0, 1), ("--stochastic-depth", args.stochastic_depth, 0, 1),
+              ("--dropout", args.dropout, 0, 1), ("--mixup-alpha", args.mixup_alpha, 0, None),
               ("--cutmix-alpha", args.cutmix_alpha, 0, None), ("--lr-warmup-epochs", args.lr_warmup_epochs, 0, None))
     for flag, value, low, high in ranges:
         if value is not None and (value < low or (high is not None and value > high)):

@@ -106,7 +106,8 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
     # Model: same seed on every rank gives the same initial weights (DDP broadcasts rank 0's anyway).
     keyed = not os.environ.get("FGIC_TEST_TORCH_DROP")  # test hook: torch's per-process masks, to measure them
     model = dist.agree(lambda: models.build(args.arch, len(run.classes), args.weights, crop=args.crop,
-                                            keyed_drop=keyed))
+                                            keyed_drop=keyed, stochastic_depth=args.stochastic_depth,
+                                            dropout=args.dropout))
     model = models.sync_batchnorm(model, dist.device, dist.distributed, same_code=args.deterministic).to(dist.device)
     if dist.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torchvision import models
 from torchvision.models.vision_transformer import interpolate_embeddings
+from torchvision.ops import StochasticDepth
 
 from fgic import drop
 from fgic import weights as weights_mod
@@ -55,17 +56,50 @@ def options(arch: str, crop: int | None) -> dict:
     return {}
 
 
-def construct(arch: str, crop: int | None = None) -> nn.Module:
-    """torchvision's `arch`, freshly initialised, with fgic's constructor options (see `options`)."""
-    return models.get_model(arch, weights=None, **options(arch, crop))
+def construct(arch: str, crop: int | None = None, stochastic_depth: float | None = None,
+              dropout: float | None = None) -> nn.Module:
+    """torchvision's `arch`, freshly initialised, with fgic's constructor options (see `options`) and the
+    --stochastic-depth and --dropout rates (see `with_rates`)."""
+    opts = options(arch, crop)
+    if stochastic_depth is None and dropout is None:
+        return models.get_model(arch, weights=None, **opts)
+    return with_rates(arch, opts, stochastic_depth, dropout)
 
 
-def build(arch: str, num_classes: int, weights: str, crop: int | None = None, keyed_drop: bool = True) -> nn.Module:
+def with_rates(arch: str, opts: dict, stochastic_depth: float | None, dropout: float | None) -> nn.Module:
+    """`arch` built with torchvision's stochastic_depth_prob and dropout arguments. Swin's and MaxViT's builders fix
+    stochastic_depth_prob themselves: their StochasticDepth rates (a linear ramp whose deepest block carries the
+    arch's rate) are scaled to make the deepest P, which is what the argument would give. One line for an arch
+    without the layer (a ResNet, a ViT has no stochastic depth; ConvNeXt, MaxViT no nn.Dropout argument)."""
+    given = {k: v for k, v in (("stochastic_depth_prob", stochastic_depth), ("dropout", dropout)) if v is not None}
+    rescale = None
+    try:
+        model = models.get_model(arch, weights=None, **opts, **given)
+    except TypeError as exc:
+        if "multiple values for keyword argument 'stochastic_depth_prob'" not in str(exc):
+            flag = "--dropout" if "'dropout'" in str(exc) else "--stochastic-depth"
+            raise FgicError(f"{flag}: torchvision's {arch} has no such rate; leave {flag} out") from None
+        rescale = given.pop("stochastic_depth_prob")
+        model = models.get_model(arch, weights=None, **opts, **given)
+    depth = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+    if stochastic_depth is not None and not depth:  # a builder that takes and ignores the argument (MobileNetV3)
+        raise FgicError(f"--stochastic-depth: torchvision's {arch} has no stochastic depth; leave it out")
+    if dropout is not None and not any(type(m) is nn.Dropout and m.p == dropout for m in model.modules()):
+        raise FgicError(f"--dropout: torchvision's {arch} has no dropout rate to set; leave it out")
+    if rescale is not None:
+        deepest = max(m.p for m in depth)  # above 0 in every torchvision arch that has the layer
+        for m in depth:
+            m.p = m.p * rescale / deepest
+    return model
+
+
+def build(arch: str, num_classes: int, weights: str, crop: int | None = None, keyed_drop: bool = True,
+          stochastic_depth: float | None = None, dropout: float | None = None) -> nn.Module:
     """torchvision's `arch` for crop x crop images (None: its default size) with --weights applied, every 1000-way
-    ImageNet head replaced by a num_classes one, and stochastic depth and dropout keyed per sample (fgic.drop; not
-    with keyed_drop=False: torch's own, per process)."""
+    ImageNet head replaced by a num_classes one, the rates of stochastic depth and dropout given (None: the arch's),
+    both keyed per sample (fgic.drop; not with keyed_drop=False: torch's own, per process)."""
     check_arch(arch)
-    model = construct(arch, crop)
+    model = construct(arch, crop, stochastic_depth, dropout)
     if weights.split(":")[0] == "imagenet":
         state = fit_to_model(model, weights_mod.load_imagenet(arch, weights), f"{arch}'s ImageNet weights")
         model.load_state_dict(state)

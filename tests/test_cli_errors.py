@@ -51,6 +51,8 @@ CASES = [  # (case, extra flags, what the one line must say)
     ("output_dir_is_a_file", ["--output-dir", "/dev/null"], "--output-dir: cannot write the run folder /dev/null/"),
     ("cache_dir_is_a_file", ["--cache", "on", "--cache-dir", "/dev/null"], "--cache-dir /dev/null: cannot create it"),
     ("repeated_gpu_id", ["-g", "0,1,0"], "-g/--gpu 0,1,0: give each GPU id once"),
+    ("rate_the_arch_lacks", ["--stochastic-depth", "0.1"], "--stochastic-depth: torchvision's resnet18 has no such"),
+    ("rate_out_of_range", ["--dropout", "1.5"], "--dropout 1.5: must be in [0, 1"),
 ]
 if not torch.cuda.is_available():
     CASES += [("no_cuda", ["--device", "cuda"], "--device cuda: no CUDA GPU"),

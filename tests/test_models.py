@@ -3,6 +3,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 from torchvision.models.vision_transformer import interpolate_embeddings
+from torchvision.ops import StochasticDepth
 
 from fgic import models, weights
 from fgic.errors import FgicError
@@ -170,6 +171,41 @@ def test_weights_file_whole_model_or_backbone(tmp_path):
     torch.save(tvm.resnet34(weights=None).state_dict(), tmp_path / "other.pt")
     with pytest.raises(FgicError, match="other.pt: does not fit --arch ResNet"):
         models.build("resnet18", 5, str(tmp_path / "other.pt"))
+
+
+def test_a_vit_file_of_another_width_is_refused_in_one_line(tmp_path):
+    torch.save(tvm.vit_b_32(weights=None).state_dict(), tmp_path / "vit_b.pt")  # 768 wide, 224 px
+    with pytest.raises(FgicError, match=r"vit_b\.pt: class_token has shape \(1, 1, 768\), VisionTransformer "
+                                        r"needs \(1, 1, 1024\); is it a different --arch\?"):
+        models.build("vit_l_32", 5, str(tmp_path / "vit_b.pt"), crop=64)
+
+
+def rates(model: nn.Module) -> tuple[list[float], list[float]]:
+    return ([m.p for m in model.modules() if isinstance(m, StochasticDepth)],
+            sorted({m.p for m in model.modules() if type(m) is nn.Dropout}))
+
+
+@pytest.mark.parametrize("arch", ["convnext_tiny", "efficientnet_b0", "swin_t", "maxvit_t"])
+def test_stochastic_depth_sets_the_rate_as_torchvision_s_argument_would(arch):
+    with torch.device("meta"):
+        default = rates(models.construct(arch, 224))[0]
+        ours = rates(models.construct(arch, 224, stochastic_depth=0.5))[0]
+    # the archs' own rates: ConvNeXt-T 0.1, the others 0.2. ConvNeXt's and EfficientNet's builders take the argument,
+    # Swin's and MaxViT's fix it: fgic scales their layers'
+    factor = 0.5 / {"convnext_tiny": 0.1}.get(arch, 0.2)
+    assert ours == pytest.approx([p * factor for p in default], abs=1e-6) and max(ours) <= 0.5 + 1e-9
+    assert arch == "efficientnet_b0" or max(ours) == pytest.approx(0.5)  # the deepest block's rate
+
+
+def test_dropout_sets_the_rate_and_archs_without_a_rate_are_refused():
+    with torch.device("meta"):
+        assert rates(models.construct("vit_b_16", 224, dropout=0.1))[1] == [0.1]
+        assert rates(models.construct("efficientnet_b0", 224, dropout=0.3, stochastic_depth=0.1))[1] == [0.3]
+        for arch, flag, rate in (("vit_b_16", "stochastic_depth", 0.1), ("resnet18", "stochastic_depth", 0.1),
+                                 ("mobilenet_v3_small", "stochastic_depth", 0.1), ("convnext_tiny", "dropout", 0.1),
+                                 ("maxvit_t", "dropout", 0.1)):
+            with pytest.raises(FgicError, match=f"--{flag.replace('_', '-')}: torchvision's {arch} has no"):
+                models.construct(arch, 224, **{flag: rate})
 
 
 def test_pickled_code_is_refused_and_not_run(tmp_path):
