@@ -1,0 +1,124 @@
+"""The backbone families of issue 14 trained end to end on the CPU, shared by their test files (one file per group,
+so that pytest-xdist's --dist loadfile runs the groups on different workers): each family's smallest member at a
+small crop, 1 and 2 processes, the rounding-only control (tests.rounding_control), torch's per-process masks, and a
+2-process run stopped mid-epoch by a signal to every process, then resumed."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fgic import drop, models
+from fgic.config import get_args_parser
+from fgic.demo import make_tiny
+from tests.helpers import REPO, fgic_env, max_difference, popen, read_jsonl, run_fgic, same_result, tiny_args, workers
+
+# family: (smallest torchvision member, the smallest crop its structure takes near 64, flags). torchvision builds its
+# ViTs without dropout and stochastic depth: --dropout 0.1 gives one keyed layer per block (and RegNets have none).
+FAMILIES = {
+    "vit": ("vit_b_32", 64, ["--dropout", "0.1"]),
+    "swin": ("swin_t", 64, []),
+    "maxvit": ("maxvit_t", 224, []),  # each of its 4 stages' grid must divide by its partition size 7: 224 = 7 x 32
+    "convnext": ("convnext_tiny", 64, []),
+    "efficientnet_v2": ("efficientnet_v2_s", 64, []),
+    "regnet": ("regnet_y_400mf", 64, []),
+}
+# lr raised so that 4 steps of SGD move the weights; the seed's rule would give 0.0047 for the batch of 12
+LR = "0.05"
+# The resume test sleeps STEP_SLEEP_S at each stop check (signals.StopRequest: after every step and at the epoch's
+# end) and sends its signal INSIDE_S after epoch 1's checkpoint appears: past that epoch's last saves and end-of-epoch
+# check (its sleep included), inside the sleep after epoch 2's first step (these models' steps take under 1 s)
+STEP_SLEEP_S, INSIDE_S = 2.0, 3.0
+
+
+def make_data(root: Path) -> Path:
+    """24 training images (2 steps of the global batch of 12), 12 test images (a short exact evaluation)."""
+    return make_tiny(root, (8, 8, 8), (4, 4, 4))
+
+
+class FamilyRuns:
+    """A family's runs, each made on first use: w1, w2 (1 and 2 processes), control (1 process, batches reversed),
+    torch_masks (2 processes, torch's own stochastic depth and dropout)."""
+
+    def __init__(self, family: str, data: Path, tmp: Path):
+        self.arch, self.crop, self.extra = FAMILIES[family]
+        crop = self.crop
+        self.data, self.tmp = data, tmp
+        self.args = ["-d", str(data), *tiny_args(crop=crop, resize=crop + crop // 8, epochs=2), "--arch", self.arch,
+                     "--lr", LR, *self.extra]
+        self.folders: dict[str, Path] = {}
+
+    def run(self, key: str) -> Path:
+        if key not in self.folders:
+            out = self.tmp / key
+            args = [*self.args, "--output-dir", str(out)]
+            if key == "control":
+                res = subprocess.run([sys.executable, "-m", "tests.rounding_control", *args], cwd=REPO,
+                                     env=fgic_env(), capture_output=True, text=True, timeout=900)
+            else:
+                env = {"FGIC_TEST_TORCH_DROP": "1"} if key == "torch_masks" else {}
+                res = run_fgic(args, nproc=1 if key == "w1" else 2, timeout=900, **env)
+            assert res.returncode == 0, res.stdout + res.stderr
+            self.folders[key] = self.folder(out)
+        return self.folders[key]
+
+    def folder(self, out: Path) -> Path:
+        return out / self.data.name / f"{self.arch}-off-s2020"
+
+    def weights(self, key: str) -> dict:
+        return torch.load(self.run(key) / "checkpoint.pt", weights_only=True)["model"]
+
+
+def has_masks(arch: str, crop: int, extra: list[str]) -> bool:
+    """Whether fgic's build of the arch (with the family's flags) has stochastic depth or dropout at a rate above 0."""
+    config = get_args_parser().parse_args(["-d", "x", *extra])
+    model = models.build(arch, 3, "none", crop=crop, stochastic_depth=config.stochastic_depth, dropout=config.dropout)
+    return any(isinstance(m, drop.KeyedDrop) and m.p > 0 for m in model.modules())
+
+
+def check_one_result(runs: FamilyRuns) -> None:
+    """1 and 2 processes agree up to float rounding (within 10x the rounding control) and evaluate the same images
+    to the same counts; torch's per-process masks (where the family has any) move the result far more."""
+    masks = has_masks(runs.arch, runs.crop, runs.extra)
+    w1 = runs.weights("w1")
+    control = max_difference(runs.weights("control"), w1)
+    two = max_difference(runs.weights("w2"), w1)
+    figures = f"{runs.arch}, max abs weight difference from 1 process after 4 steps: rounding control {control:.3g}, " \
+              f"2 processes {two:.3g}"
+    per_process = max_difference(runs.weights("torch_masks"), w1) if masks else None
+    if masks:
+        figures += f", 2 processes with torch's per-process masks {per_process:.3g}"
+    print(figures)
+    assert control > 0  # the control measures rounding (were it 0, the bound below would demand bitwise)
+    assert two <= 10 * control, (two, control)
+    if masks:
+        assert per_process > 10 * max(two, control), (per_process, two, control)
+    m1, m2 = (read_jsonl(runs.run(k) / "metrics.jsonl") for k in ("w1", "w2"))
+    assert [r["test_total"] for r in m2] == [r["test_total"] for r in m1] == [12, 12]
+    assert [r["test_correct"] for r in m2] == [r["test_correct"] for r in m1]
+
+
+def check_resume(runs: FamilyRuns, out: Path) -> None:
+    """2 processes, SIGUSR2 to both (as Slurm signals a step's processes) in epoch 2: stopped at its first step's
+    boundary, then the same command ends bitwise as the uninterrupted 2-process run."""
+    args = [*runs.args, "--output-dir", str(out)]
+    run = runs.folder(out)
+    proc = popen(args, 2, FGIC_TEST_STEP_SLEEP_S=str(STEP_SLEEP_S))
+    pids = workers(proc, 2)
+    deadline = time.time() + 900
+    while not (run / "checkpoint.pt").is_file():  # epoch 1's
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(INSIDE_S)
+    for pid in pids:
+        subprocess.run(["kill", "-USR2", str(pid)], check=True)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode != 0 and "stopped by SIGUSR2" in err, err
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 1), (ckpt["epoch"], ckpt["step"])  # mid-epoch: 1 of 2 steps
+    res = run_fgic(args, nproc=2, timeout=900)
+    assert res.returncode == 0 and "at epoch 2, step 1" in res.stdout, res.stdout + res.stderr
+    same_result(run, runs.run("w2"))
