@@ -24,10 +24,13 @@ FAMILIES = {
     "maxvit": ("maxvit_t", 224, []),  # each of its 4 stages' grid must divide by its partition size 7: 224 = 7 x 32
     "convnext": ("convnext_tiny", 64, []),
     "efficientnet_v2": ("efficientnet_v2_s", 64, []),
+    # RegNet's absolute differences are large here, the control's too (54.7 at lr 0.05, 1.1 at lr 0.005 and 128 px,
+    # where the 1 vs 2 counts then differ): a relative measure for it is still to come
     "regnet": ("regnet_y_400mf", 64, []),
 }
-# lr raised so that 4 steps of SGD move the weights; the seed's rule would give 0.0047 for the batch of 12
-LR = "0.05"
+# lr raised so that 4 steps of SGD move the weights (the seed's rule would give 0.0023 for the batch of 6); half the
+# tiny runs' batch of 12 halves these runs' time (MaxViT at 224 px: 146 s a run at 12)
+LR, BATCH = "0.05", 6
 # The resume test sleeps STEP_SLEEP_S at each stop check (signals.StopRequest: after every step and at the epoch's
 # end) and sends its signal INSIDE_S after epoch 1's checkpoint appears: past that epoch's last saves and end-of-epoch
 # check (its sleep included), inside the sleep after epoch 2's first step (these models' steps take under 1 s)
@@ -35,8 +38,8 @@ STEP_SLEEP_S, INSIDE_S = 2.0, 3.0
 
 
 def make_data(root: Path) -> Path:
-    """24 training images (2 steps of the global batch of 12), 12 test images (a short exact evaluation)."""
-    return make_tiny(root, (8, 8, 8), (4, 4, 4))
+    """12 training images (2 steps of the global batch of 6), 6 test images (a short exact evaluation)."""
+    return make_tiny(root, (4, 4, 4), (2, 2, 2))
 
 
 class FamilyRuns:
@@ -47,8 +50,8 @@ class FamilyRuns:
         self.arch, self.crop, self.extra = FAMILIES[family]
         crop = self.crop
         self.data, self.tmp = data, tmp
-        self.args = ["-d", str(data), *tiny_args(crop=crop, resize=crop + crop // 8, epochs=2), "--arch", self.arch,
-                     "--lr", LR, *self.extra]
+        sizes = tiny_args(crop=crop, resize=crop + crop // 8, epochs=2, batch_size=BATCH)
+        self.args = ["-d", str(data), *sizes, "--arch", self.arch, "--lr", LR, *self.extra]
         self.folders: dict[str, Path] = {}
 
     def run(self, key: str) -> Path:
@@ -97,7 +100,7 @@ def check_one_result(runs: FamilyRuns) -> None:
     if masks:
         assert per_process > 10 * max(two, control), (per_process, two, control)
     m1, m2 = (read_jsonl(runs.run(k) / "metrics.jsonl") for k in ("w1", "w2"))
-    assert [r["test_total"] for r in m2] == [r["test_total"] for r in m1] == [12, 12]
+    assert [r["test_total"] for r in m2] == [r["test_total"] for r in m1] == [6, 6]
     assert [r["test_correct"] for r in m2] == [r["test_correct"] for r in m1]
 
 
