@@ -5,7 +5,6 @@ small crop, 1 and 2 processes, the rounding-only control (tests.rounding_control
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from fgic import drop, models
 from fgic.config import get_args_parser
 from fgic.demo import make_tiny
-from tests.helpers import REPO, fgic_env, max_difference, popen, read_jsonl, run_fgic, same_result, tiny_args, workers
+from tests.helpers import max_difference, popen, read_jsonl, run_fgic, same_result, tiny_args, workers
 
 # family: (smallest torchvision member, the smallest crop its structure takes near 64, flags). torchvision builds its
 # ViTs without dropout and stochastic depth: --dropout 0.1 gives one keyed layer per block (and RegNets have none).
@@ -48,9 +47,8 @@ class FamilyRuns:
 
     def __init__(self, family: str, data: Path, tmp: Path):
         self.arch, self.crop, self.extra = FAMILIES[family]
-        crop = self.crop
         self.data, self.tmp = data, tmp
-        sizes = tiny_args(crop=crop, resize=crop + crop // 8, epochs=2, batch_size=BATCH)
+        sizes = tiny_args(crop=self.crop, resize=self.crop + self.crop // 8, epochs=2, batch_size=BATCH)
         self.args = ["-d", str(data), *sizes, "--arch", self.arch, "--lr", LR, *self.extra]
         self.folders: dict[str, Path] = {}
 
@@ -59,8 +57,7 @@ class FamilyRuns:
             out = self.tmp / key
             args = [*self.args, "--output-dir", str(out)]
             if key == "control":
-                res = subprocess.run([sys.executable, "-m", "tests.rounding_control", *args], cwd=REPO,
-                                     env=fgic_env(), capture_output=True, text=True, timeout=900)
+                res = run_fgic(args, timeout=900, program=("-m", "tests.rounding_control"))
             else:
                 env = {"FGIC_TEST_TORCH_DROP": "1"} if key == "torch_masks" else {}
                 res = run_fgic(args, nproc=1 if key == "w1" else 2, timeout=900, **env)

@@ -37,10 +37,12 @@ def fgic_env(**extra) -> dict:
     return env
 
 
-def run_fgic(args: list[str], nproc: int = 1, timeout: int = 600, **env) -> subprocess.CompletedProcess:
-    """`python -m fgic.ddp ARGS` (nproc 1) or `torchrun --standalone --nproc_per_node=N -m fgic.ddp ARGS`."""
-    return subprocess.run(cluster.command(args, nproc), cwd=REPO, env=fgic_env(**env), capture_output=True, text=True,
-                          timeout=timeout)
+def run_fgic(args: list[str], nproc: int = 1, timeout: int = 600, program: tuple[str, ...] = cluster.FGIC_DDP,
+             **env) -> subprocess.CompletedProcess:
+    """`python -m fgic.ddp ARGS` (nproc 1) or `torchrun --standalone --nproc_per_node=N -m fgic.ddp ARGS` (or another
+    `program`, e.g. ("-m", "tests.rounding_control"))."""
+    return subprocess.run(cluster.command(args, nproc, program=program), cwd=REPO, env=fgic_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def read_jsonl(path: Path) -> list[dict]:
