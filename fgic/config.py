@@ -122,15 +122,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                                       "or fgic-cache-UID in $TMPDIR or /tmp)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--arch", help="any torchvision classification model (default resnet50)")
+    g.add_argument("--arch", help="any torchvision classification model, or timm:NAME with timm installed (default "
+                                  "resnet50)")
     g.add_argument("--weights", metavar="imagenet|none|PATH",
-                   help="imagenet (torchvision's, from the torch cache; imagenet:NAME picks e.g. IMAGENET1K_V2), "
-                        "none, or a state_dict file (default imagenet)")
+                   help="imagenet (torchvision's, from the torch cache; imagenet:NAME picks e.g. IMAGENET1K_V2; for "
+                        "timm: the default tag from the Hugging Face cache, imagenet:TAG another), none, or a "
+                        "state_dict file (default imagenet)")
     g.add_argument("--stochastic-depth", "--drop-path", type=float, metavar="P",
-                   help="stochastic depth rate of the deepest block (torchvision's stochastic_depth_prob; default: "
-                        "the arch's)")
-    g.add_argument("--dropout", "--drop", type=float, metavar="P", help="dropout rate (torchvision's dropout "
-                                                                         "argument; default: the arch's)")
+                   help="stochastic depth rate of the deepest block (torchvision's stochastic_depth_prob, timm's "
+                        "drop_path_rate; default: the arch's)")
+    g.add_argument("--dropout", "--drop", type=float, metavar="P", help="dropout rate (torchvision's dropout, "
+                                                                         "timm's drop_rate; default: the arch's)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("-b", "--batch-size", type=int, help="GLOBAL batch, split evenly over the processes (default 64)")
@@ -267,7 +269,7 @@ def run_name(args: argparse.Namespace) -> str:
     """The run folder's name: stable across restarts so that --resume auto finds it (arch, amp, the recipe unless
     the seed's, seed, note)."""
     recipe = "" if args.recipe == "seed" else f"-{args.recipe}"
-    name = f"{args.arch}-{args.amp}{recipe}-s{args.seed}"
+    name = f"{args.arch.replace(':', '-')}-{args.amp}{recipe}-s{args.seed}"  # timm:NAME: no colon in a path
     return f"{name}-{args.note}" if args.note else name
 
 

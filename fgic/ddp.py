@@ -242,7 +242,7 @@ def load_ema(opt: optim.Optimization, ckpt: dict, path: Path) -> None:
 
 def evaluate_only(run: Run, dist: Dist, model, test_loader, criterion, log: RunLog, ckpt_path) -> int:
     args = run.args
-    if ckpt_path is None and args.weights in ("imagenet", "none"):
+    if ckpt_path is None and (args.weights == "none" or args.weights.split(":")[0] == "imagenet"):
         raise FgicError("--eval-only needs --resume PATH or --weights PATH (a trained model)")
     result = engine.evaluate(model, test_loader, criterion, dist, args.amp, len(run.classes))
     per_class = {c: 100.0 * k / n if n else None

@@ -2,9 +2,9 @@
 augmentation: 1 process and N draw the same masks for a sample, and a resumed run the ones the uninterrupted run drew.
 torch's own draw from each process's generator, in batch order, so they depend on the layout and on the RNG state.
 
-`replace(model)` swaps torchvision's StochasticDepth ("row" mode) and nn.Dropout for KeyedDrop at build time; the
-training step hands each batch's sample keys (augment.drop_key, carried by the batch) to them with `keyed(model,
-keys)`.
+`replace(model)` swaps torchvision's StochasticDepth ("row" mode), timm's DropPath and nn.Dropout for KeyedDrop at
+build time; the training step hands each batch's sample keys (augment.drop_key, carried by the batch) to them with
+`keyed(model, keys)`.
 
 The mask of a sample comes from a counter-based integer hash, not a generator: integer arithmetic gives the same bits
 on the CPU and on a GPU, for any batch composition, and costs a few elementwise ops."""
@@ -62,14 +62,19 @@ class KeyedDrop(nn.Module):
 
 
 def replace(model: nn.Module) -> int:
-    """Swap every StochasticDepth and nn.Dropout of `model` for a KeyedDrop of its rate, numbered in module order;
-    returns how many. A StochasticDepth in "batch" mode (one draw for a whole batch: no sample owns it) is refused."""
+    """Swap every StochasticDepth, timm DropPath (matched by name: timm is optional) and nn.Dropout of `model` for a
+    KeyedDrop of its rate, numbered in module order; returns how many. A StochasticDepth in "batch" mode (one draw
+    for a whole batch: no sample owns it) is refused."""
     layer = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, StochasticDepth):
             if module.mode != "row":
                 raise ValueError(f"{name}: StochasticDepth in {module.mode!r} mode has no per-sample mask")
             new = KeyedDrop(module.p, "row", layer)
+        elif type(module).__name__ == "DropPath" and type(module).__module__.startswith("timm."):
+            if not module.scale_by_keep:
+                raise ValueError(f"{name}: DropPath with scale_by_keep=False; KeyedDrop scales what it keeps")
+            new = KeyedDrop(module.drop_prob, "row", layer)
         elif type(module) is nn.Dropout:
             new = KeyedDrop(module.p, "element", layer)
         else:

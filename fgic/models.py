@@ -1,5 +1,5 @@
-"""Models: a torchvision classifier by name, built for the crop size, its head replaced for the dataset, its weights,
-its BatchNorm synchronised."""
+"""Models: a torchvision classifier by name (or timm's, fgic.timm_models), built for the crop size, its head replaced
+for the dataset, its weights, its BatchNorm synchronised."""
 from __future__ import annotations
 
 import difflib
@@ -14,7 +14,7 @@ from torchvision import models
 from torchvision.models.vision_transformer import interpolate_embeddings
 from torchvision.ops import StochasticDepth
 
-from fgic import drop
+from fgic import drop, timm_models
 from fgic import weights as weights_mod
 from fgic.errors import FgicError
 from fgic.syncbn import convert_sync_batchnorm
@@ -32,6 +32,8 @@ MORE_S, MAX_S = 1.0, 20.0
 
 
 def check_arch(arch: str) -> None:
+    if timm_models.is_timm(arch):
+        return timm_models.check_arch(arch)
     names = models.list_models(module=models)
     if arch not in names:
         close = difflib.get_close_matches(arch, names, n=3)
@@ -59,7 +61,9 @@ def options(arch: str, crop: int | None) -> dict:
 def construct(arch: str, crop: int | None = None, stochastic_depth: float | None = None,
               dropout: float | None = None) -> nn.Module:
     """torchvision's `arch`, freshly initialised, with fgic's constructor options (see `options`) and the
-    --stochastic-depth and --dropout rates (see `with_rates`)."""
+    --stochastic-depth and --dropout rates (see `with_rates`); or timm's (`--arch timm:NAME`)."""
+    if timm_models.is_timm(arch):
+        return timm_models.construct(arch, crop, stochastic_depth, dropout)
     opts = options(arch, crop)
     if stochastic_depth is None and dropout is None:
         return models.get_model(arch, weights=None, **opts)
@@ -99,11 +103,14 @@ def build(arch: str, num_classes: int, weights: str, crop: int | None = None, ke
     ImageNet head replaced by a num_classes one, the rates of stochastic depth and dropout given (None: the arch's),
     both keyed per sample (fgic.drop; not with keyed_drop=False: torch's own, per process)."""
     check_arch(arch)
-    model = construct(arch, crop, stochastic_depth, dropout)
-    if weights.split(":")[0] == "imagenet":
-        state = fit_to_model(model, weights_mod.load_imagenet(arch, weights), f"{arch}'s ImageNet weights")
-        model.load_state_dict(state)
-    heads = replace_head(model, num_classes)
+    if timm_models.is_timm(arch):
+        model, heads = timm_models.build(arch, num_classes, weights, crop, stochastic_depth, dropout)
+    else:
+        model = construct(arch, crop, stochastic_depth, dropout)
+        if weights.split(":")[0] == "imagenet":
+            state = fit_to_model(model, weights_mod.load_imagenet(arch, weights), f"{arch}'s ImageNet weights")
+            model.load_state_dict(state)
+        heads = replace_head(model, num_classes)
     if weights not in ("none",) and weights.split(":")[0] != "imagenet":
         load_file(model, weights, heads)
     if keyed_drop:

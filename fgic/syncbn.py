@@ -7,6 +7,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fgic.errors import FgicError
+
 
 class _AllReduceSum(torch.autograd.Function):
     """Differentiable all-reduce(SUM).
@@ -114,20 +116,52 @@ class AllReduceBatchNorm(_BatchNorm):
         return out.to(input.dtype)
 
 
+class AllReduceBatchNormAct(AllReduceBatchNorm):
+    """AllReduceBatchNorm, then the dropout and activation of timm's BatchNormAct2d (its children `drop` and `act`,
+    which the conversion carries over): timm's EfficientNets and NFNets norm and activate in one module, and a plain
+    BatchNorm in its place would silently drop the activation."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(input)))
+
+
+TORCH_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def norm_act(module: nn.Module) -> bool:
+    """Whether a BatchNorm subclass is timm's norm + activation kind (BatchNormAct2d: `drop` and `act` after it)."""
+    return type(module) not in TORCH_BATCHNORMS and hasattr(module, "act") and hasattr(module, "drop")
+
+
 def convert_sync_batchnorm(module: nn.Module, device_type: str, process_group=None) -> nn.Module:
     """Make every BatchNorm in ``module`` synchronize its batch statistics across ranks.
 
-    ``device_type == "cuda"`` uses ``nn.SyncBatchNorm``; any other device type gets
-    ``AllReduceBatchNorm``. Parameters and buffers are shared with the originals and
-    train/eval mode is kept. Like torch's converter, children are replaced in place and
-    the (possibly new) root module is returned.
+    ``device_type == "cuda"`` uses ``nn.SyncBatchNorm`` (timm's converter where timm's BatchNormAct2d is in the
+    model); any other device type gets ``AllReduceBatchNorm`` (``AllReduceBatchNormAct``). Parameters and buffers
+    are shared with the originals and train/eval mode is kept. Like torch's converter, children are replaced in
+    place and the (possibly new) root module is returned.
     """
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and not isinstance(m, AllReduceBatchNorm)]
+    unknown = [type(m).__name__ for m in norms if type(m) not in TORCH_BATCHNORMS and not norm_act(m)]
+    if unknown:  # a subclass's own forward would be lost
+        raise FgicError(f"{unknown[0]}: a BatchNorm subclass fgic cannot synchronise across processes; train it on "
+                        f"one process or pick another --arch")
+    if device_type == "cuda" and any(map(norm_act, norms)):
+        # timm's modules come from a model timm built, so timm is installed; its converter keeps their activations
+        from timm.layers import convert_sync_batchnorm as timm_convert  # noqa: PLC0415
+        return timm_convert(module, process_group)
     if device_type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    return all_reduce_norms(module, process_group)
+
+
+def all_reduce_norms(module: nn.Module, process_group=None) -> nn.Module:
+    """The CPU (any backend) conversion of convert_sync_batchnorm."""
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, AllReduceBatchNorm):
-        out = AllReduceBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                 module.track_running_stats, process_group)
+        kind = AllReduceBatchNormAct if norm_act(module) else AllReduceBatchNorm
+        out = kind(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                   process_group)
         # Share the tensors themselves (requires_grad, device and dtype come along).
         for name in ("weight", "bias"):
             setattr(out, name, getattr(module, name))
@@ -135,5 +169,5 @@ def convert_sync_batchnorm(module: nn.Module, device_type: str, process_group=No
             setattr(out, name, getattr(module, name))
         out.train(module.training)
     for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, device_type, process_group))
+        out.add_module(name, all_reduce_norms(child, process_group))
     return out

@@ -1,5 +1,6 @@
 """Pretrained weights: torchvision's ImageNet weights through the local torch cache, state_dict files, and
-`python -m fgic.weights fetch ARCH...` to fill the cache on a machine with internet."""
+`python -m fgic.weights fetch ARCH...` to fill the cache on a machine with internet (timm:NAME[.TAG] too: the
+Hugging Face cache, see fgic.timm_models)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,7 @@ from urllib.parse import urlparse
 import torch
 from torchvision import models
 
+from fgic import timm_models
 from fgic.errors import FgicError, run_cli
 
 DOWNLOAD_TIMEOUT_S = 30
@@ -102,9 +104,11 @@ def safe_load(path: str | os.PathLike, flag: str):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser("fgic.weights", description="Fill the torch cache with torchvision's ImageNet weights "
-                                                            "so that offline training nodes find them.")
+                                                            "(the Hugging Face cache with timm's, for ARCH "
+                                                            "timm:NAME[.TAG]) so that offline training nodes find "
+                                                            "them.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fetch", help="download the weights of each ARCH into the torch cache")
+    f = sub.add_parser("fetch", help="download the weights of each ARCH into the cache")
     f.add_argument("arch", nargs="+")
     f.add_argument("--weights", default="imagenet", help="imagenet (IMAGENET1K_V1 where there is one) or imagenet:NAME")
     w = sub.add_parser("path", help="print where the weights of each ARCH are (or would be) cached")
@@ -112,7 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--weights", default="imagenet")
     args = p.parse_args(argv)
     for arch in args.arch:
-        if args.cmd == "fetch":
+        if timm_models.is_timm(arch):
+            name, _, tag = arch.partition(".")
+            spec = f"imagenet:{tag}" if tag else args.weights
+            timm_models.check_arch(name)
+            if args.cmd == "fetch":
+                print(f"{arch}: {timm_models.fetch(name, spec)}")
+            else:
+                path, where = timm_models.cache_path(name, spec)
+                print(f"{arch}: {path or where} ({'present' if path else 'missing'})")
+        elif args.cmd == "fetch":
             print(f"{arch}: {fetch(arch, args.weights)}")
         else:
             path = cache_file(imagenet_weights(arch, args.weights))

@@ -4,7 +4,10 @@ small crop, 1 and 2 processes, the rounding-only control (tests.rounding_control
 2-process run stopped mid-epoch by a signal to every process, then resumed."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +29,12 @@ FAMILIES = {
     # RegNet's absolute differences are large here, the control's too (54.7 at lr 0.05, 1.1 at lr 0.005 and 128 px,
     # where the 1 vs 2 counts then differ): a relative measure for it is still to come
     "regnet": ("regnet_y_400mf", 64, []),
+    # small CNN and ViT configurations of timm (0.2M and 0.3M parameters) with its DropPath and dropout: test_byobnet
+    # norms and activates in one module (BatchNormAct2d, see fgic.syncbn) and runs its 3 DropPaths (test_efficientnet
+    # has 4, on blocks without a skip, which never call them), at 0.3: at 0.1 few of its 12 x 3 draws drop, and torch's
+    # masks moved it 8.7e-4 against a control of 8.2e-5 (0.3: 1.5e-3 against 6e-7); test_vit is built for the crop
+    "timm_cnn": ("timm:test_byobnet", 64, ["--drop-path", "0.3"]),
+    "timm_vit": ("timm:test_vit", 64, ["--drop-path", "0.1", "--dropout", "0.1"]),
 }
 # lr raised so that 4 steps of SGD move the weights (the seed's rule would give 0.0023 for the batch of 6); half the
 # tiny runs' batch of 12 halves these runs' time (MaxViT at 224 px: 146 s a run at 12)
@@ -36,6 +45,16 @@ LR, BATCH = "0.05", 6
 STEP_SLEEP_S, INSIDE_S = 2.0, 3.0
 
 
+def scratch(tmp_path_factory) -> Path:
+    """A folder for a family's runs, in memory (/dev/shm) where there is one: each run saves and fsyncs two epoch
+    checkpoints and a best.pt, and on this machine's disk vit_b_32's (1.7 GB a run) took 24.8 s of a 1-process run,
+    on /dev/shm 10.6 s. The caller removes it (it holds memory)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix="fgic-families-", dir=shm))
+    return tmp_path_factory.mktemp("families")
+
+
 def make_data(root: Path) -> Path:
     """12 training images (2 steps of the global batch of 6), 6 test images (a short exact evaluation)."""
     return make_tiny(root, (4, 4, 4), (2, 2, 2))
@@ -43,7 +62,8 @@ def make_data(root: Path) -> Path:
 
 class FamilyRuns:
     """A family's runs, each made on first use: w1, w2 (1 and 2 processes), control (1 process, batches reversed),
-    torch_masks (2 processes, torch's own stochastic depth and dropout)."""
+    torch_masks (2 processes, torch's own stochastic depth and dropout). Only w2's folder is kept (the resume test's
+    reference); of the others, their weights and metrics."""
 
     def __init__(self, family: str, data: Path, tmp: Path):
         self.arch, self.crop, self.extra = FAMILIES[family]
@@ -51,6 +71,17 @@ class FamilyRuns:
         sizes = tiny_args(crop=self.crop, resize=self.crop + self.crop // 8, epochs=2, batch_size=BATCH)
         self.args = ["-d", str(data), *sizes, "--arch", self.arch, "--lr", LR, *self.extra]
         self.folders: dict[str, Path] = {}
+        self.results: dict[str, tuple[dict, list[dict]]] = {}
+
+    def result(self, key: str) -> tuple[dict, list[dict]]:
+        """The run's final weights and its metrics.jsonl rows."""
+        if key not in self.results:
+            run = self.run(key)
+            self.results[key] = (torch.load(run / "checkpoint.pt", weights_only=True)["model"],
+                                 read_jsonl(run / "metrics.jsonl"))
+            if key != "w2":
+                shutil.rmtree(run)
+        return self.results[key]
 
     def run(self, key: str) -> Path:
         if key not in self.folders:
@@ -66,10 +97,7 @@ class FamilyRuns:
         return self.folders[key]
 
     def folder(self, out: Path) -> Path:
-        return out / self.data.name / f"{self.arch}-off-s2020"
-
-    def weights(self, key: str) -> dict:
-        return torch.load(self.run(key) / "checkpoint.pt", weights_only=True)["model"]
+        return out / self.data.name / f"{self.arch.replace(':', '-')}-off-s2020"
 
 
 def has_masks(arch: str, crop: int, extra: list[str]) -> bool:
@@ -83,12 +111,12 @@ def check_one_result(runs: FamilyRuns) -> None:
     """1 and 2 processes agree up to float rounding (within 10x the rounding control) and evaluate the same images
     to the same counts; torch's per-process masks (where the family has any) move the result far more."""
     masks = has_masks(runs.arch, runs.crop, runs.extra)
-    w1 = runs.weights("w1")
-    control = max_difference(runs.weights("control"), w1)
-    two = max_difference(runs.weights("w2"), w1)
+    (w1, m1), (w2, m2) = runs.result("w1"), runs.result("w2")
+    control = max_difference(runs.result("control")[0], w1)
+    two = max_difference(w2, w1)
     figures = f"{runs.arch}, max abs weight difference from 1 process after 4 steps: rounding control {control:.3g}, " \
               f"2 processes {two:.3g}"
-    per_process = max_difference(runs.weights("torch_masks"), w1) if masks else None
+    per_process = max_difference(runs.result("torch_masks")[0], w1) if masks else None
     if masks:
         figures += f", 2 processes with torch's per-process masks {per_process:.3g}"
     print(figures)
@@ -96,14 +124,14 @@ def check_one_result(runs: FamilyRuns) -> None:
     assert two <= 10 * control, (two, control)
     if masks:
         assert per_process > 10 * max(two, control), (per_process, two, control)
-    m1, m2 = (read_jsonl(runs.run(k) / "metrics.jsonl") for k in ("w1", "w2"))
     assert [r["test_total"] for r in m2] == [r["test_total"] for r in m1] == [6, 6]
     assert [r["test_correct"] for r in m2] == [r["test_correct"] for r in m1]
 
 
-def check_resume(runs: FamilyRuns, out: Path) -> None:
+def check_resume(runs: FamilyRuns) -> None:
     """2 processes, SIGUSR2 to both (as Slurm signals a step's processes) in epoch 2: stopped at its first step's
     boundary, then the same command ends bitwise as the uninterrupted 2-process run."""
+    out = runs.tmp / "resume"
     args = [*runs.args, "--output-dir", str(out)]
     run = runs.folder(out)
     proc = popen(args, 2, FGIC_TEST_STEP_SLEEP_S=str(STEP_SLEEP_S))
