@@ -355,7 +355,7 @@ def get_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", parents=[common], help="training images/s and the share of the FLOP ceiling")
     tr.add_argument("--synthetic", action="store_true", help="one random batch kept on the device (no loader)")
     tr.add_argument("--pipeline", choices=("fgic", "original"), default="fgic", help="with -d: which loader feeds")
-    tr.add_argument("--arch", default=RECIPE["arch"], help="torchvision model (default: the recipe's)")
+    tr.add_argument("--arch", default=RECIPE["arch"], help="torchvision model or timm:NAME (default: the recipe's)")
     tr.add_argument("-a", "--amp", default="bf16", choices=config.AMP_MODES, help="autocast (default bf16)")
     tr.add_argument("-b", "--batch-size", type=int, default=128, help="batch (default 128)")
     tr.add_argument("--steps", type=int, default=30, help="steps timed (default 30)")

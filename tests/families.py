@@ -4,10 +4,8 @@ small crop, 1 and 2 processes, the rounding-only control (tests.rounding_control
 2-process run stopped mid-epoch by a signal to every process, then resumed."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,16 +41,6 @@ LR, BATCH = "0.05", 6
 # end) and sends its signal INSIDE_S after epoch 1's checkpoint appears: past that epoch's last saves and end-of-epoch
 # check (its sleep included), inside the sleep after epoch 2's first step (these models' steps take under 1 s)
 STEP_SLEEP_S, INSIDE_S = 2.0, 3.0
-
-
-def scratch(tmp_path_factory) -> Path:
-    """A folder for a family's runs, in memory (/dev/shm) where there is one: each run saves and fsyncs two epoch
-    checkpoints and a best.pt, and on this machine's disk vit_b_32's (1.7 GB a run) took 24.8 s of a 1-process run,
-    on /dev/shm 10.6 s. The caller removes it (it holds memory)."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        return Path(tempfile.mkdtemp(prefix="fgic-families-", dir=shm))
-    return tmp_path_factory.mktemp("families")
 
 
 def make_data(root: Path) -> Path:

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from tests.families import FAMILIES, FamilyRuns, check_one_result, check_resume, make_data, scratch
+from tests.families import FAMILIES, FamilyRuns, check_one_result, check_resume, make_data
 
 pytestmark = [pytest.mark.e2e, pytest.mark.families]  # every test here starts processes
 
@@ -17,9 +17,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def runs(request, data, tmp_path_factory):
-    """A family's runs; module-scoped and parametrized, so pytest runs one family's tests together and removes its
-    folder before the next family's."""
-    tmp = scratch(tmp_path_factory)
+    """A family's runs; module-scoped and parametrized, so pytest runs one family's tests together, and removes their
+    folder (in memory, see conftest.py: vit_b_32's runs hold 3 GB) before the next family's."""
+    tmp = tmp_path_factory.mktemp(request.param)
     yield FamilyRuns(request.param, data, tmp)
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -17,7 +17,7 @@ from tests.helpers import REPO
 pytestmark = pytest.mark.e2e  # every test here starts processes
 
 CHECK = REPO / "tests" / "gpu" / "check.sh"
-STEPS = ["env", "pytest", "make-data", "loader", "train-synthetic", "train-cache", "train-original"]
+STEPS = ["env", "pytest", "make-data", "loader", "train-synthetic", "train-cache", "train-original", "train-families"]
 
 
 def check(*args, cwd=REPO, timeout=120, **env) -> subprocess.CompletedProcess:
@@ -40,7 +40,7 @@ def test_dry_run_lists_the_steps_and_runs_benchmarks_md_commands(tmp_path):
     text = (REPO / "BENCHMARKS.md").read_text()
     block = text[text.index("## GPU"):].split("```")[1]
     assert block.startswith("\nbash tests/gpu/check.sh [RESULTS_DIR]")
-    assert [line for line in block.splitlines() if line.startswith('"$PY"')] == list(commands.values())
+    assert [line for line in block.splitlines()[2:] if not line.startswith("#")] == list(commands.values())
     assert list(tmp_path.iterdir()) == []  # nothing made
 
 
@@ -94,27 +94,38 @@ def test_report_reads_the_benchmarks_and_pytest_results(tmp_path):
     small = ["--resize", "40", "--crop", "32", "--padding", "4", "-w", "0"]
     bench.main(["loader", "-d", str(jpgs), *small, "-b", "4", "--batches", "2", "--warmup", "1",
                 "--json", str(out / "loader.json")])
-    for name, source in (("train_synthetic", ["--synthetic"]), ("train_cache", ["-d", str(jpgs)])):
-        bench.main(["train", *source, *small, "--arch", "resnet18", "-b", "4", "--steps", "1", "--warmup", "1",
-                    "--amp", "off", "--device", "cpu", "--peak-tflops", "1", "--json", str(out / f"{name}.json")])
-    (out / "pytest.xml").write_text(
+    runs = (("train_synthetic", "resnet18", ["--synthetic"]), ("train_cache", "resnet18", ["-d", str(jpgs)]),
+            ("vit", "timm:test_vit", ["--synthetic"]))
+    for name, arch, source in runs:
+        bench.main(["train", *source, *small, "--arch", arch, "-b", "4", "--steps", "1", "--warmup", "1",
+                    "--amp", "off", "--device", "cpu", "--peak-tflops", "1", "--json", str(tmp_path / f"{name}.json")])
+    for name in ("train_synthetic", "train_cache"):
+        (tmp_path / f"{name}.json").rename(out / f"{name}.json")
+    results_py = [sys.executable, str(REPO / "tests" / "gpu" / "results.py")]
+    merged = subprocess.run([*results_py, "merge", str(out / "train_families.json"), str(out / "train_synthetic.json"),
+                             str(tmp_path / "vit.json")], capture_output=True, text=True, timeout=60)
+    assert merged.returncode == 0, merged.stderr
+    (tmp_path / "pytest.xml").write_text(  # in the scratch folder, beside env.json, as check.sh leaves it
         '<testsuites><testsuite name="pytest" errors="0" failures="1" skipped="1" tests="4">'
         '<testcase classname="tests.test_gpu" name="test_a"/><testcase classname="tests.test_gpu" name="test_b">'
         '<failure message="boom"/></testcase></testsuite></testsuites>')
     (tmp_path / "env.json").write_text(json.dumps({"torch": "9.9", "torch_cuda": "13.0", "cudnn": 92400,
                                                    "devices": [{"name": "NVIDIA H200"}]}))
     steps = [("env", "pass"), ("pytest", "fail"), ("make-data", "pass"), ("loader", "pass"),
-             ("train-synthetic", "pass"), ("train-cache", "pass"), ("train-original", "timeout")]
+             ("train-synthetic", "pass"), ("train-cache", "pass"), ("train-original", "timeout"),
+             ("train-families", "pass")]
     (tmp_path / "steps.tsv").write_text("".join(f"{n}\t{s}\t0\t1.5\t60\t-\tcmd\n" for n, s in steps))
-    res = subprocess.run([sys.executable, str(REPO / "tests" / "gpu" / "results.py"), "report", str(out),
+    res = subprocess.run([*results_py, "report", str(out),
                           str(tmp_path / "steps.tsv"), str(tmp_path / "env.json"), "450", "99", "1"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     result = json.loads((out / "results.json").read_text())
     loader, synthetic, cached = (json.loads((out / f"{n}.json").read_text())
                                  for n in ("loader", "train_synthetic", "train_cache"))
-    assert result["ok"] is False and result["bench"] == {"loader": loader, "train-synthetic": synthetic,
-                                                         "train-cache": cached}
+    vit = json.loads((tmp_path / "vit.json").read_text())
+    assert result["ok"] is False and result["bench"] == {
+        "loader": loader, "train-synthetic": synthetic, "train-cache": cached,
+        "train-families": {"resnet18": synthetic, "timm:test_vit": vit}}
     assert result["pytest"] == {"tests": 4, "failures": 1, "errors": 0, "skipped": 1, "passed": 2,
                                 "failed": ["tests.test_gpu::test_b"]}
     figures = result["figures"]
@@ -126,6 +137,8 @@ def test_report_reads_the_benchmarks_and_pytest_results(tmp_path):
     share = cached["images_per_second"] / synthetic["images_per_second"]
     assert f"= {100 * cached['prep_fraction_of_step']:.2f}% of a step; {100 * share:.1f}% of synthetic" in \
         figures["train-cache"]
+    assert figures["train-families"].startswith(f"resnet18 at 32 px: {synthetic['images_per_second']:,.0f} img/s")
+    assert f"; timm:test_vit at 32 px: {vit['images_per_second']:,.0f} img/s" in figures["train-families"]
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# fgic GPU check: FAIL") and "- tests.test_gpu::test_b" in summary
     assert f"| train-cache | pass | 1.5 | 60 | {figures['train-cache']} |" in summary

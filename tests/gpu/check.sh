@@ -3,8 +3,8 @@
 # within 8 minutes on one H200 with 16 cores. Each step runs under its own time limit, cut to what is left of the
 # whole budget, so a hung step costs its limit and no more; a failed step is recorded and the next one runs. The
 # results go to one folder, rewritten after every step (an interrupted run still leaves them), in eight files at
-# most (some remote runners return no more): summary.md, results.json, log.txt (every step's output), pytest.xml,
-# loader.json, train_synthetic.json, train_cache.json, train_original.json.
+# most (some remote runners return no more): summary.md, results.json, log.txt (every step's output, pytest's
+# included), loader.json, train_synthetic.json, train_cache.json, train_original.json, train_families.json.
 #
 #   bash tests/gpu/check.sh [RESULTS_DIR]   RESULTS_DIR, else $OUT if set, else ./gpu-check-DATE
 #   bash tests/gpu/check.sh --dry-run       the steps with their limits and commands; runs nothing
@@ -35,17 +35,18 @@ GRACE=15  # what a step may take past its limit: timeout's 10 s before SIGKILL, 
 
 # The steps in order: name, time limit in seconds, command (run by bash from the repository root; $PY is the Python,
 # $D the generated JPEG dataset, $R the results folder, $S the scratch folder).
-STEPS=(env pytest make-data loader train-synthetic train-cache train-original)
+STEPS=(env pytest make-data loader train-synthetic train-cache train-original train-families)
 declare -A LIMIT=([env]=60 [pytest]=240 [make-data]=60 [loader]=90 [train-synthetic]=75 [train-cache]=90
-                  [train-original]=90)
+                  [train-original]=90 [train-families]=90)
 declare -A CMD=(
     [env]='"$PY" tests/gpu/results.py env "$S/env.json"'
-    [pytest]='"$PY" -m pytest -m gpu $GPU_TESTS -q -rA -p no:cacheprovider $XDIST --junitxml="$R/pytest.xml" -o junit_logging=all'
+    [pytest]='"$PY" -m pytest -m gpu $GPU_TESTS -q -rA -p no:cacheprovider $XDIST --junitxml="$S/pytest.xml" -o junit_logging=all'
     [make-data]='"$PY" -m fgic.bench loader --make-data "$D" --images 2560'
     [loader]='"$PY" -m fgic.bench loader -d "$D" -w 16 -b 128 --batches 30 --json "$R/loader.json"'
     [train-synthetic]='"$PY" -m fgic.bench train --synthetic --arch resnet50 --crop 448 --amp bf16 -b 128 --steps 40 --warmup 15 --json "$R/train_synthetic.json"'
     [train-cache]='"$PY" -m fgic.bench train -d "$D" -w 8 --arch resnet50 --crop 448 --amp bf16 -b 128 --steps 40 --warmup 15 --json "$R/train_cache.json"'
     [train-original]='"$PY" -m fgic.bench train -d "$D" --pipeline original -w 16 --arch resnet50 --crop 448 --amp bf16 -b 128 --steps 40 --warmup 15 --json "$R/train_original.json"'
+    [train-families]='bash tests/gpu/bench_families.sh "$S" "$R/train_families.json"'
 )
 # A step runs only when the step it needs passed (the dataset), and none runs after env failed.
 declare -A NEEDS=([loader]=make-data [train-cache]=make-data [train-original]=make-data)
@@ -80,7 +81,7 @@ export R
 R=$(cd "$R" && pwd)
 # This run's files only: a previous run's benchmark figures must not pass for this one's.
 rm -f "$R/summary.md" "$R/results.json" "$R/log.txt" "$R/pytest.xml" "$R/loader.json" "$R/train_synthetic.json" \
-    "$R/train_cache.json" "$R/train_original.json"
+    "$R/train_cache.json" "$R/train_original.json" "$R/train_families.json"
 export S
 S=$(mktemp -d "${TMPDIR:-/tmp}/fgic-gpu-check.XXXXXX") || { echo "gpu-check: mktemp failed" >&2; exit 2; }
 cleanup() { [[ ${GPU_CHECK_KEEP:-0} == 1 || -z $S || ! -d $S ]] || rm -rf -- "$S"; }

@@ -5,6 +5,8 @@
                                                      and in a file `problem` beside ENV_JSON)
   python3 tests/gpu/results.py report RESULTS_DIR STEPS_TSV ENV_JSON BUDGET_S ELAPSED_S FINAL
                                                      summary.md and results.json from what the steps left
+  python3 tests/gpu/results.py merge OUT_JSON BENCH_JSON...
+                                                     fgic.bench train results in one file, by arch
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 NEEDED = ("torch", "torchvision", "numpy", "PIL", "tqdm")  # what fgic's GPU paths import
 OPTIONAL = ("pytest", "xdist")
 BENCH_FILES = {"loader": "loader.json", "train-synthetic": "train_synthetic.json", "train-cache": "train_cache.json",
-               "train-original": "train_original.json"}
+               "train-original": "train_original.json", "train-families": "train_families.json"}
 TARGETS = "ResNet-50 at 448 px in bf16 >= 2,000 images/s; the cache within 5% of synthetic data; loader >= 10x"
 
 
@@ -101,7 +103,7 @@ def report(folder: Path, steps_tsv: Path, env_json: Path, budget: int, elapsed: 
              for line in steps_tsv.read_text().splitlines() if line.strip()]
     environment = _read_json(env_json) or {}
     bench = {step: r for step, name in BENCH_FILES.items() if (r := _read_json(folder / name)) is not None}
-    tests = _junit(folder / "pytest.xml")
+    tests = _junit(env_json.parent / "pytest.xml")  # check.sh's scratch folder: its junit XML does not come back
     figures = {s["name"]: _figures_or_why(s["name"], environment, tests, bench) if s["status"] != "not run" else ""
                for s in steps}
     ok = final and len(steps) > 0 and all(s["status"] == "pass" for s in steps)
@@ -159,17 +161,31 @@ def _figures(step: str, environment: dict, tests: dict | None, bench: dict) -> s
     if step == "loader":
         return (f"fgic {r['fgic_images_per_second']:,.0f} img/s, original {r['baseline_images_per_second']:,.0f} "
                 f"img/s: {r['ratio']:.1f}x ({r['workers']} workers, batch {r['batch_size']})")
+    if step == "train-families":  # {arch: fgic.bench train's result}
+        return "; ".join(f"{arch} at {one['crop']} px: {_train_figures(one)}" for arch, one in r.items())
+    text = _train_figures(r)
+    synthetic = bench.get("train-synthetic")
+    if step != "train-synthetic" and synthetic:
+        text += f"; {100 * r['images_per_second'] / synthetic['images_per_second']:.1f}% of synthetic"
+    return text
+
+
+def _train_figures(r: dict) -> str:
     text = f"{r['images_per_second']:,.0f} img/s, {r['step_ms']:.1f} ms/step, {r['achieved_tflops']:.1f} TFLOP/s"
     if r.get("fraction_of_peak") is not None:
         text += f" = {100 * r['fraction_of_peak']:.1f}% of {r['peak_tflops']:g}"
     if r.get("prep_fraction_of_step") is not None:
         text += f"; prep {r['prep_ms_per_batch']:.2f} ms/batch = {100 * r['prep_fraction_of_step']:.2f}% of a step"
-    synthetic = bench.get("train-synthetic")
-    if step != "train-synthetic" and synthetic:
-        text += f"; {100 * r['images_per_second'] / synthetic['images_per_second']:.1f}% of synthetic"
     if not r.get("loss_is_finite", True):
         text += "; LOSS NOT FINITE"
     return text
+
+
+def merge(out: Path, files: list[Path]) -> int:
+    """One JSON of several fgic.bench train results, keyed by their arch (check.sh's train-families step)."""
+    results = {r["arch"]: r for r in map(_read_json, files) if r is not None}
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if len(results) == len(files) else 1
 
 
 def _summary(result: dict) -> str:
@@ -194,16 +210,19 @@ def _summary(result: dict) -> str:
                      f"{result['figures'].get(s['name'], '')} | {s['note']} |")
     tests = result["pytest"]
     if tests and tests["failed"]:
-        lines += ["", "Failed tests (their output: pytest.xml, log.txt):", ""] + [f"- {t}" for t in tests["failed"]]
+        lines += ["", "Failed tests (their output: log.txt):", ""] + [f"- {t}" for t in tests["failed"]]
     lines += ["", f"Targets, for orientation (BENCHMARKS.md): {TARGETS}.", "",
-              "Files: results.json (all of it), log.txt (every step's output), pytest.xml, and the benchmarks' "
-              "loader.json, train_synthetic.json, train_cache.json, train_original.json.", ""]
+              "Files: results.json (all of it), log.txt (every step's output, pytest's included), and the "
+              "benchmarks' loader.json, train_synthetic.json, train_cache.json, train_original.json, "
+              "train_families.json.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["env"] and len(argv) == 2:
         return env(Path(argv[1]))
+    if argv[:1] == ["merge"] and len(argv) >= 3:
+        return merge(Path(argv[1]), [Path(f) for f in argv[2:]])
     if argv[:1] == ["report"] and len(argv) == 7:
         report(Path(argv[1]), Path(argv[2]), Path(argv[3]), int(argv[4]), int(argv[5]), argv[6] == "1")
         return 0
