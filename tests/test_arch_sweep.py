@@ -84,10 +84,3 @@ def test_googlenet_trains_on_two_processes(tmp_path, tiny_data):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "tiny" / "googlenet-off-s2020" / "summary.json").is_file()
 
-
-def test_a_vit_trains_at_the_crop(tmp_path, tiny_data):
-    """The issue's report: a ViT at another crop than 224 failed in its first step ('Wrong image height')."""
-    res = run_fgic(["-d", str(tiny_data), *tiny_args(arch="vit_b_32", crop=96, resize=96, epochs=1,
-                                                      output_dir=tmp_path)])
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert (tmp_path / "tiny" / "vit_b_32-off-s2020" / "summary.json").is_file()
