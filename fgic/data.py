@@ -13,11 +13,11 @@ from torchvision.datasets import ImageFolder
 
 from fgic import augment, cache, images, signals
 from fgic.cacheload import CachedBatches, CachedImageFolder
+from fgic.config import REGISTRY, dataset_name
 from fgic.demo import ensure_demo
 from fgic.errors import FgicError
 from fgic.samplers import ShardSampler, TrainSampler
 
-REGISTRY = ("cub", "aircraft", "cars", "demo")
 SPLITS = ("train", "test")
 # Where `python -m fgic.prepare NAME SRC` finds each registry dataset's official release (the hint in errors).
 RELEASES = {"cub": "/path/to/CUB_200_2011", "aircraft": "/path/to/fgvc-aircraft-2013b",
@@ -39,7 +39,7 @@ def resolve(data: str, data_root: str) -> tuple[str, Path]:
     if not root.is_dir():
         raise FgicError(f"-d {data}: no such folder; give one of {', '.join(REGISTRY)} or a folder holding train/ "
                         f"and test/")
-    return root.resolve().name, root
+    return dataset_name(data), root
 
 
 def check_layout(root: Path) -> list[str]:

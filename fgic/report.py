@@ -13,7 +13,7 @@ RUNS_DIR/failed/*.json, one per failed combination, written by whoever launched 
 
 dataset as given to -d (a name or a path), args the extra fgic.ddp flags (a list or one string), log the path of
 the job's log. Any key may be missing or null. A launcher that retries a combination successfully removes its
-file (a name per combination, e.g. failed/DATASET-AMP-sSEED.json as slurm/sweep.sh writes, makes that easy).
+file (a name per combination, e.g. failed/DATASET-RUN_NAME.json as slurm/sweep.sh writes, makes that easy).
 """
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
-"""`python -m launch.submitit --datasets cub cars --seeds 0 1 2 [--amps off bf16] [fgic.ddp flags]`: a sweep as one
-submitit job array.
+"""`python -m launch.submitit --datasets cub cars --seeds 0 1 2 [--amps off bf16] [--sweep lr=0.05,0.1]... [fgic.ddp
+flags]`: a sweep as one submitit job array.
 
-One job per dataset x seed x AMP mode, each running fgic.ddp (one task per GPU, or --tasks-per-node on CPUs). On
+One job per dataset x seed x AMP mode x value of each --sweep flag (fgic.sweep: the grid, the run folders' names),
+each running fgic.ddp (one task per GPU, or --tasks-per-node on CPUs). On
 Slurm's warning signal fgic checkpoints at a step boundary, then submitit requeues the job and the restart resumes
 from the run folder (--resume auto). `--cluster local|debug` runs the same without Slurm, `--dry-run` only prints.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import re
 import signal
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import submitit
 
-from fgic import config, data, ddp, requeue
+from fgic import config, ddp, requeue, sweep
 from fgic.errors import FgicError, run_cli
 from fgic.signals import EXIT_PREEMPTED, term_held
 
@@ -30,6 +30,10 @@ def launcher_parser(add_help: bool) -> argparse.ArgumentParser:
     g.add_argument("--datasets", nargs="+", metavar="NAME|PATH", help="datasets to sweep (default: -d's)")
     g.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds to sweep (default: --seed's)")
     g.add_argument("--amps", nargs="+", metavar="MODE", help="AMP modes to sweep (default: --amp's)")
+    g.add_argument("--sweep", action="append", default=[], metavar="FLAG=V1,V2",
+                   help="sweep any other fgic.ddp flag too, e.g. lr=0.05,0.1 or arch=resnet50,vit_b_16 (repeat for a "
+                        "grid; switches as compile=on,off); values outside the run name's arch, amp and seed go into "
+                        "its note: runs/cub/resnet50-off-s0-lr0.05")
     g.add_argument("--dry-run", action="store_true", help="print the jobs that would be submitted and stop")
     g.add_argument("--wait", action="store_true", help="wait for the jobs and print how each ended")
     g = p.add_argument_group("cluster (launch.submitit)")
@@ -90,17 +94,6 @@ def hand_over(on_signal, usr_sig) -> None:
     requeue's own SIGTERM to this job step must not kill scontrol and so turn the requeue into a failed job."""
     with term_held():
         on_signal(usr_sig, None)
-
-
-def jobs(args: argparse.Namespace, fgic_argv: list[str]) -> list[tuple[list[str], Path]]:
-    """(fgic.ddp argv, run folder) per combination; each argv is checked the way fgic.ddp will check it."""
-    out = []
-    for dataset, seed, amp in itertools.product(args.datasets, args.seeds, args.amps):
-        argv = [*fgic_argv, "-d", dataset, "--seed", str(seed), "--amp", amp]  # the last occurrence wins
-        run = config.resolve(config.get_args_parser().parse_args(argv))
-        name, _ = data.resolve(run.data, run.data_root)
-        out.append((argv, config.run_dir(run, name)))
-    return out
 
 
 def cluster(args: argparse.Namespace) -> str:
@@ -192,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FgicError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a number of at least 1")
     if args.gpus_per_node < 0:
         raise FgicError(f"--gpus-per-node {args.gpus_per_node}: give 0 (CPU) or more")
-    planned = jobs(args, fgic_argv)
+    planned = [(c.argv, c.run_dir) for c in sweep.plan(args.datasets, args.seeds, args.amps, args.sweep, fgic_argv)]
     cpus = cpus_per_task(args) if cluster(args) == "slurm" else None
     folder = Path(args.logs or Path(full.output_dir) / "submitit")
     for argv_i, run_dir in planned:

@@ -3,6 +3,7 @@ comparisons of runs (the fixtures are in conftest.py; the tiny datasets come fro
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -94,3 +95,22 @@ class PickledCode:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+def wait_for_memory(need_gb: float, seconds: float = 900) -> float:
+    """MemAvailable once it reaches `need_gb`, or what it is after `seconds`. The tests that take GBs wait for them
+    before they start (the arch sweep's largest shards ~16 GB, the Slurm lab ~8 GB, a family ~5 GB): on CI's 24 GB a
+    shard that waited only for itself was OOM-killed when the others started beside it (CI run of 2026-12-04)."""
+    deadline = time.monotonic() + seconds
+    while (have := available_gb()) < need_gb and time.monotonic() < deadline:
+        time.sleep(5)
+    return have
+
+
+def available_gb() -> float:
+    """The memory Linux can hand out now (MemAvailable), or infinity where there is no /proc/meminfo."""
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return math.inf
+    fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines())
+    return int(fields["MemAvailable"].split()[0]) / 2**20

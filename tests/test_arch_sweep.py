@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import math
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 from torchvision import models as tvm
 
 from fgic import cluster
-from tests.helpers import REPO, fgic_env, read_jsonl, run_fgic, tiny_args
+from tests.helpers import REPO, fgic_env, read_jsonl, run_fgic, tiny_args, wait_for_memory
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
 
@@ -26,24 +24,6 @@ SHARDS = 8
 # vit_h_14 and regnet_y_128gf (630M and 637M parameters), 4.2 GiB for vit_l_32 (305M). Their two processes take
 # ~16 GiB: on a 24 GiB machine, shards 0 and 1 run only when little else does.
 BASE_GB, BYTES_PER_PARAM = 0.66, 12.5
-
-
-def wait_for_memory(need_gb: float, seconds: float = 900) -> float:
-    """MemAvailable once it reaches `need_gb`, or what it is after `seconds` (the other tests of a parallel run, the
-    Slurm jobs among them, hold up to ~8 GB for minutes; in CI one shard saw 13.1 GB)."""
-    deadline = time.monotonic() + seconds
-    while (have := available_gb()) < need_gb and time.monotonic() < deadline:
-        time.sleep(5)
-    return have
-
-
-def available_gb() -> float:
-    """The memory Linux can hand out now (MemAvailable), or infinity where there is no /proc/meminfo."""
-    meminfo = Path("/proc/meminfo")
-    if not meminfo.is_file():
-        return math.inf
-    fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines())
-    return int(fields["MemAvailable"].split()[0]) / 2**20
 
 
 @pytest.mark.parametrize("shard", range(SHARDS - 1, -1, -1))  # the two largest last, when a parallel run has less on

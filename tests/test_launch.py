@@ -100,10 +100,22 @@ def test_submitit_dry_run_plans_one_checked_job_per_combination(tiny_data, tmp_p
     assert lines[3].endswith(f"{tmp_path}/tiny/resnet50-bf16-s1") and "--epochs 3" in lines[3]
 
 
+def test_submitit_sweeps_any_flag_into_distinct_run_folders(tiny_data, tmp_path, capsys):
+    from launch import submitit as launcher
+    code = launcher.main(["--datasets", str(tiny_data), "--seeds", "0", "--sweep", "lr=0.05,0.1", "--sweep",
+                          "arch=resnet18,resnet50", "--max-parallel", "2", "--output-dir", str(tmp_path), "--dry-run"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("would submit")]
+    assert code == 0 and [line.rpartition("  ->  ")[2] for line in lines] == [
+        f"{tmp_path}/tiny/{arch}-off-s0-lr{lr}" for lr in ("0.05", "0.1") for arch in ("resnet18", "resnet50")]
+    assert "--lr 0.1 --arch resnet50 -n lr0.1" in lines[3]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--seeds", "0"], "--datasets: name at least one dataset"),
     (["--datasets", "/nowhere", "--seeds", "0"], "-d /nowhere: no such folder"),
     (["-d", "DATA", "--amps", "fp8"], "-a/--amp 'fp8': choose off, fp16 or bf16"),
+    (["-d", "DATA", "--sweep", "lr=0.1,x"], "--sweep lr=x: argument --lr: invalid float value: 'x'"),
+    (["-d", "DATA", "--sweep", "arch=resnet18,nonet"], "--arch nonet"),
 ])
 def test_submitit_checks_every_combination_before_submitting(tiny_data, argv, message):
     from fgic.errors import FgicError

@@ -6,6 +6,7 @@ The module submits all its jobs at once so that they overlap; each test then wai
 cluster that is not up fails the tests; elsewhere they skip and say how to start one."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -24,10 +25,11 @@ import torch
 
 from fgic import cluster
 from fgic.demo import make_tiny
-from tests.helpers import REPO, fgic_env, read_jsonl, same_result, tiny_args
+from tests.helpers import REPO, fgic_env, read_jsonl, same_result, tiny_args, wait_for_memory
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
+LAB_GB = 8  # the lab's ~12 jobs at once hold up to ~8 GB for minutes
 TRAIN, SWEEP = str(REPO / "slurm" / "train.sbatch"), str(REPO / "slurm" / "sweep.sh")
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the templates ask for GPUs; these jobs train on the CPU
 RUN = "resnet18-off-s2020"  # tiny_args()'s run name
@@ -96,8 +98,11 @@ def lab(tmp_path_factory):
             pytest.fail(f"CI runs the Slurm tests, but {message}")
         pytest.skip(message)
     root = tmp_path_factory.mktemp("slurm")
+    wait_for_memory(LAB_GB)  # not beside the arch sweep's largest shards (see wait_for_memory)
     alpha = make_tiny(root / "data" / "alpha", test_counts=(6, 6, 6))
     beta = make_tiny(root / "data" / "beta", test_counts=(6, 6, 6), seed=1)
+    garbled = root / "garbled.pt"
+    garbled.write_bytes(b"not a torch file")
     job_name = f"fgic-test-{os.getpid()}"
     env = fgic_env(PYTHON=sys.executable, SBATCH_JOB_NAME=job_name)
 
@@ -116,11 +121,13 @@ def lab(tmp_path_factory):
     slow_exit.chmod(0o755)
     slow = dict(FGIC_TEST_STEP_SLEEP_S="2", PATH=f"{slow_exit.parent}:{env['PATH']}")
     procs = {
-        "sweep": start(["bash", SWEEP, "--wait", *CPU_JOB], DATASETS=f"{alpha} {beta} {root / 'data' / 'missing'}",
-                       SEEDS="0 1", FGIC_ARGS=" ".join(tiny_args()), RUNS=str(root / "sweep")),
+        # a swept flag whose second value fails at run time (a missing dataset is refused before sbatch)
+        "sweep": start(["bash", SWEEP, "--wait", *CPU_JOB], DATASETS=f"{alpha} {beta}", SEEDS="0 1",
+                       SWEEP=f"weights=none,{garbled}", MAX_PARALLEL="4", FGIC_ARGS=" ".join(tiny_args()),
+                       RUNS=str(root / "sweep")),
         "train2": start(["sbatch", "--wait", "--gpus-per-node=2", "--cpus-per-task=1", TRAIN, "-d", alpha,
                          *tiny_args(), "--output-dir", root / "train2"]),
-        "submitit": start([sys.executable, "-m", "launch.submitit", "--datasets", alpha, "--seeds", "0", "1",
+        "submitit": start([sys.executable, "-m", "launch.submitit", "--datasets", alpha, "--sweep", "lr=0.1,0.05",
                            "--cluster", "slurm", "--timeout", "10", "--wait", *tiny_args(),
                            "--output-dir", root / "submitit"], PYTHONPATH=str(REPO)),
         # GPU-shaped: 2 processes under torchrun on the 2 (fake) GPUs, or 2 srun tasks; loader workers alive
@@ -164,23 +171,23 @@ def test_sweep_runs_every_combination_and_records_the_failed_one(lab):
     runs = lab.root / "sweep"
     for dataset in ("alpha", "beta"):
         for seed in (0, 1):
-            summary = json.loads((runs / dataset / f"resnet18-off-s{seed}" / "summary.json").read_text())
+            summary = json.loads((runs / dataset / f"resnet18-off-s{seed}-weightsnone" / "summary.json").read_text())
             assert summary["epochs"] == 2 and summary["test_total"] == 18
     failed = sorted(p.name for p in (runs / "failed").iterdir())
-    assert failed == ["missing-off-s0.json", "missing-off-s1.json"]
+    assert failed == [f"{d}-resnet18-off-s{s}-weightsgarbled.pt.json" for d in ("alpha", "beta") for s in (0, 1)]
     record = json.loads((runs / "failed" / failed[0]).read_text())
-    assert record["exit_code"] == 2 and "no such folder" in Path(record["log"]).read_text()
+    assert record["exit_code"] == 2 and "garbled.pt: unreadable" in Path(record["log"]).read_text()
 
     report = subprocess.run([sys.executable, "-m", "fgic.report", str(runs), "--no-plot"], cwd=REPO, env=fgic_env(),
                             capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
     table = (runs / "results.md").read_text()
     for dataset in ("alpha", "beta"):
-        finals = [json.loads((runs / dataset / f"resnet18-off-s{s}" / "summary.json").read_text())["final_test_acc"]
-                  for s in (0, 1)]
+        finals = [json.loads((runs / dataset / f"resnet18-off-s{s}-weightsnone" / "summary.json").read_text())
+                  ["final_test_acc"] for s in (0, 1)]
         assert f"{statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f} (2)" in table
-    for seed in (0, 1):
-        assert f"data/missing, seed {seed}, amp off: exit code 2" in table
+    for dataset, seed in itertools.product((lab.alpha, lab.root / "data" / "beta"), (0, 1)):
+        assert f"{dataset}, seed {seed}, amp off: exit code 2" in table
 
 
 def test_train_template_runs_two_processes_on_two_allocated_gpus(lab):
@@ -196,8 +203,15 @@ def test_submitit_sweep(lab):
     out = lab.finish("submitit")
     assert lab.procs["submitit"].returncode == 0, out
     assert out.count(": done") == 2, out
-    for seed in (0, 1):
-        assert len(read_jsonl(lab.root / "submitit" / "alpha" / f"resnet18-off-s{seed}" / "metrics.jsonl")) == 2
+    runs = lab.root / "submitit"
+    for lr in ("0.1", "0.05"):
+        assert len(read_jsonl(runs / "alpha" / f"resnet18-off-s2020-lr{lr}" / "metrics.jsonl")) == 2
+    report = subprocess.run([sys.executable, "-m", "fgic.report", str(runs), "--no-plot"], cwd=REPO, env=fgic_env(),
+                            capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    head, _, *rows = [line for line in (runs / "results.md").read_text().splitlines() if line.startswith("| ")][:4]
+    assert head.split(" | ")[:3] == ["| arch", "amp", "lr"], head  # the swept flag as a column, a row per value
+    assert [row.split(" | ")[2] for row in rows[:2]] == ["0.05", "0.1"], rows
 
 
 def reference(lab, name: str = "reference") -> Path:

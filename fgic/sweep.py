@@ -1,0 +1,202 @@
+"""A sweep's grid: datasets x seeds x AMP modes x `--sweep FLAG=V1,V2,...` over any other fgic.ddp flag, each
+combination as its fgic.ddp argv and run folder, all checked before anything runs. launch.submitit plans with it, and
+slurm/sweep.sh through its command line:
+
+    python -m fgic.sweep count|list|task I|failed I CODE LOG --datasets D... --seeds S... --amps A...
+        [--sweep FLAG=V1,V2]... [--no-check] -- FGIC_ARGS
+
+count prints the number of combinations, list one line per combination, task I the number, the I-th's run label,
+then its argv, one per line (what sweep.sh reads with mapfile: one call, since each imports torch, 3 s); failed I
+CODE LOG writes its record for fgic.report. Every command first checks every combination (exit 2 and one line);
+--no-check (inside a job) leaves out the data and arch checks, so that a dataset gone since the submission fails
+that run alone, with its record.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fgic import config
+from fgic.errors import FgicError, run_cli
+
+# Swept by the launchers' own lists, or fixed for the whole sweep.
+OWN_LIST = {"data": "--datasets", "seed": "--seeds", "amp": "--amps"}
+FIXED = {"output_dir": "one runs folder holds the sweep", "note": "the swept values are added to the note",
+         "resume": "each run resumes from its own folder", "help": ""}
+# Already in the run folder's name (config.run_name): sweeping them needs no suffix.
+IN_NAME = {"arch", "amp", "seed", "recipe", "data"}
+SWITCH_VALUES = ("on", "off")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One --sweep FLAG=V1,V2: the flag as fgic.ddp spells it, its values, and the argv piece per value."""
+    flag: str
+    dest: str
+    values: tuple[str, ...]
+    switch: bool  # a flag without a value (--compile, --model-ema): swept as on,off
+    negatable: bool  # a switch with a --no- form (--model-ema): off is said, so that it overrides a recipe's on
+
+    def argv(self, value: str) -> list[str]:
+        if not self.switch:
+            return [self.flag, value]
+        if value == "on":
+            return [self.flag]
+        return [self.flag.replace("--", "--no-", 1)] if self.negatable else []
+
+    def name_part(self, value: str) -> str:
+        """What the value adds to the run folder's name: lr0.05, batch-size128, weightsbest.pt (a path: its file's
+        name), compile (off: nothing). Values that come out alike are refused by `plan`."""
+        key = self.dest.replace("_", "-")
+        if self.switch:
+            return key if value == "on" else ""
+        return key + re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(value).name if "/" in value else value).strip("-")
+
+
+@dataclass(frozen=True)
+class Combination:
+    argv: list[str]  # fgic.ddp's, complete
+    run_dir: Path
+    dataset: str  # the -d value
+    seed: int
+    amp: str
+    swept: dict  # dest -> value, of the --sweep axes
+
+    @property
+    def label(self) -> str:
+        """DATASET-RUN_NAME (my-resnet50-off-s0-lr0.1): unique within the sweep, a file name (sweep.sh's failed/)."""
+        return f"{self.run_dir.parent.name}-{self.run_dir.name}"
+
+
+def parse_axis(spec: str, parser: argparse.ArgumentParser) -> Axis:
+    """FLAG=V1,V2,... with FLAG an fgic.ddp flag, with or without its dashes: lr=0.05,0.1, --arch=resnet50,vit_b_16."""
+    flag, eq, values = spec.partition("=")
+    flag = ("-" if len(flag.strip().lstrip("-")) == 1 else "--") + flag.strip().lstrip("-")  # b=32,64 is -b's
+    # argparse keeps its option strings in a private table; it is the only record of which flags exist and take a value
+    action = parser._option_string_actions.get(flag)  # noqa: SLF001
+    if not eq or not values.strip() or action is None:
+        known = "" if action is not None or not eq else f" ({flag} is not an fgic.ddp flag)"
+        raise FgicError(f"--sweep {spec!r}: give FLAG=V1,V2,... with FLAG an fgic.ddp flag, e.g. lr=0.05,0.1{known}")
+    if action.dest in OWN_LIST:
+        raise FgicError(f"--sweep {spec!r}: sweep {flag} with {OWN_LIST[action.dest]}")
+    if action.dest in FIXED:
+        raise FgicError(f"--sweep {spec!r}: {flag} cannot be swept: {FIXED[action.dest]}")
+    long = next(o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-"))  # --batch-size
+    vals = tuple(v.strip() for v in values.split(","))
+    if "" in vals or len(set(vals)) != len(vals):
+        raise FgicError(f"--sweep {spec!r}: give distinct, non-empty values separated by commas")
+    switch = action.nargs == 0
+    if switch and not set(vals) <= set(SWITCH_VALUES):
+        raise FgicError(f"--sweep {spec!r}: {long} is a switch: sweep it as {long.lstrip('-')}=on,off")
+    return Axis(long, action.dest, vals, switch, isinstance(action, argparse.BooleanOptionalAction))
+
+
+def plan(datasets: list[str], seeds: list[int], amps: list[str], specs: list[str], fgic_argv: list[str],
+         check: bool = True) -> list[Combination]:
+    """Every combination, in a fixed order (datasets, seeds, AMP modes, then the --sweep axes in their order, the last
+    varying fastest), each checked as fgic.ddp checks its flags before any data work (the arch at the crop, the
+    dataset's layout), and every run folder distinct."""
+    parser = config.get_args_parser()
+    where = "the flags for every run"
+
+    def refuse(message: str):  # argparse's error, as one line naming the combination, instead of fgic.ddp's usage
+        raise FgicError(f"{where}: {message}")
+
+    parser.error = refuse
+    axes = [parse_axis(spec, parser) for spec in specs]
+    if len({a.dest for a in axes}) != len(axes):
+        raise FgicError("--sweep: name each flag once (give all its values after one =, separated by commas)")
+    base = parser.parse_args(["-d", "x", *fgic_argv])
+    for axis in axes:
+        if axis.switch and not axis.negatable and getattr(base, axis.dest):
+            raise FgicError(f"--sweep {axis.flag.lstrip('-')}=...: {axis.flag} is also among the flags for every "
+                            f"run; leave it out there")
+    out, seen, checked = [], {}, set()
+    for dataset, seed, amp, *values in itertools.product(datasets, seeds, amps, *(a.values for a in axes)):
+        parts = [p for a, v in zip(axes, values) if a.dest not in IN_NAME and (p := a.name_part(v))]
+        note = "-".join([base.note.strip(), *parts] if base.note.strip() else parts)
+        argv = [*fgic_argv, "-d", dataset, "--seed", str(seed), "--amp", amp,  # the last occurrence wins
+                *(x for a, v in zip(axes, values) for x in a.argv(v)), *(["-n", note] if note else [])]
+        where = f"-d {dataset} --seed {seed} --amp {amp}" + "".join(f" --sweep {a.flag.lstrip('-')}={v}"
+                                                                    for a, v in zip(axes, values))
+        run = config.resolve(parser.parse_args(argv))
+        name = check_run(run, checked) if check else config.dataset_name(run.data)
+        combo = Combination(argv, config.run_dir(run, name), dataset, seed, amp,
+                            {a.dest: v for a, v in zip(axes, values)})
+        if combo.run_dir in seen:
+            raise FgicError(f"--sweep: {seen[combo.run_dir]} and {combo.swept or combo.argv} would share the run "
+                            f"folder {combo.run_dir}; give values that differ in letters or digits")
+        seen[combo.run_dir] = combo.swept or combo.argv
+        out.append(combo)
+    return out
+
+
+def check_run(run: argparse.Namespace, checked: set) -> str:
+    """fgic.ddp's checks before any data work: the dataset and its layout, the arch at the crop (0.15-0.75 s each;
+    `checked` holds what has been checked). Returns the dataset's name."""
+    from fgic import data, models  # noqa: PLC0415  (torch, 3 s: a job's `task` lookup, --no-check, does without)
+    name, root = data.resolve(run.data, run.data_root)
+    if (run.arch, run.crop) not in checked:
+        models.check_arch(run.arch)
+        models.check_input(run.arch, run.crop)
+        checked.add((run.arch, run.crop))
+    if root not in checked:
+        data.check_layout(root)
+        checked.add(root)
+    return name
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("fgic.sweep", description="a sweep's combinations (slurm/sweep.sh calls this)")
+    p.add_argument("command", choices=("count", "list", "task", "failed"))
+    p.add_argument("index", nargs="?", type=int, help="task, failed: the combination (SLURM_ARRAY_TASK_ID)")
+    p.add_argument("code", nargs="?", type=int, help="failed: its exit code")
+    p.add_argument("log", nargs="?", default="", help="failed: its log file")
+    p.add_argument("--no-check", dest="check", action="store_false", help="inside a job: no data or arch checks")
+    p.add_argument("--datasets", nargs="+", required=True)
+    p.add_argument("--seeds", nargs="+", type=int, required=True)
+    p.add_argument("--amps", nargs="+", required=True)
+    p.add_argument("--sweep", action="append", default=[], metavar="FLAG=V1,V2")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)  # after --: fgic.ddp's flags for every run
+    args = get_args_parser().parse_args(argv[:cut])
+    combos = plan(args.datasets, args.seeds, args.amps, args.sweep, argv[cut + 1:], check=args.check)
+    if args.command == "count":
+        print(len(combos))
+    elif args.command == "list":
+        for i, c in enumerate(combos):
+            print(f"{i}: fgic.ddp {' '.join(c.argv)}  ->  {c.run_dir}")
+    elif args.index is None or (args.command == "failed" and not 0 <= args.index < len(combos)):
+        raise FgicError(f"{args.command} {args.index}: give an index from 0 to {len(combos) - 1}")
+    elif args.command == "task":  # the count first: sweep.sh checks its job array against it
+        picked = combos[args.index] if 0 <= args.index < len(combos) else None
+        print("\n".join([str(len(combos)), *([picked.label, *picked.argv] if picked else [])]))
+    else:
+        write_failure(combos[args.index], args.code, args.log)
+    return 0
+
+
+def write_failure(combo: Combination, code: int, log: str) -> Path:
+    """OUTPUT_DIR/failed/LABEL.json, the record fgic.report lists (its docstring): args are the run's flags beyond
+    its dataset, seed, AMP mode and runs folder."""
+    given = {"-d", "--data", "-s", "--seed", "-a", "--amp", "--output-dir"}
+    args = [a for i, a in enumerate(combo.argv) if a not in given and (i == 0 or combo.argv[i - 1] not in given)]
+    path = combo.run_dir.parent.parent / "failed" / f"{combo.label}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"dataset": combo.dataset, "seed": combo.seed, "amp": combo.amp, "args": args, "exit_code": code,
+              "log": log}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    run_cli(main, "fgic.sweep")
