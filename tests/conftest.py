@@ -9,15 +9,6 @@ import pytest
 from fgic.demo import make_tiny
 
 
-def pytest_configure(config):
-    """The tests' temporary folders in memory (/dev/shm) where the machine has it and no --basetemp was given: the
-    runs save and fsync checkpoints, and on this machine's disk that dominated (vit_b_32's 1-process run: 24.8 s,
-    10.6 s on /dev/shm). pyproject's tmp_path_retention_policy = "failed" removes a passed test's folder at once."""
-    shm = Path("/dev/shm")
-    if config.option.basetemp is None and shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
-        os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(shm))  # where pytest makes pytest-of-USER
-
-
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """3 classes, 24 train images, 101 test images (34 + 34 + 33)."""
