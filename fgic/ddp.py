@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgic import checkpoint, cluster, config, data, engine, models, optim, runlog
+from fgic import checkpoint, cluster, config, data, engine, models, optim, report, runlog
 from fgic.cluster import Launch
 from fgic.config import get_args_parser  # noqa: F401  (launchers import the parser from here)
 from fgic.dist import Dist, pick_device
@@ -49,7 +49,7 @@ class Run:
         """config.json, and what a checkpoint is checked against on resume."""
         launch = self.launch
         return {**vars(self.args), "dataset": self.dataset, "data_path": str(self.root.resolve()),
-                "num_classes": len(self.classes), "world_size": launch.world_size,
+                "num_classes": len(self.classes), "classes": self.classes, "world_size": launch.world_size,
                 "per_process_batch": self.per_process_batch, "launcher": launch.launcher, "cpus": data.usable_cpus(),
                 "rendezvous": f"{launch.master_addr}:{launch.master_port}" if launch.world_size > 1 else None,
                 "device": str(self.device), "run_dir": str(self.run_dir), "torch": str(torch.__version__),
@@ -244,15 +244,22 @@ def evaluate_only(run: Run, dist: Dist, model, test_loader, criterion, log: RunL
     args = run.args
     if ckpt_path is None and (args.weights == "none" or args.weights.split(":")[0] == "imagenet"):
         raise FgicError("--eval-only needs --resume PATH or --weights PATH (a trained model)")
-    result = engine.evaluate(model, test_loader, criterion, dist, args.amp, len(run.classes))
-    per_class = {c: 100.0 * k / n if n else None
-                 for c, k, n in zip(run.classes, result["class_correct"], result["class_total"])}
-    log.write("eval.json", {"acc": result["test_acc"], "top5": result["test_top5"], "correct": result["test_correct"],
-                            "total": result["test_total"], "loss": result["test_loss"], "per_class_acc": per_class,
-                            "model": str(ckpt_path or args.weights)})
+    result = engine.evaluate(model, test_loader, criterion, dist, args.amp, len(run.classes), confusion=True)
+    names = run.classes
+    per_class = {c: 100.0 * k / n if n else None for c, k, n in zip(names, result["class_correct"],
+                                                                      result["class_total"])}
+    confusions = sorted(({"true": names[t], "predicted": names[p], "count": row[p]} for t, row in
+                         enumerate(result["confusion"]) for p in range(len(names)) if p != t and row[p]),
+                        key=lambda c: (-c["count"], c["true"], c["predicted"]))
+    ev = {"acc": result["test_acc"], "top5": result["test_top5"], "correct": result["test_correct"],
+          "total": result["test_total"], "loss": result["test_loss"], "per_class_acc": per_class,
+          "per_class_total": dict(zip(names, result["class_total"])), "confusions": confusions,
+          "model": str(ckpt_path or args.weights)}
+    log.write("eval.json", ev)
     if dist.is_main:
+        written = [log.dir / "eval.json", *report.write_eval_report(log.dir, ev)]
         print(f"fgic: eval top-1 {result['test_acc']:.2f}% top-5 {result['test_top5']:.2f}% "
-              f"({result['test_correct']}/{result['test_total']}) -> {log.dir / 'eval.json'}")
+              f"({result['test_correct']}/{result['test_total']}) -> {', '.join(map(str, written))}")
     return 0
 
 

@@ -143,15 +143,18 @@ def train_one_epoch(model: nn.Module, loader, opt, criterion, dist: Dist, amp: s
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_classes: int, desc: str = "test") -> dict:
+def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_classes: int, desc: str = "test",
+             confusion: bool = False) -> dict:
     """Exact top-1/top-5 over the test set: each process scores its own shard (no padded duplicates) and the
     counts are summed. Pass the bare model, not the DDP wrapper: evaluation needs no collective per batch, so a
-    process with fewer or no batches cannot stall the others."""
+    process with fewer or no batches cannot stall the others. With `confusion`, also the confusion matrix (rows: the
+    true class, columns: the predicted one)."""
     model.eval()
     device = dist.device
     k = min(5, num_classes)
-    totals = torch.zeros(3 + 2 * num_classes, dtype=torch.float64, device=device)
-    # loss sum, top-1 correct, top-k correct, then per-class correct and per-class total
+    n = num_classes
+    totals = torch.zeros(3 + 2 * n + (n * n if confusion else 0), dtype=torch.float64, device=device)
+    # loss sum, top-1 correct, top-k correct, then per-class correct, per-class total and the confusion matrix
     for images, labels, _ in progress(DeviceBatches(loader, device), dist, desc):
         with autocast(device, amp):
             out = logits(model(images))
@@ -164,12 +167,18 @@ def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_clas
         totals[2] += hitk.sum()
         # per-class counts by index_add_: labels[hit1] and CUDA's bincount wait for the GPU (an output size to learn)
         totals[3:3 + num_classes].index_add_(0, labels, hit1.double())
-        totals[3 + num_classes:].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        ones = torch.ones_like(labels, dtype=torch.float64)
+        totals[3 + n:3 + 2 * n].index_add_(0, labels, ones)
+        if confusion:
+            totals[3 + 2 * n:].index_add_(0, labels * n + out.argmax(1), ones)
     dist.all_reduce_sum(totals)
     loss_sum, correct, correct_k = totals[:3].tolist()
-    class_correct = totals[3:3 + num_classes].long().tolist()
-    class_total = totals[3 + num_classes:].long().tolist()
+    class_correct = totals[3:3 + n].long().tolist()
+    class_total = totals[3 + n:3 + 2 * n].long().tolist()
     total = sum(class_total)
-    return {"test_loss": loss_sum / max(total, 1), "test_acc": 100.0 * correct / max(total, 1),
-            "test_top5": 100.0 * correct_k / max(total, 1), "test_correct": int(correct), "test_total": total,
-            "class_correct": class_correct, "class_total": class_total}
+    result = {"test_loss": loss_sum / max(total, 1), "test_acc": 100.0 * correct / max(total, 1),
+              "test_top5": 100.0 * correct_k / max(total, 1), "test_correct": int(correct), "test_total": total,
+              "class_correct": class_correct, "class_total": class_total}
+    if confusion:
+        result["confusion"] = totals[3 + 2 * n:].long().view(n, n).tolist()
+    return result

@@ -39,6 +39,9 @@ PUBLISHED = {"cub": 86.74, "aircraft": 93.25, "cars": 94.09}
 PUBLISHED_ARCH = "resnet50"
 BEST_LABEL = "best epoch (selected on the test set)"
 FAILURE_KEYS = ("dataset", "seed", "amp", "args", "exit_code", "log")
+# Written beside an eval.json (fgic.ddp --eval-only, fgic.report): the pictures need matplotlib
+EVAL_TABLE, EVAL_PER_CLASS, EVAL_CONFUSED = "eval_confused.md", "eval_per_class.png", "eval_confused.png"
+TOP_PAIRS = 20
 
 
 @dataclass
@@ -180,7 +183,7 @@ def repeated_seeds(groups: dict) -> dict:
     return out
 
 
-def render(root: Path, runs: list[Run], failures: list[dict]) -> str:
+def render(root: Path, runs: list[Run], failures: list[dict], evaluated: list[str] = ()) -> str:
     finished = [r for r in runs if r.finished]
     out = [f"# Results: {root}", ""]
     if finished:
@@ -209,19 +212,37 @@ def render(root: Path, runs: list[Run], failures: list[dict]) -> str:
             out.append(f"- {fmt(f['dataset'])}, seed {fmt(f['seed'])}, amp {fmt(f['amp'])}: exit code "
                        f"{fmt(f['exit_code'])}; args `{fmt(args)}`; log `{fmt(f['log'])}` "
                        f"({f['file'].relative_to(root)})")
-    return "\n".join(out) + "\n"
+    return "\n".join([*out, *evaluated]) + "\n"
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: PLC0415  (matplotlib: an optional extra, for the pictures only)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise FgicError(f"{path}: cannot write ({exc.strerror})") from None
+    finally:
+        plt.close(fig)
 
 
 def plot(runs: list[Run], path: Path) -> bool:
     """Test accuracy per epoch, one panel per dataset and one line per run (dashed: unfinished). False without
     matplotlib."""
-    try:
-        import matplotlib  # noqa: PLC0415  (matplotlib: an optional extra, for the plot only)
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-        from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415  (matplotlib: an optional extra)
     runs = [r for r in runs if r.records]
     datasets = dataset_order(r.dataset for r in runs)
     fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(5 * max(len(datasets), 1), 4), squeeze=False)
@@ -233,14 +254,90 @@ def plot(runs: list[Run], path: Path) -> bool:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as exc:
-        raise FgicError(f"--plot {path}: cannot write ({exc.strerror})") from None
-    finally:
-        plt.close(fig)
+    save_figure(plt, fig, path)
     return True
+
+
+def confused_pairs(ev: dict, n: int = TOP_PAIRS) -> list[dict]:
+    """The n class pairs whose mix-ups cost most top-1, from eval.json's confusions: a, b, how often each was taken
+    for the other, and the top-1 points (percent of the test images) the pair's errors cost."""
+    pairs: dict[tuple, dict] = {}
+    for c in ev.get("confusions") or []:
+        a, b = sorted((c["true"], c["predicted"]))
+        pair = pairs.setdefault((a, b), {"a": a, "b": b, "a_as_b": 0, "b_as_a": 0})
+        pair["a_as_b" if c["true"] == a else "b_as_a"] += c["count"]
+    ranked = sorted(pairs.values(), key=lambda p: (-(p["a_as_b"] + p["b_as_a"]), p["a"], p["b"]))[:n]
+    return [{**p, "points": 100.0 * (p["a_as_b"] + p["b_as_a"]) / max(ev.get("total") or 1, 1)} for p in ranked]
+
+
+def confused_table(ev: dict) -> list[str]:
+    pairs = confused_pairs(ev)
+    lines = [f"# The {len(pairs)} most confused class pairs", "",
+             f"Top-1 {ev['acc']:.2f}% ({ev['correct']}/{ev['total']}) of `{ev.get('model')}`. *points*: the top-1 "
+             f"percentage points the pair's mistakes cost.", "",
+             "| # | class a | class b | a taken for b | b taken for a | points |",
+             "| ---: | --- | --- | ---: | ---: | ---: |"]
+    lines += [f"| {i} | {p['a']} | {p['b']} | {p['a_as_b']} | {p['b_as_a']} | {p['points']:.2f} |"
+              for i, p in enumerate(pairs, 1)]
+    return lines
+
+
+def eval_pictures(plt, folder: Path, ev: dict) -> list[Path]:
+    """EVAL_PER_CLASS: per-class accuracy as sorted bars (worst at the top); EVAL_CONFUSED: the costliest pairs."""
+    per_class = sorted(((acc, c) for c, acc in ev["per_class_acc"].items() if acc is not None), reverse=True)
+    fig, ax = plt.subplots(figsize=(8, 1 + 0.16 * len(per_class)))
+    ax.barh(range(len(per_class)), [a for a, _ in per_class], color="tab:blue")
+    ax.set_yticks(range(len(per_class)), [c for _, c in per_class], fontsize=7 if len(per_class) > 40 else 9)
+    ax.axvline(ev["acc"], color="tab:red", linestyle="--", label=f"top-1 {ev['acc']:.2f}%")
+    ax.set(xlim=(0, 100), xlabel="test accuracy (%)", title=f"Per-class accuracy ({len(per_class)} classes)")
+    ax.margins(y=0.005)
+    ax.legend(loc="upper right")  # beside the weakest classes' short bars
+    out = [folder / EVAL_PER_CLASS]
+    save_figure(plt, fig, out[0])
+    pairs = confused_pairs(ev)
+    if pairs:
+        fig, ax = plt.subplots(figsize=(8, 1 + 0.3 * len(pairs)))
+        labels = [f"{p['a']} / {p['b']}" for p in reversed(pairs)]
+        ax.barh(labels, [p["a_as_b"] for p in reversed(pairs)], label="a taken for b")
+        ax.barh(labels, [p["b_as_a"] for p in reversed(pairs)], left=[p["a_as_b"] for p in reversed(pairs)],
+                label="b taken for a")
+        ax.set(xlabel="test images", title=f"The {len(pairs)} most confused class pairs (a / b)")
+        ax.legend(loc="lower right")
+        out.append(folder / EVAL_CONFUSED)
+        save_figure(plt, fig, out[-1])
+    return out
+
+
+def write_eval_report(folder: Path, ev: dict) -> list[Path]:
+    """Beside eval.json: the most confused pairs as a table (EVAL_TABLE) and, with matplotlib, the pictures."""
+    table_path = folder / EVAL_TABLE
+    try:
+        table_path.write_text("\n".join(confused_table(ev)) + "\n")
+    except OSError as exc:
+        raise FgicError(f"{table_path}: cannot write ({exc.strerror})") from None
+    plt = pyplot()
+    return [table_path, *(eval_pictures(plt, folder, ev) if plt is not None else [])]
+
+
+def evaluations(root: Path) -> list[str]:
+    """The results.md section of the eval.json files below RUNS_DIR, their tables and pictures (re)written."""
+    lines = []
+    for path in sorted(root.rglob("eval.json")):
+        ev = read_object(path)
+        if not isinstance(ev.get("per_class_acc"), dict) or not all(k in ev for k in ("acc", "correct", "total")):
+            lines.append(f"- `{path.relative_to(root)}`: lacks acc, correct, total or per_class_acc; rerun --eval-only")
+            continue
+        written = write_eval_report(path.parent, ev)
+        scored = [(acc, c) for c, acc in ev["per_class_acc"].items() if acc is not None]
+        worst = min(scored) if scored else None
+        pairs = confused_pairs(ev, 3)
+        costly = ("; costliest mix-ups: " + ", ".join(f"{p['a']} / {p['b']} ({p['points']:.2f} points)" for p in pairs)
+                  if pairs else "; no confusion counts (an eval.json of an older fgic: rerun --eval-only)"
+                  if "confusions" not in ev else "")
+        lines.append(f"- `{path.parent.relative_to(root)}`: top-1 {ev['acc']:.2f}% ({ev['correct']}/{ev['total']}) "
+                     f"of `{ev.get('model')}`" + (f"; weakest class {worst[1]} ({worst[0]:.1f}%)" if worst else "")
+                     + costly + "; " + ", ".join(f"`{p.relative_to(root)}`" for p in written))
+    return ["", "## Evaluations (eval.json)", "", *lines] if lines else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,11 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     root = args.runs_dir
     if not root.is_dir():
         raise FgicError(f"RUNS_DIR {root}: no such folder; give fgic.ddp's --output-dir (default ./runs)")
-    runs, failures = find_runs(root), find_failures(root)
-    if not runs and not failures:
-        raise FgicError(f"RUNS_DIR {root}: no runs found (no config.json below it, no failed/*.json); give "
-                        f"fgic.ddp's --output-dir")
-    text = render(root, runs, failures)
+    runs, failures, evaluated = find_runs(root), find_failures(root), evaluations(root)
+    if not runs and not failures and not evaluated:
+        raise FgicError(f"RUNS_DIR {root}: no runs found (no config.json below it, no failed/*.json, no eval.json); "
+                        f"give fgic.ddp's --output-dir")
+    text = render(root, runs, failures, evaluated)
     output = args.output or root / "results.md"
     try:
         output.write_text(text)

@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from fgic import cluster
@@ -18,6 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 # few values make training chaotic), global batch 12 (splits over 1, 2 and 3 processes), 2 steps per epoch.
 TINY = {"arch": "resnet18", "weights": "none", "resize": 72, "crop": 64, "padding": 4, "batch-size": 12, "epochs": 2,
         "device": "cpu", "workers": 0}
+
+
+def optional(name: str):
+    """The optional extra, or a skip where it is not installed; CI installs it, so there it fails instead."""
+    try:
+        return __import__(name)
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs the {name} tests, but {name} is not installed")
+        pytest.skip(f"needs the optional extra {name} (pip install {name})")
 
 
 def tiny_args(**overrides) -> list[str]:

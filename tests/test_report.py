@@ -12,7 +12,7 @@ import pytest
 from fgic import config, report
 from fgic.errors import FgicError
 from fgic.runlog import RunLog, write_json
-from tests.helpers import REPO, fgic_env
+from tests.helpers import REPO, fgic_env, optional
 
 
 def make_run(root, dataset, seed, accs, epochs=None, finish=True, flags=()):
@@ -193,4 +193,55 @@ def test_command_line_error_is_one_line_and_exit_2(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.strip() == f"fgic.report: error: RUNS_DIR {tmp_path}: no runs found (no config.json below it, " \
-                                 f"no failed/*.json); give fgic.ddp's --output-dir"
+                                 f"no failed/*.json, no eval.json); give fgic.ddp's --output-dir"
+
+
+def make_eval(folder, confusions=None):
+    """An eval.json of 3 classes, 30 test images, 10 per class."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ev = {"acc": 70.0, "top5": 100.0, "correct": 21, "total": 30, "loss": 0.9, "model": "ckpt.pt",
+          "per_class_acc": {"crow": 90.0, "raven": 50.0, "rook": 70.0},
+          "per_class_total": {"crow": 10, "raven": 10, "rook": 10}}
+    if confusions is not None:
+        ev["confusions"] = [{"true": t, "predicted": p, "count": n} for t, p, n in confusions]
+    write_json(folder / "eval.json", ev)
+    return ev
+
+
+MISTAKES = [("raven", "crow", 4), ("raven", "rook", 1), ("rook", "raven", 2), ("rook", "crow", 1), ("crow", "rook", 1)]
+
+
+def test_confused_pairs_add_both_directions_and_rank_by_cost(tmp_path):
+    pairs = report.confused_pairs(make_eval(tmp_path, MISTAKES))
+    assert [(p["a"], p["b"], p["a_as_b"], p["b_as_a"]) for p in pairs] == \
+        [("crow", "raven", 0, 4), ("raven", "rook", 1, 2), ("crow", "rook", 1, 1)]
+    assert [round(p["points"], 2) for p in pairs] == [13.33, 10.0, 6.67]
+    many = [(f"c{i}", f"c{j}", 1 + i) for i in range(8) for j in range(8) if i != j]
+    ranked = report.confused_pairs({"total": 1000, "confusions": [{"true": t, "predicted": p, "count": n}
+                                                                   for t, p, n in many]})
+    assert len(ranked) == report.TOP_PAIRS == 20 and ranked[0]["a_as_b"] + ranked[0]["b_as_a"] == 7 + 8
+
+
+def test_each_eval_json_gets_its_pictures_table_and_a_line_in_the_report(tmp_path, capsys):
+    optional("matplotlib")
+    make_run(tmp_path, "cub", 0, [50.0, 60.0])
+    make_eval(tmp_path / "cub" / "evaluated", MISTAKES)
+    make_eval(tmp_path / "cub" / "older")  # an eval.json written before the confusions were kept
+    assert report.main([str(tmp_path), "--no-plot"]) == 0
+    text = capsys.readouterr().out
+    assert "## Evaluations (eval.json)" in text
+    assert ("- `cub/evaluated`: top-1 70.00% (21/30) of `ckpt.pt`; weakest class raven (50.0%); costliest mix-ups: "
+            "crow / raven (13.33 points), raven / rook (10.00 points), crow / rook (6.67 points)") in text
+    assert "- `cub/older`: top-1 70.00% (21/30) of `ckpt.pt`; weakest class raven (50.0%); no confusion counts" in text
+    table = (tmp_path / "cub" / "evaluated" / report.EVAL_TABLE).read_text().splitlines()
+    assert "| 1 | crow | raven | 0 | 4 | 13.33 |" in table and len([r for r in table if r.startswith("| ")]) == 2 + 3
+    for name in (report.EVAL_PER_CLASS, report.EVAL_CONFUSED):
+        assert (tmp_path / "cub" / "evaluated" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "cub" / "older" / report.EVAL_CONFUSED).exists()  # no pairs, no picture of them
+
+
+def test_without_matplotlib_an_eval_json_still_gets_its_table(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    make_eval(tmp_path / "x", MISTAKES)
+    assert report.write_eval_report(tmp_path / "x", json.loads((tmp_path / "x" / "eval.json").read_text())) == \
+        [tmp_path / "x" / report.EVAL_TABLE]

@@ -2,7 +2,6 @@
 Hugging Face cache, the offline message, `fgic.weights fetch/path timm:NAME`, BatchNormAct2d on several processes."""
 from __future__ import annotations
 
-import os
 import socket
 import sys
 
@@ -11,16 +10,7 @@ import torch
 
 from fgic import drop, models, syncbn, timm_models, weights
 from fgic.errors import FgicError
-
-
-def optional(name: str):
-    """The optional extra, or a skip where it is not installed; CI installs it, so there it fails instead."""
-    try:
-        return __import__(name)
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI runs the {name} tests, but {name} is not installed")
-        pytest.skip(f"needs the optional extra {name} (pip install {name})")
+from tests.helpers import optional
 
 
 @pytest.fixture

@@ -1,0 +1,180 @@
+"""After training: `fgic.predict` gives `--eval-only`'s accuracy and confusions on the test split and skips bad
+images; `fgic.export` files run without fgic (tests/plain_consumer.py) with the checkpoint's logits; the eval
+pictures and tables."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fgic import export, models, predict, trained
+from fgic.errors import FgicError
+from tests.helpers import REPO, fgic_env, optional, run_fgic, tiny_args
+
+NAME = "resnet18-off-s2020"
+EMA = ["--model-ema", "--model-ema-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory) -> Path:
+    """A tiny 2-epoch run with an EMA of the weights."""
+    out = tmp_path_factory.mktemp("runs")
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(), *EMA, "--output-dir", str(out)])
+    assert res.returncode == 0, res.stderr
+    return out / "tiny" / NAME
+
+
+def fake_run(folder: Path, arch: str, crop: int, classes=("a", "b", "c")) -> Path:
+    """A run folder without training: config.json and best.pt of a freshly built model."""
+    folder.mkdir(parents=True)
+    model = models.build(arch, len(classes), "none", crop=crop)
+    torch.save(model.state_dict(), folder / "best.pt")
+    (folder / "config.json").write_text(json.dumps({"arch": arch, "resize": crop + 8, "crop": crop,
+                                                    "classes": list(classes), "num_classes": len(classes)}))
+    return folder
+
+
+def predict_cli(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fgic.predict", *map(str, args)], cwd=cwd, env=fgic_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("ema", [True, False])
+def test_predict_on_the_test_split_gives_eval_onlys_accuracy_and_confusions(tiny_data, run, tmp_path, ema):
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(), *(EMA if ema else []), "--eval-only", "--resume",
+                    str(run / "checkpoint.pt"), "--output-dir", str(tmp_path / "eval")], nproc=2)
+    assert res.returncode == 0, res.stderr
+    ev = json.loads((tmp_path / "eval" / "tiny" / NAME / "eval.json").read_text())
+    res = predict_cli(run, tiny_data / "test", "--ema" if ema else "--no-ema", "-q", "-o", tmp_path / "pred")
+    assert res.returncode == 0, res.stderr
+    out = json.loads((tmp_path / "pred.json").read_text())
+    assert (out["accuracy"]["correct"], out["accuracy"]["total"]) == (ev["correct"], ev["total"]) and ev["total"] == 101
+    assert out["accuracy"]["acc"] == pytest.approx(ev["acc"])
+    assert out["model"].endswith("(EMA)") == ema
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert ev["correct"] == records[-1]["ema_test_correct" if ema else "test_correct"]
+    # the same mistakes, image by image: predict's (label, top-1) pairs are eval.json's confusion counts
+    mistakes = Counter((p["label"], p["top"][0]["class"]) for p in out["predictions"]
+                       if p["label"] != p["top"][0]["class"])
+    assert mistakes == Counter({(c["true"], c["predicted"]): c["count"] for c in ev["confusions"]})
+    assert sum(mistakes.values()) == ev["total"] - ev["correct"]
+    assert sum(ev["per_class_total"].values()) == 101
+    for p in out["predictions"]:
+        assert len(p["top"]) == 3 and sum(t["prob"] for t in p["top"]) == pytest.approx(1, abs=1e-5)
+
+
+@pytest.mark.e2e
+def test_predict_lists_and_skips_bad_images(run, tiny_data, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(tiny_data / "test" / "class_01", images / "class_01")
+    (images / "class_01" / "broken.jpg").write_bytes(b"not a jpeg")
+    (images / "notes.png").write_text("hello")
+    (images / "README.txt").write_text("not an image name: not listed")
+    single = sorted((tiny_data / "test" / "class_00").iterdir())[0]
+    res = predict_cli(run, images, single, "-k", "2", "-o", tmp_path / "out.csv")
+    assert res.returncode == 0, res.stderr
+    skipped = [line for line in res.stderr.splitlines() if line.startswith("fgic.predict: skipped ")]
+    assert len(skipped) == 2 and "broken.jpg" in skipped[0] and "notes.png" in skipped[1], res.stderr
+    rows = (tmp_path / "out.csv").read_text().splitlines()
+    assert rows[0] == "path,label,class_1,prob_1,class_2,prob_2" and len(rows) == 1 + 34 + 1
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert [s["path"] for s in out["skipped"]] == [str(images / "class_01" / "broken.jpg"), str(images / "notes.png")]
+    assert out["accuracy"]["total"] == 35  # 34 in class_01/, the single image in class_00/
+    printed = [line for line in res.stdout.splitlines() if line.startswith(str(single))]
+    assert len(printed) == 1 and printed[0].count(" 0.") + printed[0].count(" 1.0") == 2
+    assert "35 image(s) classified" in res.stdout and "2 skipped" in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/nowhere", "{img}"], "RUN_DIR|CHECKPOINT {tmp}/nowhere: no such file or folder"),
+    (["{tmp}", "{img}"], "RUN_DIR|CHECKPOINT {tmp}: no config.json"),
+    (["{run}/best.pt", "{img}", "--ema"], "--ema: {run}/best.pt holds no EMA weights"),
+    (["{run}", "{tmp}/missing.jpg"], "IMAGES {tmp}/missing.jpg: no such file or folder"),
+    (["{run}", "{img}", "-k", "0"], "-k/--topk 0: must be at least 1"),
+])
+def test_predict_bad_input_is_one_line(tmp_path, args, message):
+    run = fake_run(tmp_path / "run", "resnet18", 32)
+    img = tmp_path / "x.png"
+    img.write_bytes(b"")
+    fill = {"tmp": tmp_path, "run": run, "img": img}
+    with pytest.raises(FgicError) as exc:
+        predict.main([a.format(**fill) for a in args])
+    assert message.format(**fill) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_run_without_class_names_reads_them_from_its_dataset(tmp_path, tiny_data):
+    run = fake_run(tmp_path / "run", "resnet18", 32)
+    config = json.loads((run / "config.json").read_text())
+    del config["classes"]
+    (run / "config.json").write_text(json.dumps({**config, "data_path": str(tiny_data)}))
+    assert trained.load(str(run / "best.pt")).classes == ["class_00", "class_01", "class_02"]
+    (run / "config.json").write_text(json.dumps({**config, "data_path": str(tmp_path / "gone")}))
+    with pytest.raises(FgicError, match="names no classes and the dataset's train/"):
+        trained.load(str(run / "best.pt"))
+
+
+def reference_logits(source: str, images: list[Path]) -> np.ndarray:
+    """The logits fgic's own model and test transform give (fgic.predict's path)."""
+    run = trained.load(source)
+    crops = [predict.read(p, run.resize, run.crop) for p in images]
+    with torch.inference_mode():
+        return run.model(trained.to_input(crops)).numpy()
+
+
+def consume(path: Path, images: list[Path], tmp_path: Path) -> np.ndarray:
+    out = tmp_path / "logits.npy"
+    res = subprocess.run([sys.executable, str(REPO / "tests" / "plain_consumer.py"), str(path), str(out),
+                          *map(str, images)], cwd=tmp_path, env={**fgic_env(), "PYTHONPATH": ""},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout.splitlines()) == len(images)
+    return np.load(out)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_an_export_runs_without_fgic_with_the_checkpoints_logits(run, tiny_data, tmp_path, fmt):
+    if fmt == "onnx":
+        optional("onnxruntime")
+    images = sorted((tiny_data / "test").rglob("*.jpg"))[::10]  # 11 real images of the 3 classes
+    res = subprocess.run([sys.executable, "-m", "fgic.export", str(run), "--format", fmt], cwd=REPO, env=fgic_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    path = run / "export" / f"model.{fmt}"
+    assert "checked: its logits are the model's within" in res.stdout and str(path) in res.stdout
+    meta = json.loads(Path(f"{path}.json").read_text())
+    assert meta["classes"] == ["class_00", "class_01", "class_02"] and meta["weights"].endswith("(EMA)")
+    assert meta["preprocessing"]["resize"] == [72, 72] and meta["preprocessing"]["crop_offset"] == 4
+    got, want = consume(path, images, tmp_path), reference_logits(str(run), images)
+    print(f"{fmt}: max |logit difference| from the checkpoint's, fgic's transform vs a plain one: "
+          f"{np.abs(got - want).max():.3g}")
+    assert got.shape == (len(images), 3) and np.abs(got - want).max() < 1e-4
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("arch, crop", [("vit_b_32", 64), ("swin_t", 64), ("timm:test_vit", 64)])
+def test_other_archs_export_to_pt2_with_a_dynamic_batch(arch, crop, tmp_path, tiny_data, capsys):
+    if arch.startswith("timm:"):
+        optional("timm")
+    run = fake_run(tmp_path / "run", arch, crop)
+    assert export.main([str(run / "best.pt"), "-o", str(tmp_path / "m.pt2")]) == 0
+    assert "checked: its logits are the model's within" in capsys.readouterr().out
+    images = sorted((tiny_data / "test").rglob("*.jpg"))[:5]
+    got, want = consume(tmp_path / "m.pt2", images, tmp_path), reference_logits(str(run / "best.pt"), images)
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_export_onnx_without_the_extra_is_one_line(tmp_path, monkeypatch):
+    run = fake_run(tmp_path / "run", "resnet18", 32)
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(FgicError, match=r"--format onnx: needs onnx and onnxscript \(pip install 'fgic\[onnx\]'\)"):
+        export.main([str(run / "best.pt"), "--format", "onnx"])
