@@ -319,3 +319,20 @@ def test_deterministic_one_gpu_run_is_repeatable_bitwise(tiny_data, tmp_path, am
         runs.append(tmp_path / name / "tiny" / f"resnet18-{amp}-s2020")
     assert json.loads((runs[0] / "config.json").read_text())["deterministic"] is True
     same_result(runs[1], runs[0])
+
+
+def test_predict_on_the_gpu_gives_the_cpus_classes(tiny_data, tmp_path):
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(epochs=1), "--output-dir", str(tmp_path)])
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "tiny" / "resnet18-off-s2020"
+    out = {}
+    for device, amp in (("cpu", "off"), ("cuda", "off"), ("cuda", "bf16")):
+        res = run_fgic([str(run), str(tiny_data / "test"), "-q", "--device", device, "-a", amp, "-o",
+                        str(tmp_path / f"{device}-{amp}")], program=("-m", "fgic.predict"))
+        assert res.returncode == 0 and f"on {device}" in res.stdout, res.stderr
+        out[device, amp] = json.loads((tmp_path / f"{device}-{amp}.json").read_text())["predictions"]
+    cpu, gpu, bf16 = out["cpu", "off"], out["cuda", "off"], out["cuda", "bf16"]
+    assert [p["path"] for p in gpu] == [p["path"] for p in cpu] and len(cpu) == 101
+    assert max(abs(a["top"][0]["prob"] - b["top"][0]["prob"]) for a, b in zip(gpu, cpu)) < 1e-3  # TF32 convolutions
+    same = sum(a["top"][0]["class"] == b["top"][0]["class"] for a, b in zip(bf16, cpu))
+    assert same >= 95, f"bf16 agrees with fp32 on {same}/101 images"

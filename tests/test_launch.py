@@ -224,6 +224,25 @@ def test_submitit_wait_says_why_a_job_failed(tiny_data, tmp_path):
 
 
 @pytest.mark.e2e
+def test_submitit_local_executor_runs_a_sweep_of_any_flag(tiny_data, tmp_path):
+    """--sweep lr=... with submitit's local executor: one job per value, each in its own run folder with its lr, and
+    the report shows lr as a column."""
+    out = subprocess.run([sys.executable, "-m", "launch.submitit", "--datasets", str(tiny_data), "--cluster", "local",
+                          "--wait", *tiny_args(epochs=1), "--sweep", "lr=0.05,0.1", "--output-dir", str(tmp_path)],
+                         cwd=REPO, env=fgic_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "submitted 2 job(s) to local" in out.stdout, out.stdout + out.stderr
+    for lr in ("0.05", "0.1"):
+        folder = tmp_path / "tiny" / f"resnet18-off-s2020-lr{lr}"
+        assert json.loads((folder / "config.json").read_text())["lr"] == float(lr)
+        assert json.loads((folder / "summary.json").read_text())["epochs"] == 1
+    table = subprocess.run([sys.executable, "-m", "fgic.report", str(tmp_path), "--no-plot"], cwd=REPO,
+                           env=fgic_env(), capture_output=True, text=True, timeout=120).stdout
+    assert "| arch | amp | lr | note | tiny final epoch |" in table, table
+    rows = [line for line in table.splitlines() if line.startswith("| resnet18 | off | 0.")]
+    assert [r.split(" | ")[2:4] for r in rows] == [["0.05", "lr0.05"], ["0.1", "lr0.1"]], table
+
+
+@pytest.mark.e2e
 def test_submitit_requeue_survives_the_sigterm_that_ends_the_step():
     """submitit's handler runs `scontrol requeue`; Slurm then ends the step with SIGTERM, which may reach scontrol
     before it exits. Under hand_over the stand-in scontrol (it signals itself) lives, so the requeue does not fail."""
