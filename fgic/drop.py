@@ -18,7 +18,6 @@ from torchvision.ops import StochasticDepth
 
 M32 = 0xFFFFFFFF
 MULT = 0x45D9F3B  # the multiplier of a well-studied 32-bit integer mix; below 2**27, so products stay in int64
-GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: spreads consecutive counters
 
 
 def mix32(x):
@@ -32,7 +31,12 @@ def mix32(x):
 def uniform(keys: torch.Tensor, layer: int, per_sample: int) -> torch.Tensor:
     """(len(keys), per_sample) float32 values in [0, 1) on a 2**-24 grid, each a function of (key, layer, column)."""
     base = mix32(keys.to(torch.int64) ^ mix32(layer))
-    column = torch.arange(per_sample, device=keys.device, dtype=torch.int64) * GOLDEN & M32
+    # The column counter is mixed, shift and xor first, never multiplied: inductor folds `arange * constant` into an
+    # index expression computed in the kernel's int32 index type, and on CUDA (H200, torch 2.11, 2026-12-04) a
+    # compiled ViT-B/16 then failed to build ("Scalar 2654435769 is out of range for type int32"); a constant within
+    # int32 overflows silently instead (pytorch/pytorch#175966). Bitwise ops are not folded, so the counter stays an
+    # int64 value.
+    column = mix32(torch.arange(per_sample, device=keys.device, dtype=torch.int64))
     return (mix32((base[:, None] + column) & M32) >> 8).to(torch.float32) * 2.0 ** -24
 
 

@@ -105,3 +105,18 @@ def test_the_masks_on_a_gpu_are_the_cpus():
     for mode in ("row", "element"):
         layer = drop.KeyedDrop(0.3, mode, layer=7)
         assert torch.equal(masks(layer.cuda(), KEYS[:256].cuda(), (4, 9)).cpu(), masks(layer.cpu(), KEYS[:256], (4, 9)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode,shape", [("row", (197, 768)), ("element", (197, 768))])
+def test_compiled_masks_on_a_gpu_are_the_cpus(mode, shape):
+    """ViT-B/16's token shape with a LayerNorm in front, the fusion that once made inductor fold the column counter
+    into an int32 index expression (a Triton build error; a smaller constant would overflow silently)."""
+    torch._dynamo.reset()
+    layer = drop.KeyedDrop(0.3, mode, layer=7)
+    model = nn.Sequential(nn.LayerNorm(shape[-1]), layer).cuda().train()
+    x = torch.randn(8, *shape, device="cuda") + 3.0  # no zero before the mask
+    with drop.keyed(model, KEYS[:8].cuda()):
+        kept = torch.compile(model)(x) != 0
+    assert torch.equal(kept.cpu(), masks(layer.cpu(), KEYS[:8], shape))

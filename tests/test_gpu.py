@@ -24,9 +24,11 @@ def cuda_args(epochs=1, workers=2):
 
 
 def test_sync_batchnorm_on_cuda_is_torchs():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
-    assert isinstance(models.sync_batchnorm(model, torch.device("cuda"), True)[1], torch.nn.SyncBatchNorm)
-    assert type(models.sync_batchnorm(model, torch.device("cuda"), False, True)[1]) is torch.nn.BatchNorm2d
+    def model():  # a new one for each call: the conversion replaces the children in place
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+
+    assert isinstance(models.sync_batchnorm(model(), torch.device("cuda"), True)[1], torch.nn.SyncBatchNorm)
+    assert type(models.sync_batchnorm(model(), torch.device("cuda"), False, True)[1]) is torch.nn.BatchNorm2d
 
 
 def test_batched_gpu_crop_equals_the_cpu_crops():
