@@ -180,6 +180,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="auto: continue the run folder's checkpoint.pt if any; none: start over; or a checkpoint")
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars per epoch to "
                                                               "RUN_DIR/tb (needs the tensorboard package)")
+    g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases from rank 0, one W&B run per run "
+                                                       "folder across requeues (pip install 'fgic[wandb]'; "
+                                                       "WANDB_MODE=offline, then `wandb sync`, works offline)")
+    g.add_argument("--wandb-project", default="fgic", help="the W&B project (default fgic)")
+    g.add_argument("--wandb-entity", help="the W&B team or user (default: your W&B default)")
+    g.add_argument("--wandb-group", help="the W&B group (default: none; a sweep's runs get the sweep's)")
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate --resume PATH or --weights PATH and write eval.json")
     return p

@@ -100,7 +100,9 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
     args, run_dir, cfg = run.args, run.run_dir, run.config()
     say = print if dist.is_main else (lambda *a, **k: None)
     seed_everything(args.seed, args.deterministic)
-    log = RunLog(run_dir, dist.is_main, tensorboard=args.tensorboard)
+    wandb = (dict(project=args.wandb_project, entity=args.wandb_entity, group=args.wandb_group,
+                  name=f"{run.dataset}/{run_dir.name}") if args.wandb else None)
+    log = RunLog(run_dir, dist.is_main, tensorboard=args.tensorboard, wandb=wandb)
     dist.agree(log.make_dir)  # an unwritable --output-dir is said before any set-up work
 
     # Model: same seed on every rank gives the same initial weights (DDP broadcasts rank 0's anyway).
@@ -171,7 +173,7 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
         if tr["stopped_at"] is not None:  # a stop signal: checkpoint this step boundary and leave
             save(checkpoint.Progress(epoch, tr["stopped_at"], dist.gather(tr["totals"]), progress.best,
                                      best_ema=progress.best_ema))
-            return preempted(dist, stop, run_dir, f"epoch {epoch + 1}, step {tr['stopped_at']}")
+            return preempted(dist, stop, log, f"epoch {epoch + 1}, step {tr['stopped_at']}")
         opt.after_epoch()
         te = engine.evaluate(model, test_loader, criterion, dist, args.amp, len(run.classes))
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"],
@@ -195,6 +197,7 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
         log.epoch(record)
         progress = checkpoint.Progress(epoch + 1, 0, [], best, best_ema=best_ema)
         save(progress)
+        log.checkpointed(record)
         dist.barrier()  # the others wait for rank 0's saves here, patiently, not in the next epoch's collectives
         say(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {tr['train_loss']:.3f} acc "
             f"{tr['train_acc']:.2f}%  |  test loss {te['test_loss']:.3f} acc {te['test_acc']:.2f}% top5 "
@@ -204,7 +207,7 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
         # the checkpoint just written, not after the next epoch's first step: Slurm's SIGKILL follows its SIGTERM
         # after KillWait (30 s by default; 5 s on the test cluster, where a CI run lost a cancelled job's stop to it).
         if epoch + 1 < args.epochs and stop.agree(dist.max):
-            return preempted(dist, stop, run_dir, f"the end of epoch {epoch + 1}")
+            return preempted(dist, stop, log, f"the end of epoch {epoch + 1}")
 
     summary = {"final_test_acc": record["test_acc"], "best_test_acc": progress.best["acc"],
                "best_epoch": progress.best["epoch"], "epochs": args.epochs, "test_total": record["test_total"],
@@ -212,20 +215,22 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
     if opt.ema is not None:
         summary.update(ema_final_test_acc=record["ema_test_acc"], ema_best_test_acc=progress.best_ema["acc"],
                        ema_best_epoch=progress.best_ema["epoch"])
-    log.write("summary.json", summary)
+    log.summary(summary)
+    log.close()
     say(f"fgic: done. final top-1 {summary['final_test_acc']:.2f}% (last epoch); best {summary['best_test_acc']:.2f}% "
         f"at epoch {summary['best_epoch']} (selected on the test set); {run_dir}")
     del ddp_model  # before the process group goes (see Dist.close)
     return 0
 
 
-def preempted(dist: Dist, stop: StopRequest, run_dir: Path, where: str) -> int:
+def preempted(dist: Dist, stop: StopRequest, log: RunLog, where: str) -> int:
     """After the stop checkpoint: say so, requeue a Slurm job (rank 0), and leave with EXIT_PREEMPTED, all ranks
     together once rank 0 is done: torchrun and `srun --kill-on-bad-exit` end the other processes when one exits 75,
     and rank 0 could then be killed mid-checkpoint or mid-requeue."""
     if dist.is_main:
         print(f"fgic: stopped by {signal.Signals(stop.signum).name} at {where}; checkpoint written, resume with the "
-              f"same command; {run_dir}", file=sys.stderr, flush=True)
+              f"same command; {log.dir}", file=sys.stderr, flush=True)
+        log.close(preempted=True)  # before the requeue, which ends the step (wandb-core too) with a SIGTERM
         print(f"fgic: {requeue()}", file=sys.stderr, flush=True)
     dist.barrier()
     stop.done()

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from fgic.config import MEANING, completed
 from fgic.errors import FgicError, run_cli
-from fgic.runlog import CHECKPOINT, read_object, read_records
+from fgic.jsonfile import read_object
+from fgic.runlog import CHECKPOINT, read_records
 
 # The configuration of a run: what changes its result, less the dataset and the seed (the table's columns and the
 # spread). arch and amp are always shown; the others only when they differ among the runs.

@@ -9,36 +9,13 @@ from pathlib import Path
 
 from fgic import tblog
 from fgic.errors import FgicError
+from fgic.jsonfile import read_text, write_json
+from fgic.wandb_log import WandbRun
 
 CHECKPOINT = "checkpoint.pt"  # the run folder's latest state (fgic.checkpoint writes it; fgic.report looks for it)
 BEST = "best.pt"  # the model of the best epoch
 BEST_EMA = "best_ema.pt"  # the EMA model of its best epoch (--model-ema)
 CSV_COLUMNS = ("Epoch", "lr", "Train_Loss", "Train_Acc", "Test_Acc")  # the seed train.py's log
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON through a temporary file and os.replace, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = getattr(exc, "strerror", None) or exc
-        raise FgicError(f"{path}: unreadable ({why}); fix or remove the file") from None
-
-
-def read_object(path: Path) -> dict:
-    try:
-        obj = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise FgicError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); fix or remove the file") from None
-    if not isinstance(obj, dict):
-        raise FgicError(f"{path}: expected a JSON object, found {type(obj).__name__}; fix or remove the file")
-    return obj
 
 
 def read_records(path: Path) -> list[dict]:
@@ -60,10 +37,12 @@ def read_records(path: Path) -> list[dict]:
 
 
 class RunLog:
-    """Appends one record per finished epoch; every method is a no-op on ranks other than 0."""
+    """Appends one record per finished epoch, to the files and to TensorBoard and W&B where asked; every method is a
+    no-op on ranks other than 0. `wandb`: WandbRun.open's keyword arguments (project, entity, group, name), or None."""
 
-    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool = False, wandb: dict | None = None):
         self.dir, self.is_main, self.tensorboard, self.tb = run_dir, is_main, tensorboard, None
+        self.wandb, self.wb = wandb, None
         self.metrics, self.csv = run_dir / "metrics.jsonl", run_dir / "train_log.csv"
 
     def make_dir(self) -> None:
@@ -96,6 +75,9 @@ class RunLog:
             writer.writerows(_csv_row(r) for r in kept)
         if self.tensorboard:
             self.tb = tblog.open_writer(self.dir, done_epochs)
+        if self.wandb is not None:
+            shown = {k: v for k, v in config.items() if k != "classes"}  # the class names: in config.json
+            self.wb = WandbRun.open(self.dir, shown, done_epochs, kept, **self.wandb)
 
     def epoch(self, record: dict) -> None:
         if not self.is_main:
@@ -107,10 +89,31 @@ class RunLog:
         if self.tb is not None:
             tblog.write(self.tb, record)
 
+    def checkpointed(self, record: dict) -> None:
+        """W&B gets an epoch once its checkpoint is written: what W&B has is never ahead of where a resume starts
+        (an epoch it has is never redone), and an epoch it misses is caught up from metrics.jsonl on resume."""
+        if self.wb is not None:
+            self.wb.epoch(record)
+
     def write(self, name: str, obj: dict) -> None:
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json(self.dir / name, obj)
+
+    def summary(self, summary: dict) -> None:
+        """summary.json, and W&B's summary."""
+        self.write("summary.json", summary)
+        if self.wb is not None:
+            self.wb.summary(summary)
+
+    def close(self, preempted: bool = False) -> None:
+        """The end of this attempt: a preempted one marks the W&B run preempting (its requeue continues it)."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.wb is not None:
+            self.wb.finish(preempted)
+            self.wb = None
 
 
 def _csv_row(r: dict) -> list:

@@ -14,6 +14,7 @@ that run alone, with its record.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import re
@@ -27,9 +28,10 @@ from fgic.errors import FgicError, run_cli
 # Swept by the launchers' own lists, or fixed for the whole sweep.
 OWN_LIST = {"data": "--datasets", "seed": "--seeds", "amp": "--amps"}
 FIXED = {"output_dir": "one runs folder holds the sweep", "note": "the swept values are added to the note",
-         "resume": "each run resumes from its own folder", "help": ""}
+         "resume": "each run resumes from its own folder", "wandb_group": "a sweep's runs share one W&B group",
+         "help": "it prints the help"}
 # Already in the run folder's name (config.run_name): sweeping them needs no suffix.
-IN_NAME = {"arch", "amp", "seed", "recipe", "data"}
+IN_NAME = {"arch", "recipe"}
 SWITCH_VALUES = ("on", "off")
 
 
@@ -116,6 +118,8 @@ def plan(datasets: list[str], seeds: list[int], amps: list[str], specs: list[str
         if axis.switch and not axis.negatable and getattr(base, axis.dest):
             raise FgicError(f"--sweep {axis.flag.lstrip('-')}=...: {axis.flag} is also among the flags for every "
                             f"run; leave it out there")
+    if base.wandb and not base.wandb_group:
+        fgic_argv = [*fgic_argv, "--wandb-group", group(datasets, seeds, amps, specs, fgic_argv)]
     out, seen, checked = [], {}, set()
     for dataset, seed, amp, *values in itertools.product(datasets, seeds, amps, *(a.values for a in axes)):
         parts = [p for a, v in zip(axes, values) if a.dest not in IN_NAME and (p := a.name_part(v))]
@@ -134,6 +138,14 @@ def plan(datasets: list[str], seeds: list[int], amps: list[str], specs: list[str
         seen[combo.run_dir] = combo.swept or combo.argv
         out.append(combo)
     return out
+
+
+def group(datasets, seeds, amps, specs, fgic_argv) -> str:
+    """The W&B group of a sweep's runs: sweep-AXES-HASH, the hash of the whole sweep, so that the same sweep
+    submitted again (to rerun its failures) joins its group and another sweep does not."""
+    whole = json.dumps([datasets, seeds, amps, specs, fgic_argv])
+    axes = [spec.partition("=")[0].strip().lstrip("-") for spec in specs]
+    return "-".join(["sweep", *axes, hashlib.sha256(whole.encode()).hexdigest()[:6]])
 
 
 def check_run(run: argparse.Namespace, checked: set) -> str:

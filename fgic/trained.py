@@ -11,7 +11,8 @@ from torch import nn
 
 from fgic import augment, models
 from fgic.errors import FgicError
-from fgic.runlog import BEST, BEST_EMA, CHECKPOINT, read_object
+from fgic.jsonfile import read_object
+from fgic.runlog import BEST, BEST_EMA, CHECKPOINT
 from fgic.weights import read_state_dict, safe_load
 
 SOURCE = "RUN_DIR|CHECKPOINT"

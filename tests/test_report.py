@@ -11,7 +11,8 @@ import pytest
 
 from fgic import config, report
 from fgic.errors import FgicError
-from fgic.runlog import RunLog, write_json
+from fgic.jsonfile import write_json
+from fgic.runlog import RunLog
 from tests.helpers import REPO, fgic_env, optional
 
 

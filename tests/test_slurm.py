@@ -25,7 +25,7 @@ import torch
 
 from fgic import cluster
 from fgic.demo import make_tiny
-from tests.helpers import REPO, fgic_env, read_jsonl, same_result, tiny_args, wait_for_memory
+from tests.helpers import REPO, fgic_env, optional, read_jsonl, same_result, tiny_args, wait_for_memory
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
@@ -38,6 +38,8 @@ LONG = dict(epochs=12)  # the preempted runs: with FGIC_TEST_STEP_SLEEP_S=2, 4 s
 WAIT_S = 600
 SIGNALS = ("term", "usr2")  # the preemptions by signal (scancel --signal=...)
 LOADERS = ["--cache", "off", "--workers", "2"]  # loader worker processes, which the signals reach too
+WANDB = ["--wandb", "--wandb-project", "fgic-test"]  # offline (the lab's WANDB_MODE): W&B's files in the run folder
+WANDB_JOBS = ("gpu2_usr2", "timelimit")  # the requeued jobs that log to W&B too
 
 
 def cluster_problem() -> str | None:
@@ -104,7 +106,8 @@ def lab(tmp_path_factory):
     garbled = root / "garbled.pt"
     garbled.write_bytes(b"not a torch file")
     job_name = f"fgic-test-{os.getpid()}"
-    env = fgic_env(PYTHON=sys.executable, SBATCH_JOB_NAME=job_name)
+    env = fgic_env(PYTHON=sys.executable, SBATCH_JOB_NAME=job_name, WANDB_MODE="offline", WANDB_SILENT="true",
+                   **{f"WANDB_{d}_DIR": str(root / "wandb-home" / d.lower()) for d in ("CONFIG", "CACHE", "DATA")})
 
     def start(cmd, **extra):
         return subprocess.Popen([str(c) for c in cmd], cwd=root, env={**env, **extra}, text=True,
@@ -132,7 +135,8 @@ def lab(tmp_path_factory):
                            "--output-dir", root / "submitit"], PYTHONPATH=str(REPO)),
         # GPU-shaped: 2 processes under torchrun on the 2 (fake) GPUs, or 2 srun tasks; loader workers alive
         **{f"gpu2_{sig}": start(["sbatch", "--wait", "--gpus-per-node=2", "--cpus-per-task=1", TRAIN, "-d", alpha,
-                                 *tiny_args(**LONG), *LOADERS, "--output-dir", root / f"gpu2_{sig}"], **slow)
+                                 *tiny_args(**LONG), *LOADERS, *(WANDB if f"gpu2_{sig}" in WANDB_JOBS else ()),
+                                 "--output-dir", root / f"gpu2_{sig}"], **slow)
            for sig in SIGNALS},
         **{f"srun2_{sig}": start(["sbatch", "--wait", "--ntasks-per-node=2", "--cpus-per-task=1", "--requeue",
                                   "--open-mode=append", "--output=fgic-%j.out", "--wrap", shlex.join(
@@ -143,7 +147,7 @@ def lab(tmp_path_factory):
         "cancelled": start(["sbatch", "--wait", *CPU_JOB, TRAIN, "-d", alpha, *tiny_args(**LONG),
                             "--output-dir", root / "cancelled"], **{**slow, "FGIC_TEST_STEP_SLEEP_S": "1"}),
         "timelimit": start(["sbatch", "--wait", *CPU_JOB, "--time=10", "--signal=USR2@60", TRAIN, "-d", alpha,
-                            *tiny_args(**LONG), "--output-dir", root / "timelimit"], **slow),
+                            *tiny_args(**LONG), *WANDB, "--output-dir", root / "timelimit"], **slow),
         "submitit_preempted": start([sys.executable, "-m", "launch.submitit", "--datasets", alpha, "--cluster", "slurm",
                                      "--timeout", "10", "--wait", *tiny_args(**LONG),
                                      "--output-dir", root / "submitit_preempted"], PYTHONPATH=str(REPO), **slow),
@@ -220,6 +224,18 @@ def reference(lab, name: str = "reference") -> Path:
     return lab.root / name / "alpha" / RUN
 
 
+def one_wandb_run(run: Path) -> None:
+    """The requeued run is one W&B run (offline: one file per attempt), metrics.jsonl's epochs in it once each."""
+    optional("wandb")
+    from tests import wandb_files
+    attempts = wandb_files.attempts(run)
+    assert len(attempts) == 2 and attempts[0]["id"] == attempts[1]["id"], attempts
+    assert (attempts[0]["preempting"], attempts[0]["exit_code"], attempts[1]["exit_code"]) == (True, 75, 0), attempts
+    rows = wandb_files.history(run)[attempts[0]["id"]]
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 13))
+    assert attempts[1]["summary"]["final_test_acc"] == json.loads((run / "summary.json").read_text())["final_test_acc"]
+
+
 def wait_for(condition, lab: Lab, name: str, what: str) -> None:
     deadline = time.monotonic() + WAIT_S
     while not condition():
@@ -274,6 +290,7 @@ def test_time_limit_warning_requeues_and_ends_as_an_uninterrupted_run(lab):
     log = (lab.root / f"fgic-{lab.jobs[name]}.out").read_text()
     assert "fgic: stopped by SIGUSR2" in log and "requeued Slurm job" in log and "(restart 1)" in log, log
     same_result(lab.root / name / "alpha" / RUN, reference(lab))
+    one_wandb_run(lab.root / name / "alpha" / RUN)
 
 
 @pytest.mark.parametrize("layout", ["gpu2", "srun2"])
@@ -293,6 +310,8 @@ def test_two_process_job_preempted_by_a_signal_to_its_whole_step_ends_as_an_unin
     config = json.loads((lab.root / name / "alpha" / RUN / "config.json").read_text())
     assert config["world_size"] == 2 and config["launcher"] == ("torchrun" if layout == "gpu2" else "srun")
     same_result(lab.root / name / "alpha" / RUN, reference(lab, "reference2"))
+    if name in WANDB_JOBS:
+        one_wandb_run(lab.root / name / "alpha" / RUN)
 
 
 def test_a_cancelled_job_stops_with_its_checkpoint_and_is_not_requeued(lab):

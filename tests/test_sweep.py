@@ -92,3 +92,18 @@ def test_task_and_failed_give_sweep_sh_its_lines_and_record(tiny_data, tmp_path,
                       "-n", "lr0.2"], "exit_code": 2, "log": "/logs/x.out"}
     with pytest.raises(FgicError, match="failed 5: give an index from 0 to 1"):
         sweep.main(["failed", "5", "2", "", *grid])
+
+
+def test_a_sweep_with_wandb_puts_its_runs_in_one_group_of_its_own(tiny_data):
+    def groups(specs, argv):
+        combos = sweep.plan([str(tiny_data)], [0, 1], ["off"], specs, ["--crop", "64", "--resize", "72", *argv])
+        return {config.get_args_parser().parse_args(c.argv).wandb_group for c in combos}
+
+    one = groups(["lr=0.05,0.1"], ["--wandb"])
+    assert len(one) == 1 and re.fullmatch(r"sweep-lr-[0-9a-f]{6}", next(iter(one)))
+    assert groups(["lr=0.05,0.1"], ["--wandb"]) == one  # submitted again: the same group
+    assert groups(["lr=0.05,0.2"], ["--wandb"]) != one  # another sweep: another group
+    assert groups(["lr=0.05,0.1"], ["--wandb", "--wandb-group", "mine"]) == {"mine"}
+    assert groups(["lr=0.05,0.1"], []) == {None}  # no W&B, no group
+    with pytest.raises(FgicError, match="--wandb-group cannot be swept: a sweep's runs share one W&B group"):
+        sweep.plan([str(tiny_data)], [0], ["off"], ["wandb-group=a,b"], [])
