@@ -230,7 +230,7 @@ def pyplot():
 def save_figure(plt, fig, path: Path) -> None:
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches="tight")  # long class names and outside legends kept whole
     except OSError as exc:
         raise FgicError(f"{path}: cannot write ({exc.strerror})") from None
     finally:
@@ -292,18 +292,18 @@ def eval_pictures(plt, folder: Path, ev: dict) -> list[Path]:
     ax.axvline(ev["acc"], color="tab:red", linestyle="--", label=f"top-1 {ev['acc']:.2f}%")
     ax.set(xlim=(0, 100), xlabel="test accuracy (%)", title=f"Per-class accuracy ({len(per_class)} classes)")
     ax.margins(y=0.005)
-    ax.legend(loc="upper right")  # beside the weakest classes' short bars
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: over the bars it hid a class's bar end
     out = [folder / EVAL_PER_CLASS]
     save_figure(plt, fig, out[0])
     pairs = confused_pairs(ev)
     if pairs:
-        fig, ax = plt.subplots(figsize=(8, 1 + 0.3 * len(pairs)))
-        labels = [f"{p['a']} / {p['b']}" for p in reversed(pairs)]
+        fig, ax = plt.subplots(figsize=(8, 1 + 0.45 * len(pairs)))
+        labels = [f"{p['a']} /\n{p['b']}" for p in reversed(pairs)]  # on one line, long names squeezed the bars
         ax.barh(labels, [p["a_as_b"] for p in reversed(pairs)], label="a taken for b")
         ax.barh(labels, [p["b_as_a"] for p in reversed(pairs)], left=[p["a_as_b"] for p in reversed(pairs)],
                 label="b taken for a")
         ax.set(xlabel="test images", title=f"The {len(pairs)} most confused class pairs (a / b)")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
         out.append(folder / EVAL_CONFUSED)
         save_figure(plt, fig, out[-1])
     return out
