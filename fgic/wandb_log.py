@@ -5,11 +5,11 @@ A W&B failure is one warning line, and training goes on without W&B."""
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from pathlib import Path
 
-from fgic.jsonfile import write_json
+from fgic.errors import FgicError
+from fgic.jsonfile import read_object, write_json
 from fgic.signals import EXIT_PREEMPTED
 
 STATE = "wandb.json"
@@ -29,6 +29,7 @@ class WandbRun:
     @classmethod
     def open(cls, run_dir: Path, config: dict, done_epochs: int, records: list[dict], *, project: str | None,
              entity: str | None, group: str | None, name: str) -> "WandbRun | None":
+        """records: metrics.jsonl's records of the done_epochs that the starting point has (RunLog.start keeps them)."""
         path = run_dir / STATE
         state = _read(path)
         # The W&B run goes on only while its history is a prefix of this attempt's. Starting over (--resume none,
@@ -59,8 +60,7 @@ class WandbRun:
         self = cls(run, path, {"id": run.id, "logged_epochs": logged, "project": run.project, "entity": run.entity})
         write_json(path, self.state)
         for record in records:  # catch-up: epochs checkpointed by a run killed before W&B got them (epoch skips others)
-            if record["epoch"] <= done_epochs:
-                self.epoch(record)
+            self.epoch(record)
         if self.run is None:
             return None
         folder = run_dir / "wandb"
@@ -117,10 +117,10 @@ def _settings(wandb) -> dict:
 def _read(path: Path) -> dict | None:
     """wandb.json's state, or None (no file, or not one this module wrote: then a new W&B run)."""
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
+        state = read_object(path)
+    except FgicError:
         return None
-    ok = isinstance(state, dict) and isinstance(state.get("id"), str) and isinstance(state.get("logged_epochs"), int)
+    ok = isinstance(state.get("id"), str) and isinstance(state.get("logged_epochs"), int)
     return state if ok else None
 
 
