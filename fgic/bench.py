@@ -3,7 +3,9 @@
   python -m fgic.bench loader --make-data DIR --images 1024      a dataset of 500x375 JPEGs to measure on
   python -m fgic.bench loader -d DIR [-w N] [--json FILE]         images/s each pipeline hands to the device
   python -m fgic.bench train --synthetic|-d DIR [--pipeline fgic|original] [--arch resnet50 --crop 448 --amp bf16
-                             -b 128 --steps N] [--json FILE]      training images/s and the share of the FLOP ceiling
+                             -b 128 --steps N] [--compile] [--reference] [--json FILE]
+                                                                  training images/s, the share of the FLOP ceiling,
+                                                                  and with --reference the ratio to a plain PyTorch step
   --recipe NAME (loader, train)                                   with fgic.ddp's preset: its policies, mixing,
                                                                   optimizer, clipping and EMA in the timed work
 """
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from torchvision import datasets
 from torchvision import transforms as T
 
@@ -186,14 +188,7 @@ def train_cmd(a) -> dict:
                                     opt.clip_grad_norm, keys[0] if keys else fixed)
         opt.after_step()
         return loss
-    for _ in range(a.warmup):
-        step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(a.steps):
-        loss = step()
-    _sync(device)
-    seconds = time.perf_counter() - start
+    seconds, loss = timed(step, a, device)
     if hasattr(source, "close"):
         source.close()  # its producer and loader workers stop before prep_cost reads the loader again
     rate = a.steps * a.batch_size / seconds
@@ -209,10 +204,20 @@ def train_cmd(a) -> dict:
               "loss_is_finite": bool(torch.isfinite(loss).item()), "torch": torch.__version__}
     if not a.synthetic and a.pipeline == "fgic" and loader.dataset.device_crops:
         result.update(prep_cost(loader, device, seconds / a.steps))
+    if a.reference:
+        ref = a.steps * a.batch_size / timed(reference_step(a, classes, device), a, device)[0]
+        result.update(reference_images_per_second=ref, reference_ratio=rate / ref)
     print(f"training throughput on {result['device']}: {a.arch} at {a.crop} px, amp {a.amp}, batch {a.batch_size}, "
           f"{a.steps} steps timed after {a.warmup} warm-up steps")
     print(f"data: {what}")
-    _table([(f"training (forward + backward + {step_name(flags)})", rate)])
+    rows = [(f"training (forward + backward + {step_name(flags)})", rate)]
+    if a.reference:
+        rows.append((f"reference: plain PyTorch step ({REFERENCE}{', compiled' if a.compile else ''})",
+                     result["reference_images_per_second"]))
+    _table(rows)
+    if a.reference:
+        print(f"ratio fgic / reference: {result['reference_ratio']:.2f}x   (the same device, input and batch, "
+              f"{a.steps} steps each, timed one after the other)")
     frac = f"{100 * result['fraction_of_peak']:.1f}% of the {peak:g} TFLOP/s ceiling ({peak_from})" if peak else \
         "no FLOP ceiling known for this device (--peak-tflops sets one)"
     print(f"model FLOPs per step {flops / 1e12:.2f} TFLOP (counted), achieved {achieved / 1e12:.1f} TFLOP/s = {frac}")
@@ -220,6 +225,49 @@ def train_cmd(a) -> dict:
         print(f"crop/flip/normalize on the {device.type}: {result['prep_ms_per_batch']:.2f} ms per batch = "
               f"{100 * result['prep_fraction_of_step']:.2f}% of a step")
     return result
+
+
+def timed(step, a, device) -> tuple[float, torch.Tensor]:
+    """Seconds for `a.steps` calls of `step` after `a.warmup` untimed ones, and the last loss."""
+    for _ in range(a.warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(a.steps):
+        loss = step()
+    _sync(device)
+    return time.perf_counter() - start, loss
+
+
+REFERENCE = "the arch without fgic's keyed drop, channels_last on a GPU, autocast, SGD fused on a GPU, label smoothing"
+
+
+def reference_step(a, classes: int, device: torch.device):
+    """The yardstick: a plain PyTorch training step on one synthetic batch of the same shape, as a user would write
+    it from torchvision's reference (torch.compile'd with --compile)."""
+    model = models.build(a.arch, classes, "none", crop=a.crop, keyed_drop=False).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
+                                **({"fused": True} if cuda else {}))
+    scaler = torch.amp.GradScaler(device.type, enabled=a.amp == "fp16")
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    forward = torch.compile(model) if a.compile else model
+    images = torch.randn(a.batch_size, 3, a.crop, a.crop, device=device)
+    images = images.contiguous(memory_format=torch.channels_last) if cuda else images
+    labels = torch.randint(0, classes, (a.batch_size,), device=device)
+    model.train()
+
+    def step():
+        with engine.autocast(device, a.amp):
+            loss = criterion(models.logits(forward(images)), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss
+    return step
 
 
 def step_name(flags: argparse.Namespace) -> str:
@@ -259,16 +307,30 @@ def _endless_device(loader, device):
 
 
 def step_flops(model, a, device, criterion) -> float:
-    """FLOPs of one training step (forward + backward), counted by torch's FlopCounterMode on a copy of the model."""
+    """FLOPs of one training step (forward + backward), counted on a copy of the model (`flop_counter`)."""
     probe = copy.deepcopy(model)
     x = torch.zeros((a.batch_size, 3, a.crop, a.crop), device=device)
     y = torch.zeros(a.batch_size, dtype=torch.long, device=device)
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     keys = torch.zeros(a.batch_size, dtype=torch.int64, device=device)  # masks for a model with dropout
     with counter, engine.autocast(device, a.amp), drop.keyed(probe, keys):
         criterion(models.logits(probe(x)), y).backward()
     del probe
     return float(counter.get_total_flops())
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode with the convolution backward counted right: torch's formula takes a grouped
+    convolution's weight gradient as an ungrouped one (x groups: ConvNeXt-T at 448 px counted at 309.9 GFLOP an image
+    instead of 106.9, depthwise layers at up to 1000x). Each gradient, of the input and of the weight, is one pass
+    over the same multiply-adds as the forward."""
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
+
+
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)  # w_shape holds C_in / groups already
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
 def prep_cost(loader, device, step_seconds: float) -> dict:
@@ -363,6 +425,9 @@ def get_parser() -> argparse.ArgumentParser:
     tr.add_argument("--num-classes", type=int, default=200, help="with --synthetic (default 200, CUB's)")
     tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+    tr.add_argument("--reference", action="store_true", help="also time a plain PyTorch step on the same device and "
+                                                              "batch shape; adds reference_images_per_second and "
+                                                              "reference_ratio (fgic / reference)")
     tr.add_argument("--peak-tflops", type=float, help="the device's 16-bit ceiling (default: a table by GPU name)")
     return p
 

@@ -163,10 +163,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--model-ema-decay", type=float, help="EMA decay, adjusted for the global batch and "
                                                          "--model-ema-steps as torchvision's (default 0.99998)")
     g.add_argument("--model-ema-steps", type=int, help="steps between EMA updates (default 32)")
-    g.add_argument("-a", "--amp", default="off", help="mixed precision: off|fp16|bf16 (the seed's 0/1/2 are accepted)")
+    g.add_argument("-a", "--amp", default="auto",
+                   help="mixed precision: auto|off|fp16|bf16 (default auto: bf16 on a GPU that has it, fp16 on one "
+                        "without, off on the CPU; the seed's 0/1/2 are accepted)")
     g.add_argument("-s", "--seed", type=int, default=2020,
                    help="seed of the weights, order and augmentation (default 2020)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps on a GPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (slow start, faster steps on a GPU; default off)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms and, on the CPU, the same BatchNorm code on 1 or N "
                         "processes (slower; for exact comparisons)")
@@ -267,14 +270,14 @@ def check_sizes(resize: int, crop: int, padding: int) -> None:
 
 def _resolve_amp(value: str) -> str:
     value = value.lower()
-    if value in AMP_MODES:
+    if value in AMP_MODES or value == "auto":  # auto: resolved for the device by fgic.engine.resolve_amp
         return value
     if value in _LEGACY_AMP:
         mode = _LEGACY_AMP[value]
         if value == "1":
             print(f"fgic: notice: -a 1 meant NVIDIA apex; using native torch.amp {mode} instead", file=sys.stderr)
         return mode
-    raise FgicError(f"-a/--amp {value!r}: choose off, fp16 or bf16 (or the seed's 0, 1, 2)")
+    raise FgicError(f"-a/--amp {value!r}: choose auto, off, fp16 or bf16 (or the seed's 0, 1, 2)")
 
 
 def run_name(args: argparse.Namespace) -> str:

@@ -74,6 +74,7 @@ def resolve(argv: list[str]) -> Run:
     launch = cluster.detect()
     gpus = cluster.parse_gpus(args.gpu)
     device = pick_device(args.device, gpus, launch.local_rank)
+    args.amp = engine.resolve_amp(args.amp, device)  # before the run folder, whose name holds it
     if launch.kind == "single" and len(gpus) > 1:
         cluster.relaunch_per_gpu(gpus, argv)
     data.check_batch(args.batch_size, launch.world_size)

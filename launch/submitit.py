@@ -29,7 +29,8 @@ def launcher_parser(add_help: bool) -> argparse.ArgumentParser:
     g = p.add_argument_group("sweep (launch.submitit)")
     g.add_argument("--datasets", nargs="+", metavar="NAME|PATH", help="datasets to sweep (default: -d's)")
     g.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds to sweep (default: --seed's)")
-    g.add_argument("--amps", nargs="+", metavar="MODE", help="AMP modes to sweep (default: --amp's)")
+    g.add_argument("--amps", nargs="+", metavar="MODE", help="AMP modes to sweep (default: --amp's; auto is bf16 with "
+                                                              "--gpus-per-node, off without)")
     g.add_argument("--sweep", action="append", default=[], metavar="FLAG=V1,V2",
                    help="sweep any other fgic.ddp flag too, e.g. lr=0.05,0.1 or arch=resnet50,vit_b_16 (repeat for a "
                         "grid; switches as compile=on,off); values outside the run name's arch, amp and seed go into "
@@ -179,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.datasets:
         raise FgicError("--datasets: name at least one dataset (cub, aircraft, cars, demo or a folder), or give -d")
     args.seeds = args.seeds or [full.seed]
-    args.amps = args.amps or [full.amp]
+    # -a auto is resolved here, where the run folders are named: bf16 for GPU jobs (a GPU without it says so in one
+    # line at the job's start), off for CPU jobs
+    args.amps = [("bf16" if args.gpus_per_node else "off") if a == "auto" else a for a in args.amps or [full.amp]]
     for flag in ("nodes", "tasks_per_node", "cpus_per_task"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise FgicError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a number of at least 1")

@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from fgic import config
+from fgic import config, engine
 from fgic.errors import FgicError
 
 
@@ -13,7 +14,7 @@ def test_recipe_defaults():
     assert (a.arch, a.weights, a.batch_size, a.epochs, a.resize, a.crop, a.padding) == \
         ("resnet50", "imagenet", 64, 128, 512, 448, 8)
     assert (a.momentum, a.weight_decay, a.label_smoothing, a.seed, a.amp, a.resume) == \
-        (0.9, 5e-4, 0.1, 2020, "off", "auto")
+        (0.9, 5e-4, 0.1, 2020, "auto", "auto")  # amp auto: fgic.engine.resolve_amp for the device
     assert a.lr == pytest.approx(64 / 256 * 0.1)
 
 
@@ -65,9 +66,11 @@ def test_bad_values_name_the_flag(argv, flag):
 
 
 def test_run_name_is_stable_and_shows_arch_amp_seed_note():
-    assert config.run_name(parse("-d", "cub")) == "resnet50-off-s2020"
+    a = parse("-d", "cub")
+    a.amp = engine.resolve_amp(a.amp, torch.device("cpu"))  # as fgic.ddp.resolve does before naming the folder
+    assert config.run_name(a) == "resnet50-off-s2020"
     assert config.run_name(parse("-d", "cub", "-a", "bf16", "-s", "1", "-n", "lr.2")) == "resnet50-bf16-s1-lr.2"
-    assert config.run_name(parse("-d", "cub", "--recipe", "tv-v2")) == "resnet50-off-tv-v2-s2020"
+    assert config.run_name(parse("-d", "cub", "-a", "off", "--recipe", "tv-v2")) == "resnet50-off-tv-v2-s2020"
 
 
 def test_parser_is_reusable_as_a_parent():

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from fgic import engine, optim
+from fgic import config, engine, optim
 from fgic.cluster import Launch
 from fgic.dist import Dist
 
@@ -62,3 +62,11 @@ def test_evaluation_counts_each_class_exactly():
                 correct[label] += pred == label
     assert out["class_total"] == total and out["class_correct"] == correct and sum(total) == out["test_total"] == 20
     assert out["test_correct"] == sum(correct)
+
+
+def test_amp_auto_is_the_seeds_float32_on_the_cpu():
+    """-a auto, the default: off on the CPU (its records and run folder names stay the seed's); explicit modes stay."""
+    args = config.resolve(config.get_args_parser().parse_args(["-d", "demo"]))
+    assert args.amp == "auto"
+    cpu = torch.device("cpu")
+    assert [engine.resolve_amp(a, cpu) for a in ("auto", "off", "bf16", "fp16")] == ["off", "off", "bf16", "fp16"]

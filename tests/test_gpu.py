@@ -19,8 +19,8 @@ from tests.helpers import read_jsonl, run_fgic, same_result, tiny_args
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def cuda_args(epochs=1, workers=2):
-    return tiny_args(epochs=epochs, device="cuda", workers=workers)
+def cuda_args(epochs=1, workers=2, amp="off"):
+    return tiny_args(epochs=epochs, device="cuda", workers=workers, amp=amp)
 
 
 def test_sync_batchnorm_on_cuda_is_torchs():
@@ -282,13 +282,19 @@ def test_bench_train_on_the_gpu(tiny_data, tmp_path, cache):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("amp,cache", [("off", "auto"), ("bf16", "auto"), ("fp16", "auto"), ("bf16", "off")])
+@pytest.mark.parametrize("amp,cache", [("off", "auto"), ("bf16", "auto"), ("fp16", "auto"), ("bf16", "off"),
+                                       ("auto", "auto")])
 def test_one_gpu_trains_with_each_amp_mode(tiny_data, tmp_path, amp, cache):
-    res = run_fgic(["-d", str(tiny_data), *cuda_args(), "-a", amp, "--cache", cache, "--output-dir", str(tmp_path)])
+    """-a auto (the default) resolves to bf16 on a GPU that has it, fp16 on one without, in the folder's name and in
+    config.json."""
+    res = run_fgic(["-d", str(tiny_data), *cuda_args(amp=amp), "--cache", cache, "--output-dir", str(tmp_path)])
     assert res.returncode == 0, res.stderr
     assert f"fgic: cache {'on' if cache == 'auto' else 'off'}" in res.stderr
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     run = tmp_path / "tiny" / f"resnet18-{amp}-s2020"
-    assert json.loads((run / "config.json").read_text())["device"].startswith("cuda")
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["device"].startswith("cuda") and cfg["amp"] == amp
     assert json.loads((run / "summary.json").read_text())["test_total"] == 101
     assert bool(torch.load(run / "checkpoint.pt", weights_only=True)["scaler"]) == (amp == "fp16")
 

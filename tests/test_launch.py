@@ -113,7 +113,7 @@ def test_submitit_sweeps_any_flag_into_distinct_run_folders(tiny_data, tmp_path,
 @pytest.mark.parametrize("argv,message", [
     (["--seeds", "0"], "--datasets: name at least one dataset"),
     (["--datasets", "/nowhere", "--seeds", "0"], "-d /nowhere: no such folder"),
-    (["-d", "DATA", "--amps", "fp8"], "-a/--amp 'fp8': choose off, fp16 or bf16"),
+    (["-d", "DATA", "--amps", "fp8"], "-a/--amp 'fp8': choose auto, off, fp16 or bf16"),
     (["-d", "DATA", "--sweep", "lr=0.1,x"], "--sweep lr=x: argument --lr: invalid float value: 'x'"),
     (["-d", "DATA", "--sweep", "arch=resnet18,nonet"], "--arch nonet"),
 ])

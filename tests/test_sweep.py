@@ -38,7 +38,7 @@ def test_any_flag_sweeps_into_its_own_run_folder(tiny_data):
 def test_switches_sweep_as_on_and_off(tiny_data):
     combos = sweep.plan([str(tiny_data)], [0], ["off"], ["model-ema=on,off", "compile=on,off"], ["--recipe", "tv-v2"])
     parsed = [config.resolve(config.get_args_parser().parse_args(c.argv)) for c in combos]
-    # off says --no-model-ema, so it overrides tv-v2's EMA; --compile has no --no- form: off leaves it out
+    # off says --no-model-ema and --no-compile, so that it overrides a recipe's or the common flags' on
     assert [(p.model_ema, p.compile) for p in parsed] == [(True, True), (True, False), (False, True), (False, False)]
     assert names(combos) == ["resnet50-off-tv-v2-s0-model-ema-compile", "resnet50-off-tv-v2-s0-model-ema",
                              "resnet50-off-tv-v2-s0-compile", "resnet50-off-tv-v2-s0"]
@@ -57,7 +57,7 @@ def test_switches_sweep_as_on_and_off(tiny_data):
     (["lr=0.1,0.1"], [], "give distinct, non-empty values"),
     (["lr=0.1", "lr=0.2"], [], "--sweep: name each flag once"),
     (["compile=yes"], [], "--compile is a switch: sweep it as compile=on,off"),
-    (["compile=on,off"], ["--compile"], "--compile is also among the flags for every run; leave it out there"),
+    (["tensorboard=on,off"], ["--tensorboard"], "--tensorboard is also among the flags for every run; leave it out"),
     (["lr=0.1,fast"], [], "-d DATA --seed 0 --amp off --sweep lr=fast: argument --lr: invalid float value: 'fast'"),
     (["epochs=0,2"], [], "--epochs 0: must be at least 1"),
     ([], ["--epochz", "2"], "the flags for every run: unrecognized arguments: --epochz 2"),
