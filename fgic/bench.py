@@ -148,6 +148,9 @@ def train_cmd(a) -> dict:
     root = _data_root(a.data) if a.data else None
     classes = len(data.check_layout(root)) if root else a.num_classes
     model = models.build(a.arch, classes, "none", crop=a.crop).to(device)
+    if a.sync_bn:  # fgic.ddp's BatchNorm of several processes, on a group of one: its cost beside plain BatchNorm
+        one_process_group(device)
+        model = models.sync_batchnorm(model, device, distributed=True)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         engine.check_amp(a.amp, device)
@@ -197,7 +200,7 @@ def train_cmd(a) -> dict:
     result = {"images_per_second": rate, "step_ms": 1000 * seconds / a.steps, "source": "synthetic" if a.synthetic
               else a.pipeline, "arch": a.arch, "crop": a.crop, "amp": a.amp, "batch_size": a.batch_size,
               "steps_timed": a.steps, "warmup_steps": a.warmup, "workers": a.workers, "compile": a.compile,
-              "recipe": a.recipe, "step": step_name(flags),
+              "recipe": a.recipe, "step": step_name(flags), "sync_bn": a.sync_bn,
               "device": _device_name(device), "step_flops": flops, "achieved_tflops": achieved / 1e12,
               "peak_tflops": peak, "peak_from": peak_from,
               "fraction_of_peak": achieved / (peak * 1e12) if peak else None,
@@ -208,7 +211,8 @@ def train_cmd(a) -> dict:
         ref = a.steps * a.batch_size / timed(reference_step(a, classes, device), a, device)[0]
         result.update(reference_images_per_second=ref, reference_ratio=rate / ref)
     print(f"training throughput on {result['device']}: {a.arch} at {a.crop} px, amp {a.amp}, batch {a.batch_size}, "
-          f"{a.steps} steps timed after {a.warmup} warm-up steps")
+          f"{a.steps} steps timed after {a.warmup} warm-up steps{', compiled' if a.compile else ''}"
+          f"{', synchronised BatchNorm on a group of one process' if a.sync_bn else ''}")
     print(f"data: {what}")
     rows = [(f"training (forward + backward + {step_name(flags)})", rate)]
     if a.reference:
@@ -225,6 +229,13 @@ def train_cmd(a) -> dict:
         print(f"crop/flip/normalize on the {device.type}: {result['prep_ms_per_batch']:.2f} ms per batch = "
               f"{100 * result['prep_fraction_of_step']:.2f}% of a step")
     return result
+
+
+def one_process_group(device: torch.device) -> None:
+    """A process group of this process alone (NCCL on a GPU, gloo on the CPU), for --sync-bn's collectives."""
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
 def timed(step, a, device) -> tuple[float, torch.Tensor]:
@@ -425,6 +436,8 @@ def get_parser() -> argparse.ArgumentParser:
     tr.add_argument("--num-classes", type=int, default=200, help="with --synthetic (default 200, CUB's)")
     tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+    tr.add_argument("--sync-bn", action="store_true", help="fgic.ddp's synchronised BatchNorm of several processes, on "
+                                                            "a process group of one (its cost beside plain BatchNorm)")
     tr.add_argument("--reference", action="store_true", help="also time a plain PyTorch step on the same device and "
                                                               "batch shape; adds reference_images_per_second and "
                                                               "reference_ratio (fgic / reference)")
@@ -442,7 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         raise FgicError(f"--warmup {a.warmup}: train needs at least 1 warm-up step (the first step loads the kernels, "
                         f"and on a GPU cuDNN tries its algorithms: timing it would not measure throughput)")
     config.check_sizes(a.resize, a.crop, a.padding)
-    result = loader_cmd(a) if a.cmd == "loader" else train_cmd(a)
+    try:
+        result = loader_cmd(a) if a.cmd == "loader" else train_cmd(a)
+    finally:
+        if torch.distributed.is_initialized():  # --sync-bn's
+            torch.distributed.destroy_process_group()
     if a.json and result:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -63,11 +63,13 @@ def test_train_measures_each_source(jpgs, tmp_path, capsys, source):
 def test_train_beside_a_plain_pytorch_step(tmp_path, capsys):
     out = tmp_path / "train.json"
     bench.main(["train", "--synthetic", *SMALL, "--arch", "resnet18", "-b", "4", "--steps", "2", "--warmup", "1",
-                "--amp", "off", "--device", "cpu", "--reference", "--json", str(out)])
+                "--amp", "off", "--device", "cpu", "--reference", "--sync-bn", "--json", str(out)])
     r = json.loads(out.read_text())
+    assert r["sync_bn"] and not torch.distributed.is_initialized()  # the group of one is gone again
     assert r["reference_images_per_second"] > 0
     assert r["reference_ratio"] == pytest.approx(r["images_per_second"] / r["reference_images_per_second"])
     text = capsys.readouterr().out
+    assert "synchronised BatchNorm on a group of one process" in text
     assert "reference: plain PyTorch step" in text and f"ratio fgic / reference: {r['reference_ratio']:.2f}x" in text
 
 

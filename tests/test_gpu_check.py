@@ -17,7 +17,7 @@ from tests.helpers import REPO
 pytestmark = pytest.mark.e2e  # every test here starts processes
 
 CHECK = REPO / "tests" / "gpu" / "check.sh"
-STEPS = ["env", "pytest", "make-data", "loader", "train-synthetic", "train-cache", "train-original", "train-families"]
+STEPS = ["env", "make-data", "train-resnet50", "pytest", "train-families", "train-cache", "loader", "train-original"]
 
 
 def check(*args, cwd=REPO, timeout=120, **env) -> subprocess.CompletedProcess:
@@ -32,7 +32,7 @@ def test_dry_run_lists_the_steps_and_runs_benchmarks_md_commands(tmp_path):
     listed = re.findall(r"^  \[(\d)\] (\S+) +(\d+) s  (.+)$", res.stdout, re.M)
     assert [name for _, name, _, _ in listed] == STEPS
     total = sum(int(limit) for _, _, limit, _ in listed)
-    assert f"limits add up to {total} s, each cut to what is left of the 450 s budget" in res.stdout
+    assert f"limits add up to {total} s, each cut to what is left of the 540 s budget" in res.stdout
     commands = {name: cmd for _, name, _, cmd in listed}
     assert "-m pytest -m gpu $GPU_TESTS" in commands["pytest"]
     marked = sorted(f"tests/{f.name}" for f in (REPO / "tests").glob("test_*.py") if "pytest.mark.gpu" in f.read_text())
@@ -84,48 +84,49 @@ def test_a_step_past_its_limit_is_stopped_and_reported(tmp_path):
     assert "No Python could write the full report" in summary
     assert (f"| env | timeout | {seconds} | {limit} | limit cut from 60 s to the {limit} s left of the budget; "
             f"stopped after its {limit} s limit |") in summary
-    assert "| train-original | not run | 0 | 90 | env did not pass |" in summary
+    assert "| train-original | not run | 0 | 60 | env did not pass |" in summary
 
 
 def test_report_reads_the_benchmarks_and_pytest_results(tmp_path):
-    """tests/gpu/results.py report, on the JSON that fgic.bench writes and a junit file with one failure."""
+    """tests/gpu/results.py report, on the JSON that fgic.bench writes (merged by label as bench_set.sh does) and a
+    junit file with one failure."""
     jpgs, out = tmp_path / "jpg", tmp_path / "r"
     bench.main(["loader", "--make-data", str(jpgs), "--images", "20"])
     small = ["--resize", "40", "--crop", "32", "--padding", "4", "-w", "0"]
     bench.main(["loader", "-d", str(jpgs), *small, "-b", "4", "--batches", "2", "--warmup", "1",
                 "--json", str(out / "loader.json")])
-    runs = (("train_synthetic", "resnet18", ["--synthetic"]), ("train_cache", "resnet18", ["-d", str(jpgs)]),
+    runs = (("old-default", "resnet18", ["--synthetic"]), ("new-default", "resnet18", ["--synthetic", "--reference"]),
+            ("bf16-b128", "resnet18", ["--synthetic"]), ("seed", "resnet18", ["-d", str(jpgs)]),
             ("vit", "timm:test_vit", ["--synthetic"]))
     for name, arch, source in runs:
         bench.main(["train", *source, *small, "--arch", arch, "-b", "4", "--steps", "1", "--warmup", "1",
                     "--amp", "off", "--device", "cpu", "--peak-tflops", "1", "--json", str(tmp_path / f"{name}.json")])
-    for name in ("train_synthetic", "train_cache"):
-        (tmp_path / f"{name}.json").rename(out / f"{name}.json")
     results_py = [sys.executable, str(REPO / "tests" / "gpu" / "results.py")]
-    merged = subprocess.run([*results_py, "merge", str(out / "train_families.json"), str(out / "train_synthetic.json"),
-                             str(tmp_path / "vit.json")], capture_output=True, text=True, timeout=60)
-    assert merged.returncode == 0, merged.stderr
+    for name, labels in (("train_resnet50", ["old-default", "new-default", "bf16-b128"]), ("train_cache", ["seed"]),
+                         ("train_families", ["vit"])):
+        merged = subprocess.run([*results_py, "merge", str(out / f"{name}.json"),
+                                 *(f"{label}={tmp_path / label}.json" for label in labels)],
+                                capture_output=True, text=True, timeout=60)
+        assert merged.returncode == 0, merged.stderr
     (tmp_path / "pytest.xml").write_text(  # in the scratch folder, beside env.json, as check.sh leaves it
         '<testsuites><testsuite name="pytest" errors="0" failures="1" skipped="1" tests="4">'
         '<testcase classname="tests.test_gpu" name="test_a"/><testcase classname="tests.test_gpu" name="test_b">'
         '<failure message="boom"/></testcase></testsuite></testsuites>')
     (tmp_path / "env.json").write_text(json.dumps({"torch": "9.9", "torch_cuda": "13.0", "cudnn": 92400,
                                                    "devices": [{"name": "NVIDIA H200"}]}))
-    steps = [("env", "pass"), ("pytest", "fail"), ("make-data", "pass"), ("loader", "pass"),
-             ("train-synthetic", "pass"), ("train-cache", "pass"), ("train-original", "timeout"),
-             ("train-families", "pass")]
+    steps = [("env", "pass"), ("make-data", "pass"), ("train-resnet50", "pass"), ("pytest", "fail"),
+             ("train-families", "pass"), ("train-cache", "pass"), ("loader", "pass"), ("train-original", "timeout")]
     (tmp_path / "steps.tsv").write_text("".join(f"{n}\t{s}\t0\t1.5\t60\t-\tcmd\n" for n, s in steps))
     res = subprocess.run([*results_py, "report", str(out),
-                          str(tmp_path / "steps.tsv"), str(tmp_path / "env.json"), "450", "99", "1"],
+                          str(tmp_path / "steps.tsv"), str(tmp_path / "env.json"), "540", "99", "1"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     result = json.loads((out / "results.json").read_text())
-    loader, synthetic, cached = (json.loads((out / f"{n}.json").read_text())
-                                 for n in ("loader", "train_synthetic", "train_cache"))
-    vit = json.loads((tmp_path / "vit.json").read_text())
+    one = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name, _, _ in runs}
+    loader = json.loads((out / "loader.json").read_text())
     assert result["ok"] is False and result["bench"] == {
-        "loader": loader, "train-synthetic": synthetic, "train-cache": cached,
-        "train-families": {"resnet18": synthetic, "timm:test_vit": vit}}
+        "loader": loader, "train-resnet50": {k: one[k] for k in ("old-default", "new-default", "bf16-b128")},
+        "train-cache": {"seed": one["seed"]}, "train-families": {"vit": one["vit"]}}
     assert result["pytest"] == {"tests": 4, "failures": 1, "errors": 0, "skipped": 1, "passed": 2,
                                 "failed": ["tests.test_gpu::test_b"]}
     figures = result["figures"]
@@ -133,12 +134,22 @@ def test_report_reads_the_benchmarks_and_pytest_results(tmp_path):
     assert figures["pytest"] == "2 passed, 1 failed, 0 errors, 1 skipped"
     assert figures["loader"].startswith(f"fgic {loader['fgic_images_per_second']:,.0f} img/s, original "
                                         f"{loader['baseline_images_per_second']:,.0f} img/s: {loader['ratio']:.1f}x")
-    assert f"{100 * synthetic['fraction_of_peak']:.1f}% of 1" in figures["train-synthetic"]
+    old, new, synthetic, cached = one["old-default"], one["new-default"], one["bf16-b128"], one["seed"]
+    assert figures["train-resnet50"].startswith(f"old-default: {old['images_per_second']:,.0f} img/s")
+    assert f"{100 * synthetic['fraction_of_peak']:.1f}% of 1" in figures["train-resnet50"]
+    assert (f"reference {new['reference_images_per_second']:,.0f} img/s, fgic / reference "
+            f"{new['reference_ratio']:.2f}") in figures["train-resnet50"]
+    ratio = new["images_per_second"] / old["images_per_second"]
+    assert figures["train-resnet50"].endswith(f"; new default / old {ratio:.2f}x")
     share = cached["images_per_second"] / synthetic["images_per_second"]
-    assert f"= {100 * cached['prep_fraction_of_step']:.2f}% of a step; {100 * share:.1f}% of synthetic" in \
-        figures["train-cache"]
-    assert figures["train-families"].startswith(f"resnet18 at 32 px: {synthetic['images_per_second']:,.0f} img/s")
-    assert f"; timm:test_vit at 32 px: {vit['images_per_second']:,.0f} img/s" in figures["train-families"]
+    assert f"= {100 * cached['prep_fraction_of_step']:.2f}% of a step; seed from the cache / synthetic {share:.2f}x" \
+        in figures["train-cache"]
+    assert figures["train-families"] == f"vit: {bench_figures(one['vit'])}"
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# fgic GPU check: FAIL") and "- tests.test_gpu::test_b" in summary
     assert f"| train-cache | pass | 1.5 | 60 | {figures['train-cache']} |" in summary
+
+
+def bench_figures(r: dict) -> str:
+    return (f"{r['images_per_second']:,.0f} img/s, {r['step_ms']:.1f} ms/step, {r['achieved_tflops']:.1f} TFLOP/s = "
+            f"{100 * r['fraction_of_peak']:.1f}% of 1")

@@ -5,8 +5,8 @@
                                                      and in a file `problem` beside ENV_JSON)
   python3 tests/gpu/results.py report RESULTS_DIR STEPS_TSV ENV_JSON BUDGET_S ELAPSED_S FINAL
                                                      summary.md and results.json from what the steps left
-  python3 tests/gpu/results.py merge OUT_JSON BENCH_JSON...
-                                                     fgic.bench train results in one file, by arch
+  python3 tests/gpu/results.py merge OUT_JSON LABEL=BENCH_JSON...
+                                                     fgic.bench train results in one file, by label
 """
 from __future__ import annotations
 
@@ -22,9 +22,12 @@ from pathlib import Path
 
 NEEDED = ("torch", "torchvision", "numpy", "PIL", "tqdm")  # what fgic's GPU paths import
 OPTIONAL = ("pytest", "xdist")
-BENCH_FILES = {"loader": "loader.json", "train-synthetic": "train_synthetic.json", "train-cache": "train_cache.json",
-               "train-original": "train_original.json", "train-families": "train_families.json"}
-TARGETS = "ResNet-50 at 448 px in bf16 >= 2,000 images/s; the cache within 5% of synthetic data; loader >= 10x"
+BENCH_FILES = {"train-resnet50": "train_resnet50.json", "train-families": "train_families.json",
+               "train-cache": "train_cache.json", "loader": "loader.json", "train-original": "train_original.json"}
+SETS = ("train-resnet50", "train-families", "train-cache")  # {label: fgic.bench train's result} (bench_set.sh)
+TARGETS = ("ResNet-50 at 448 px bf16 batch 128 >= 2,400 images/s compiled, fgic / reference >= 1.0 eager and compiled; "
+           "the new default >= 3x the old; ViT-B/16 >= 35% of peak; ConvNeXt-T >= 1.5x 743 images/s; the cache within "
+           "5% of synthetic data; loader >= 10x")
 
 
 def env(out: Path) -> int:
@@ -161,19 +164,42 @@ def _figures(step: str, environment: dict, tests: dict | None, bench: dict) -> s
     if step == "loader":
         return (f"fgic {r['fgic_images_per_second']:,.0f} img/s, original {r['baseline_images_per_second']:,.0f} "
                 f"img/s: {r['ratio']:.1f}x ({r['workers']} workers, batch {r['batch_size']})")
-    if step == "train-families":  # {arch: fgic.bench train's result}
-        return "; ".join(f"{arch} at {one['crop']} px: {_train_figures(one)}" for arch, one in r.items())
+    if step in SETS:
+        text = "; ".join(f"{label}: {_train_figures(one)}" for label, one in r.items())
+        return "; ".join([text, *_comparisons(step, r, bench)])
     text = _train_figures(r)
-    synthetic = bench.get("train-synthetic")
-    if step != "train-synthetic" and synthetic:
+    synthetic = (bench.get("train-resnet50") or {}).get("bf16-b128")
+    if step == "train-original" and synthetic:
         text += f"; {100 * r['images_per_second'] / synthetic['images_per_second']:.1f}% of synthetic"
     return text
+
+
+def _comparisons(step: str, r: dict, bench: dict) -> list[str]:
+    """The ratios the open issues ask of a set: the new default against the old, compiled against eager, SyncBN
+    against plain BatchNorm, cache-fed against synthetic."""
+    def ratio(a: str, b: str, what: str, source: dict = r) -> list[str]:
+        if a in r and b in source:
+            return [f"{what} {r[a]['images_per_second'] / source[b]['images_per_second']:.2f}x"]
+        return []
+    if step == "train-resnet50":
+        return (ratio("new-default", "old-default", "new default / old") +
+                ratio("bf16-b128-compiled", "bf16-b128", "compiled / eager") +
+                ratio("bf16-b128-sync-bn", "bf16-b128", "SyncBN / plain BN"))
+    if step == "train-families":
+        return [x for arch in {label.removesuffix("-compiled") for label in r}
+                for x in ratio(f"{arch}-compiled", arch, f"{arch} compiled / eager")]
+    synthetic = bench.get("train-resnet50") or {}
+    return (ratio("seed", "bf16-b128", "seed from the cache / synthetic", synthetic) +
+            ratio("tv-v2", "tv-v2-synthetic", "tv-v2 from the cache / synthetic"))
 
 
 def _train_figures(r: dict) -> str:
     text = f"{r['images_per_second']:,.0f} img/s, {r['step_ms']:.1f} ms/step, {r['achieved_tflops']:.1f} TFLOP/s"
     if r.get("fraction_of_peak") is not None:
         text += f" = {100 * r['fraction_of_peak']:.1f}% of {r['peak_tflops']:g}"
+    if r.get("reference_ratio") is not None:
+        text += (f"; reference {r['reference_images_per_second']:,.0f} img/s, fgic / reference "
+                 f"{r['reference_ratio']:.2f}")
     if r.get("prep_fraction_of_step") is not None:
         text += f"; prep {r['prep_ms_per_batch']:.2f} ms/batch = {100 * r['prep_fraction_of_step']:.2f}% of a step"
     if not r.get("loss_is_finite", True):
@@ -181,11 +207,12 @@ def _train_figures(r: dict) -> str:
     return text
 
 
-def merge(out: Path, files: list[Path]) -> int:
-    """One JSON of several fgic.bench train results, keyed by their arch (check.sh's train-families step)."""
-    results = {r["arch"]: r for r in map(_read_json, files) if r is not None}
+def merge(out: Path, pairs: list[str]) -> int:
+    """One JSON of several fgic.bench train results, keyed by their labels (check.sh's training sets)."""
+    labelled = [pair.partition("=")[::2] for pair in pairs]
+    results = {label: r for label, path in labelled if (r := _read_json(Path(path))) is not None}
     out.write_text(json.dumps(results, indent=2) + "\n")
-    return 0 if len(results) == len(files) else 1
+    return 0 if len(results) == len(pairs) else 1
 
 
 def _summary(result: dict) -> str:
@@ -213,16 +240,16 @@ def _summary(result: dict) -> str:
         lines += ["", "Failed tests (their output: log.txt):", ""] + [f"- {t}" for t in tests["failed"]]
     lines += ["", f"Targets, for orientation (BENCHMARKS.md): {TARGETS}.", "",
               "Files: results.json (all of it), log.txt (every step's output, pytest's included), and the "
-              "benchmarks' loader.json, train_synthetic.json, train_cache.json, train_original.json, "
-              "train_families.json.", ""]
+              "benchmarks' train_resnet50.json, train_families.json, train_cache.json, loader.json, "
+              "train_original.json.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["env"] and len(argv) == 2:
         return env(Path(argv[1]))
-    if argv[:1] == ["merge"] and len(argv) >= 3:
-        return merge(Path(argv[1]), [Path(f) for f in argv[2:]])
+    if argv[:1] == ["merge"] and len(argv) >= 2:
+        return merge(Path(argv[1]), argv[2:])
     if argv[:1] == ["report"] and len(argv) == 7:
         report(Path(argv[1]), Path(argv[2]), Path(argv[3]), int(argv[4]), int(argv[5]), argv[6] == "1")
         return 0
