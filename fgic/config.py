@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from pathlib import Path
@@ -97,30 +98,52 @@ def default_data_root() -> str:
     return os.environ.get("FGIC_DATA", "data")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviations (`--model` would match --model-ema, a typo another flag), whose errors are one
+    FgicError line: an unknown flag names the nearest real one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        flag = next((a.partition("=")[0] for a in unknown if a.startswith("-")), None)
+        if flag is None:
+            raise FgicError(f"{message} (python -m {self.prog} -h lists the flags)")
+        near = difflib.get_close_matches(flag, list(self._option_string_actions), n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise FgicError(f"unknown flag {flag}: {hint}(python -m {self.prog} -h lists the flags)")
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The fgic.ddp parser; launchers reuse it with add_help=False as a parent."""
-    p = argparse.ArgumentParser("fgic.ddp", add_help=add_help,
-                                description="Train or evaluate a fine-grained classifier with the reference recipe.")
+    p = Parser("fgic.ddp", add_help=add_help,
+               description="Train or evaluate a fine-grained classifier with the reference recipe. Flags of "
+                           "torchvision's classification reference and timm's train.py are accepted under their "
+                           "names too (shown beside fgic's).")
     g = p.add_argument_group("data")
-    g.add_argument("-d", "--data", metavar="NAME|PATH",
+    g.add_argument("-d", "--data", "--data-path", metavar="NAME|PATH",
                    help="cub, aircraft, cars or demo (a folder under --data-root), or a folder with train/ and test/")
     g.add_argument("--data-root", default=default_data_root(),
                    help="where registry names live (default: $FGIC_DATA or ./data)")
-    g.add_argument("-w", "--workers", type=int, help="data loader workers per process (default: from the CPUs)")
+    g.add_argument("-w", "-j", "--workers", type=int, help="data loader workers per process (default: from the CPUs)")
     g.add_argument("--resize", type=int, help=f"resize to N x N before cropping (default {RECIPE['resize']})")
-    g.add_argument("--crop", type=int, help=f"crop size (default {RECIPE['crop']})")
+    g.add_argument("--crop", "--train-crop-size", "--img-size", type=int,
+                   help=f"crop size, training and test (default {RECIPE['crop']})")
     g.add_argument("--padding", type=int, help=f"zero padding before the random crop (default {RECIPE['padding']})")
     g.add_argument("--check-images", default="fast", choices=("fast", "full", "off"),
-                   help="before training: fast (headers and end markers), full (decode every image) or off")
+                   help="before training: fast (headers and end markers), full (decode every image) or off "
+                        "(default fast)")
     g.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (with a count) "
                                                                   "instead of stopping")
-    g.add_argument("--auto-augment", choices=AUTO_AUGMENT, help="per-image policy: TrivialAugment (ta_wide), "
+    g.add_argument("--auto-augment", "--aa", choices=AUTO_AUGMENT, help="per-image policy: TrivialAugment (ta_wide), "
                                                                 "RandAugment (ra), AugMix (default none)")
-    g.add_argument("--random-erase", type=float, metavar="P", help="random erasing probability (default 0)")
-    g.add_argument("--mixup-alpha", type=float, help="mixup's Beta(alpha, alpha); partners from the whole train set "
-                                                     "(default 0: off)")
-    g.add_argument("--cutmix-alpha", type=float, help="cutmix's Beta(alpha, alpha) (default 0: off; with mixup, "
-                                                      "half the samples each)")
+    g.add_argument("--random-erase", "--reprob", type=float, metavar="P",
+                   help="random erasing probability (default 0)")
+    g.add_argument("--mixup-alpha", "--mixup", type=float,
+                   help="mixup's Beta(alpha, alpha); partners from the whole train set (default 0: off)")
+    g.add_argument("--cutmix-alpha", "--cutmix", type=float,
+                   help="cutmix's Beta(alpha, alpha) (default 0: off; with mixup, half the samples each)")
     g.add_argument("--cache", default="auto", choices=("auto", "on", "off"),
                    help="decode and resize each split once into a memory-mapped file shared by the node's processes: "
                         "auto (when it fits in memory), on or off (default auto)")
@@ -128,8 +151,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                                       "or fgic-cache-UID in $TMPDIR or /tmp)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--arch", help="any torchvision classification model, or timm:NAME with timm installed (default "
-                                  "resnet50)")
+    g.add_argument("--arch", "--model",
+                   help="any torchvision classification model, or timm:NAME with timm installed (default resnet50)")
+    g.add_argument("--pretrained", dest="weights", action="store_const", const="imagenet",
+                   help="the same as --weights imagenet")
     g.add_argument("--weights", metavar="imagenet|none|PATH",
                    help="imagenet (torchvision's, from the torch cache; imagenet:NAME picks e.g. IMAGENET1K_V2; for "
                         "timm: the default tag from the Hugging Face cache, imagenet:TAG another), none, or a "
@@ -145,8 +170,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, help="epochs (default 128)")
     g.add_argument("--lr", type=float, help="learning rate (default: global batch / 256 x 0.1)")
     g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    g.add_argument("--weight-decay", type=float, help="SGD weight decay (default 5e-4)")
-    g.add_argument("--label-smoothing", type=float, help="label smoothing (default 0.1)")
+    g.add_argument("--weight-decay", "--wd", type=float,
+                   help=f"weight decay, SGD's or AdamW's (default {RECIPE['weight_decay']:g}; a --recipe's own)")
+    g.add_argument("--label-smoothing", "--smoothing", type=float,
+                   help=f"label smoothing (default {RECIPE['label_smoothing']:g})")
     g.add_argument("--recipe", choices=tuple(RECIPES), help="fill the flags left unset from a named set: seed (the "
                                                            "default), tv-v2 or transformer (see README 'Recipes')")
     g.add_argument("--opt", choices=("sgd", "adamw"), help="optimizer (default sgd)")
@@ -154,22 +181,28 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                                            "--weight-decay)")
     g.add_argument("--layer-decay", type=float, help="layer-wise lr decay: block k of L gets lr x X^(L+1-k) "
                                                      "(ViT, Swin, ConvNeXt, EfficientNet, ResNet; default off)")
-    g.add_argument("--lr-warmup-epochs", type=int, help="epochs of lr warmup, per step, before the cosine (default 0)")
+    g.add_argument("--lr-warmup-epochs", "--warmup-epochs", type=int,
+                   help="epochs of lr warmup, per step, before the cosine (default 0)")
     g.add_argument("--lr-warmup-method", choices=("linear", "constant"), help="warmup shape (default constant)")
     g.add_argument("--lr-warmup-decay", type=float, help="warmup's first lr factor (default 0.01)")
-    g.add_argument("--clip-grad-norm", type=float, help="clip the global gradient norm to X (default off)")
+    g.add_argument("--clip-grad-norm", "--clip-grad", type=float,
+                   help="clip the global gradient norm to X (default off)")
     g.add_argument("--model-ema", action=argparse.BooleanOptionalAction,
                    help="also keep and evaluate an exponential moving average of the weights")
     g.add_argument("--model-ema-decay", type=float, help="EMA decay, adjusted for the global batch and "
                                                          "--model-ema-steps as torchvision's (default 0.99998)")
     g.add_argument("--model-ema-steps", type=int, help="steps between EMA updates (default 32)")
-    g.add_argument("-a", "--amp", default="auto",
-                   help="mixed precision: auto|off|fp16|bf16 (default auto: bf16 on a GPU that has it, fp16 on one "
-                        "without, off on the CPU; the seed's 0/1/2 are accepted)")
+    g.add_argument("-a", "--amp", default="auto", nargs="?", const="fp16", metavar="auto|off|fp16|bf16",
+                   help="mixed precision (default auto: bf16 on a GPU that has it, fp16 on one without, off on the "
+                        "CPU; a bare --amp is fp16, as in torchvision's reference and timm; the seed's 0/1/2 are "
+                        "accepted)")
     g.add_argument("-s", "--seed", type=int, default=2020,
                    help="seed of the weights, order and augmentation (default 2020)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model (slow start, faster steps on a GPU; default off)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="accepted for torchvision's reference: fgic always synchronises BatchNorm over the global "
+                        "batch when several processes train")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms and, on the CPU, the same BatchNorm code on 1 or N "
                         "processes (slower; for exact comparisons)")
@@ -178,7 +211,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("-g", "--gpu", help="GPU ids, e.g. 0 or 0,1,2,3 (several start one process each)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda when available")
     g.add_argument("-n", "--note", default="", help="a word added to the run's name")
-    g.add_argument("--output-dir", default="runs", help="runs go to OUTPUT_DIR/DATASET/RUN_NAME (default ./runs)")
+    g.add_argument("--output-dir", "--output", default="runs",
+                   help="runs go to OUTPUT_DIR/DATASET/RUN_NAME (default ./runs)")
     g.add_argument("--resume", default="auto", metavar="auto|none|PATH",
                    help="auto: continue the run folder's checkpoint.pt if any; none: start over; or a checkpoint")
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars per epoch to "
@@ -189,7 +223,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--wandb-project", default="fgic", help="the W&B project (default fgic)")
     g.add_argument("--wandb-entity", help="the W&B team or user (default: your W&B default)")
     g.add_argument("--wandb-group", help="the W&B group (default: none; a sweep's runs get the sweep's)")
-    g.add_argument("--eval-only", action="store_true",
+    g.add_argument("--eval-only", "--test-only", action="store_true",
                    help="evaluate --resume PATH or --weights PATH and write eval.json")
     return p
 
@@ -204,6 +238,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     preset = dict(RECIPES[args.recipe])
     per_256 = preset.pop("lr_per_256", LR_PER_256)
     defaults = {**RECIPE, **(DEMO if args.data == "demo" else {}), **preset}
+    from_preset = {key for key in preset if getattr(args, key, None) is None}
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -224,12 +259,13 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise FgicError(f"--label-smoothing {args.label_smoothing}: must be in [0, 1)")
     if args.lr <= 0:
         raise FgicError(f"--lr {args.lr}: must be positive")
-    check_recipe(args)
+    check_recipe(args, from_preset)
     return args
 
 
-def check_recipe(args: argparse.Namespace) -> None:
-    """The values of the optimisation and augmentation flags beyond the seed's."""
+def check_recipe(args: argparse.Namespace, from_preset: set = frozenset()) -> None:
+    """The values of the optimisation and augmentation flags beyond the seed's; a value that --recipe set (the keys
+    in `from_preset`) is named as the preset's."""
     ranges = (("--weight-decay", args.weight_decay, 0, None), ("--norm-weight-decay", args.norm_weight_decay, 0, None),
               ("--random-erase", args.random_erase, 0, 1), ("--stochastic-depth", args.stochastic_depth, 0, 1),
               ("--dropout", args.dropout, 0, 1), ("--mixup-alpha", args.mixup_alpha, 0, None),
@@ -246,6 +282,9 @@ def check_recipe(args: argparse.Namespace) -> None:
     if args.model_ema_steps < 1:
         raise FgicError(f"--model-ema-steps {args.model_ema_steps}: must be at least 1")
     if args.lr_warmup_epochs >= args.epochs:
+        if "lr_warmup_epochs" in from_preset:
+            raise FgicError(f"--lr-warmup-epochs {args.lr_warmup_epochs} (from --recipe {args.recipe}): must be fewer "
+                            f"than --epochs {args.epochs}; pass --lr-warmup-epochs 0 or more epochs")
         raise FgicError(f"--lr-warmup-epochs {args.lr_warmup_epochs}: must be fewer than --epochs {args.epochs}")
 
 

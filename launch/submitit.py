@@ -60,8 +60,8 @@ def launcher_parser(add_help: bool) -> argparse.ArgumentParser:
 def get_args_parser() -> argparse.ArgumentParser:
     """fgic.ddp's parser as the parent, the launcher's flags beside it: the plural flags sweep, -d/--seed/--amp
     give the value when their plural is absent."""
-    return argparse.ArgumentParser("launch.submitit", description=__doc__.splitlines()[0],
-                                   parents=[config.get_args_parser(add_help=False), launcher_parser(add_help=False)])
+    return config.Parser("launch.submitit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         parents=[config.get_args_parser(add_help=False), launcher_parser(add_help=False)])
 
 
 class Train(submitit.helpers.Checkpointable):
@@ -172,10 +172,25 @@ def why_failed(exc: Exception) -> str:
     return (state or lines[-1:] or [type(exc).__name__])[0][:300]
 
 
+def without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """argv less the given flags and their values (`-d X`, `--data=X`; a bare `--amp`): the sweep's grid gives each
+    job its own."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+        elif arg.partition("=")[0] not in flags:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     full = get_args_parser().parse_args(argv)  # --help, and every flag checked before anything is submitted
     args, fgic_argv = launcher_parser(add_help=False).parse_known_args(argv)
+    fgic_argv = without(fgic_argv, ("-d", "--data", "--data-path", "-s", "--seed", "-a", "--amp"))  # the grid's
     args.datasets = args.datasets or ([full.data] if full.data else None)
     if not args.datasets:
         raise FgicError("--datasets: name at least one dataset (cub, aircraft, cars, demo or a folder), or give -d")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from fgic import cluster, signals
+from fgic import cluster, config, signals
 from fgic.errors import run_cli
 
 
@@ -26,6 +26,9 @@ def command(argv: list[str], env=os.environ) -> list[str]:
 
 
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(f"{__doc__.strip()}\n\nEvery flag is fgic.ddp's:\n\n{config.get_args_parser().format_help()}")
+        return
     signals.hold()  # a warning during start-up waits for fgic.ddp's handlers (and, in a Slurm step, SIGTERM too)
     cmd = command(sys.argv[1:])
     if cluster.nodes(os.environ) > 1 and os.environ.get("SLURM_NODEID", "0") == "0":  # the first host: torchrun's store

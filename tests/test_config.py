@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -50,7 +52,7 @@ def test_legacy_apex_amp_maps_to_native_fp16_with_a_notice(capsys):
     (("--label-smoothing", "1.5"), "--label-smoothing"),
     (("-w", "-1"), "-w/--workers"),
     (("--lr-warmup-epochs", "128"), "--lr-warmup-epochs"),
-    (("--recipe", "tv-v2", "--epochs", "5"), "--lr-warmup-epochs 5: must be fewer than --epochs 5"),
+    (("--recipe", "tv-v2", "--epochs", "5"), r"--lr-warmup-epochs 5 \(from --recipe tv-v2\): must be fewer than"),
     (("--random-erase", "1.5"), "--random-erase"),
     (("--mixup-alpha", "-1"), "--mixup-alpha"),
     (("--layer-decay", "0"), "--layer-decay"),
@@ -103,3 +105,40 @@ def test_a_recipe_fills_only_unset_flags_and_keeps_the_lr_rule():
 def test_configs_from_before_the_later_options_read_as_the_seed_recipe():
     old = {k: v for k, v in vars(parse("-d", "cub")).items() if k not in config.LATER}
     assert config.completed(old) == vars(parse("-d", "cub"))
+
+
+@pytest.mark.parametrize("alias,value,dest,want", [
+    ("--model", "vit_b_16", "arch", "vit_b_16"), ("-j", "3", "workers", 3), ("--wd", "0.05", "weight_decay", 0.05),
+    ("--data-path", "cub", "data", "cub"), ("--train-crop-size", "60", "crop", 60),
+    ("--img-size", "60", "crop", 60),
+    ("--aa", "ra", "auto_augment", "ra"), ("--reprob", "0.25", "random_erase", 0.25),
+    ("--smoothing", "0.2", "label_smoothing", 0.2), ("--warmup-epochs", "5", "lr_warmup_epochs", 5),
+    ("--mixup", "0.8", "mixup_alpha", 0.8), ("--cutmix", "1.0", "cutmix_alpha", 1.0),
+    ("--clip-grad", "1.0", "clip_grad_norm", 1.0), ("--output", "/tmp/r", "output_dir", "/tmp/r"),
+    ("--test-only", None, "eval_only", True), ("--pretrained", None, "weights", "imagenet"),
+    ("--amp", None, "amp", "fp16"), ("--sync-bn", None, "sync_bn", True)])
+def test_the_references_flag_names_are_aliases(alias, value, dest, want):
+    """torchvision's classification reference and timm's train.py names, each for its fgic flag (a bare --amp is
+    their fp16 autocast)."""
+    argv = ["-d", "demo", "--epochs", "9", alias, *([value] if value else [])]
+    assert getattr(parse(*argv), dest) == want
+    assert f"{alias}" in config.get_args_parser().format_help()  # the help lists it
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mod", "resnet50"], "unknown flag --mod: did you mean --model? (python -m fgic.ddp -h lists the flags)"),
+    (["--epoch", "3"], "unknown flag --epoch: did you mean --epochs?"),  # an abbreviation is not taken
+    (["--modelema"], "unknown flag --modelema: did you mean --model-ema?"),
+    (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten' (python -m fgic.ddp -h lists the flags)"),
+    (["--opt", "adamm"], "argument --opt: invalid choice: 'adamm'")])
+def test_an_unknown_flag_or_a_bad_value_is_one_line(argv, message):
+    with pytest.raises(FgicError, match=re.escape(message)):
+        parse("-d", "demo", *argv)
+
+
+def test_a_presets_value_that_does_not_fit_names_the_preset():
+    with pytest.raises(FgicError, match=re.escape("--lr-warmup-epochs 5 (from --recipe tv-v2): must be fewer than "
+                                                  "--epochs 2; pass --lr-warmup-epochs 0 or more epochs")):
+        parse("-d", "demo", "--recipe", "tv-v2", "--epochs", "2")
+    with pytest.raises(FgicError, match=re.escape("--lr-warmup-epochs 3: must be fewer than --epochs 2")):
+        parse("-d", "demo", "--lr-warmup-epochs", "3", "--epochs", "2")

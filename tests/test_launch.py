@@ -100,6 +100,28 @@ def test_submitit_dry_run_plans_one_checked_job_per_combination(tiny_data, tmp_p
     assert lines[3].endswith(f"{tmp_path}/tiny/resnet50-bf16-s1") and "--epochs 3" in lines[3]
 
 
+def test_submitit_gives_each_job_its_dataset_seed_and_amp_once(tiny_data, tmp_path, capsys):
+    """-d, --seed and --amp name the grid's one value: each job's command holds them once (it showed -d twice), and
+    -a auto is bf16 for GPU jobs, off for CPU ones (the run folder's name holds it)."""
+    from launch import submitit as launcher
+    for gpus, amp in (("0", "off"), ("2", "bf16")):
+        launcher.main(["-d", str(tiny_data), "-s", "4", "--epochs", "3", "--gpus-per-node", gpus, "--cluster", "local",
+                       "--output-dir", str(tmp_path), "--dry-run"])
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("would submit"))
+        assert line == (f"would submit: fgic.ddp --epochs 3 --output-dir {tmp_path} -d "
+                        f"{tiny_data} --seed 4 --amp {amp}  ->  {tmp_path}/tiny/resnet50-{amp}-s4"), line
+
+
+def test_the_launchers_help_says_what_they_do():
+    from launch import submitit as launcher
+    assert "from the run folder (--resume auto). `--cluster local|debug` runs the same without Slurm" in \
+        " ".join(launcher.get_args_parser().format_help().split())
+    out = subprocess.run([sys.executable, "-m", "launch.torchrun", "-h"], cwd=REPO, env=fgic_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("`python -m launch.torchrun [fgic.ddp flags]`: start")
+    assert "Every flag is fgic.ddp's:" in out.stdout and "usage: fgic.ddp" in out.stdout
+
+
 def test_submitit_sweeps_any_flag_into_distinct_run_folders(tiny_data, tmp_path, capsys):
     from launch import submitit as launcher
     code = launcher.main(["--datasets", str(tiny_data), "--seeds", "0", "--sweep", "lr=0.05,0.1", "--sweep",

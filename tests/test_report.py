@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from fgic import config, report
+from fgic import config, engine, report
 from fgic.errors import FgicError
 from fgic.jsonfile import write_json
 from fgic.runlog import RunLog
@@ -21,6 +22,7 @@ def make_run(root, dataset, seed, accs, epochs=None, finish=True, flags=()):
     top-1), and summary.json when `finish`."""
     args = config.resolve(config.get_args_parser().parse_args(
         ["-d", dataset, "-s", str(seed), "--epochs", str(epochs or len(accs)), *flags]))
+    args.amp = engine.resolve_amp(args.amp, torch.device("cpu"))  # as fgic.ddp.resolve, on the CPU
     folder = root / dataset / config.run_name(args)
     log = RunLog(folder, is_main=True)
     log.start({**vars(args), "dataset": dataset, "num_classes": 200}, 0)
