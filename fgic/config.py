@@ -218,7 +218,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars per epoch to "
                                                               "RUN_DIR/tb (needs the tensorboard package)")
     g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases from rank 0, one W&B run per run "
-                                                       "folder across requeues (pip install 'fgic[wandb]'; "
+                                                       "folder across requeues (pip install wandb; "
                                                        "WANDB_MODE=offline, then `wandb sync`, works offline)")
     g.add_argument("--wandb-project", default="fgic", help="the W&B project (default fgic)")
     g.add_argument("--wandb-entity", help="the W&B team or user (default: your W&B default)")

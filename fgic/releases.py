@@ -171,8 +171,8 @@ def _loadmat(path: Path) -> dict:
     try:
         from scipy.io import loadmat  # noqa: PLC0415  (scipy: an optional extra, for Cars .mat files only)
     except ImportError:
-        raise FgicError(f"{path}: reading the Stanford Cars .mat files needs scipy (pip install scipy, or "
-                        f"pip install 'fgic[cars]'); or give the CSV or class-folder layout") from None
+        raise FgicError(f"{path}: reading the Stanford Cars .mat files needs scipy (pip install scipy); or give the "
+                        f"CSV or class-folder layout") from None
     try:
         return loadmat(str(path), squeeze_me=True)
     except Exception as exc:  # scipy raises several types for a damaged or foreign file
