@@ -170,7 +170,9 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
         tr = engine.train_one_epoch(ddp_model, train_loader, opt, criterion, dist, args.amp,
                                     desc=f"epoch {epoch + 1}/{args.epochs}", start_step=first_step,
                                     totals=progress.totals_of(dist.rank, dist.world_size),
-                                    stop=lambda step: step % every == 0 and stop.agree(dist.max))
+                                    stop=lambda step: step % every == 0 and stop.agree(dist.max),
+                                    later_steps=(args.epochs - epoch - 1) * train_loader.sampler.num_samples //
+                                    run.per_process_batch)
         if tr["stopped_at"] is not None:  # a stop signal: checkpoint this step boundary and leave
             save(checkpoint.Progress(epoch, tr["stopped_at"], dist.gather(tr["totals"]), progress.best,
                                      best_ema=progress.best_ema))

@@ -1,18 +1,17 @@
 """The training step and the exact evaluation: one epoch of each, with totals summed over all processes."""
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import nullcontext
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from fgic import augment, drop
 from fgic.dist import Dist
 from fgic.errors import FgicError
 from fgic.models import logits
+from fgic.progress import progress
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -35,12 +34,6 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 def check_amp(amp: str, device: torch.device) -> None:
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise FgicError(f"-a/--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use -a fp16")
-
-
-def progress(loader, dist: Dist, desc: str):
-    """tqdm on rank 0 only; in a log file (not a terminal) it writes a line every 30 s instead of redrawing."""
-    return tqdm(loader, desc=desc, disable=not dist.is_main, leave=False, dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
 def inputs(loader, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -116,19 +109,20 @@ def train_step(model: nn.Module, images, labels, optimizer, scaler, criterion, d
 
 
 def train_one_epoch(model: nn.Module, loader, opt, criterion, dist: Dist, amp: str, desc: str, start_step: int = 0,
-                    totals: list[float] | None = None, stop=None) -> dict:
+                    totals: list[float] | None = None, stop=None, later_steps: int = 0) -> dict:
     """One pass over this process's share of every global batch, from `start_step` on (resuming inside an epoch,
     with this rank's running `totals` from the checkpoint), stepping `opt` (an optim.Optimization). Loss and
     accuracy (of mixed samples: against the larger share's class) accumulate on the device.
 
     `stop(step)` is asked after each step; when it returns True (every rank gets the same answer) the epoch ends
-    early and the result has "stopped_at" (steps done) and this rank's unreduced "totals" for a checkpoint."""
+    early and the result has "stopped_at" (steps done) and this rank's unreduced "totals" for a checkpoint.
+    `later_steps`: the run's steps after this epoch, for the progress's ETA of the run."""
     model.train()
     device = dist.device
     local = torch.tensor(totals or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)  # loss sum, correct, images
     images_before = float(totals[2]) if totals else 0.0
     start = time.perf_counter()
-    bar = progress(DeviceBatches(loader, device), dist, desc)
+    bar = progress(DeviceBatches(loader, device), dist.is_main, desc, later_steps, loader.batch_size * dist.world_size)
     step = start_step
     shown = start
     for step, (images, labels, keys) in enumerate(bar, start=start_step + 1):
@@ -166,7 +160,7 @@ def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_clas
     n = num_classes
     totals = torch.zeros(3 + 2 * n + (n * n if confusion else 0), dtype=torch.float64, device=device)
     # loss sum, top-1 correct, top-k correct, then per-class correct, per-class total and the confusion matrix
-    for images, labels, _ in progress(DeviceBatches(loader, device), dist, desc):
+    for images, labels, _ in progress(DeviceBatches(loader, device), dist.is_main, desc):
         with autocast(device, amp):
             out = logits(model(images))
         loss = nn.functional.cross_entropy(out.float(), labels, reduction="sum",
