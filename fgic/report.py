@@ -39,10 +39,12 @@ CONFIG_KEYS = ALWAYS_SHOWN + tuple(k for k in MEANING if k not in ("dataset", "n
 PUBLISHED = {"cub": 86.74, "aircraft": 93.25, "cars": 94.09}
 PUBLISHED_ARCH = "resnet50"
 BEST_LABEL = "best epoch (selected on the test set)"
+EMA_LABEL = "EMA final epoch"
 FAILURE_KEYS = ("dataset", "seed", "amp", "args", "exit_code", "log")
 # Written beside an eval.json (fgic.ddp --eval-only, fgic.report): the pictures need matplotlib
 EVAL_TABLE, EVAL_PER_CLASS, EVAL_CONFUSED = "eval_confused.md", "eval_per_class.png", "eval_confused.png"
 TOP_PAIRS = 20
+MARKERS = "osD^v<>p"
 
 
 @dataclass
@@ -109,6 +111,15 @@ def shown_keys(runs: list[Run]) -> list[str]:
     return [k for k in CONFIG_KEYS if k in ALWAYS_SHOWN or len({json.dumps(r.config.get(k)) for r in runs}) > 1]
 
 
+def by_recipe(finished: list[Run]) -> list[tuple[str, list[Run]]]:
+    """The runs in one group per --recipe (a preset fills a dozen flags: one table for all would show each of them
+    as a column), in the presets' order; one group when all share one."""
+    groups: dict[str, list[Run]] = {}
+    for run in finished:
+        groups.setdefault(str(run.config.get("recipe") or "seed"), []).append(run)
+    return sorted(groups.items(), key=lambda kv: (kv[0] != "seed", kv[0]))
+
+
 def spread(values: list[float], with_n: bool = True) -> str:
     """'mean ± sample std (n)', or 'value (1)' for one run."""
     n = f" ({len(values)})" if with_n else ""
@@ -146,31 +157,54 @@ def dataset_order(names) -> list[str]:
 
 
 def table(finished: list[Run]) -> list[str]:
-    """Rows: configurations; per dataset two columns, the last epoch and the best epoch."""
+    """Rows: configurations; per dataset two columns, the last epoch and the best epoch, and the EMA's last epoch
+    where runs kept one (--model-ema)."""
     keys = shown_keys(finished)
     datasets = dataset_order(r.dataset for r in finished)
     groups: dict[tuple, dict[str, list[Run]]] = {}
     for run in finished:
         groups.setdefault(run.key(keys), {}).setdefault(run.dataset, []).append(run)
+    ema = {d for d in datasets if any(r.dataset == d and "ema_final_test_acc" in r.summary for r in finished)}
     head = [k.replace("_", " ") for k in keys]
-    head += [c for d in datasets for c in (f"{d} final epoch", f"{d} {BEST_LABEL}")]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(keys) + " ---: |" * 2 * len(datasets)]
+    head += [c for d in datasets for c in (f"{d} final epoch", f"{d} {BEST_LABEL}", *([f"{d} {EMA_LABEL}"]
+                                                                                       if d in ema else []))]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(keys) + " ---: |" * (len(head) - len(keys))]
     for config in sorted(groups, key=order):
         cells = [fmt(v) for v in config]
         for d in datasets:
             runs = groups[config].get(d, [])
             cells += [spread([r.summary["final_test_acc"] for r in runs]) if runs else "",
                       spread([r.summary["best_test_acc"] for r in runs], with_n=False) if runs else ""]
+            if d in ema:
+                emas = [r.summary["ema_final_test_acc"] for r in runs if "ema_final_test_acc" in r.summary]
+                cells.append(spread(emas) if emas else "")
         lines.append("| " + " | ".join(cells) + " |")
     if any(r.config.get("arch") == PUBLISHED_ARCH and r.dataset in PUBLISHED for r in finished):
         cells = [f"{PUBLISHED_ARCH}, published" if k == "arch" else "" for k in keys]
         for d in datasets:
-            cells += ["", f"{PUBLISHED[d]:.2f}" if d in PUBLISHED else ""]
+            cells += ["", f"{PUBLISHED[d]:.2f}" if d in PUBLISHED else ""] + ([""] if d in ema else [])
         lines.append("| " + " | ".join(cells) + " |")
     for (config, d), seeds in sorted(repeated_seeds(groups).items(), key=lambda kv: (order(kv[0][0]), kv[0][1])):
         lines.append(f"\nNote: {d}, {', '.join(f'{k} {fmt(v)}' for k, v in zip(keys, config))}: seed "
                      f"{', '.join(map(fmt, seeds))} counted more than once (the same run in several folders?)")
     return lines
+
+
+def tables(finished: list[Run]) -> list[str]:
+    """One table, or one per recipe when they differ: each shows the options that vary within it, and names above
+    it those that are the same in all its runs but differ from another table's."""
+    groups = by_recipe(finished)
+    if len(groups) == 1:
+        return table(finished)
+    everywhere = set(shown_keys(finished))
+    out = []
+    for recipe, runs in groups:
+        mine = set(shown_keys(runs))
+        same = [f"{k.replace('_', ' ')} {fmt(runs[0].config.get(k))}" for k in CONFIG_KEYS
+                if k in everywhere - mine and k != "recipe"]
+        out += [f"### --recipe {recipe}", ""] + ([f"Every run below: {', '.join(same)}.", ""] if same else [])
+        out += table(runs) + [""]
+    return out[:-1]
 
 
 def repeated_seeds(groups: dict) -> dict:
@@ -192,7 +226,7 @@ def render(root: Path, runs: list[Run], failures: list[dict], evaluated: list[st
                 "runs). *final epoch*: the last epoch, the honest number. "
                 f"*{BEST_LABEL}*: the best of all epochs, chosen by looking at the test set, so optimistic; the "
                 "published numbers were reported this way.", ""]
-        out += table(finished)
+        out += tables(finished)
         out += ["", "## Finished runs", "", "| dataset | run | seed | final epoch | best epoch (epoch) | wall time |",
                 "| --- | --- | ---: | ---: | ---: | ---: |"]
         for r in sorted(finished, key=lambda r: (dataset_rank(r.dataset), str(r.path))):
@@ -248,9 +282,13 @@ def plot(runs: list[Run], path: Path) -> bool:
     datasets = dataset_order(r.dataset for r in runs)
     fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(5 * max(len(datasets), 1), 4), squeeze=False)
     for ax, d in zip(axes[0], datasets):
-        for r in sorted((r for r in runs if r.dataset == d), key=lambda r: r.path.name):
+        for i, r in enumerate(sorted((r for r in runs if r.dataset == d), key=lambda r: r.path.name)):
+            # a marker at every epoch (a one-epoch run is a point), and markers that differ with the run, drawn
+            # smaller each time, so that identical curves stay visible over each other
             ax.plot([x["epoch"] for x in r.records], [x["test_acc"] for x in r.records],
-                    "-" if r.finished else "--", label=r.path.name + ("" if r.finished else " (unfinished)"))
+                    "-" if r.finished else "--", marker=MARKERS[i % len(MARKERS)], markersize=max(9 - i % 4 * 2, 3),
+                    fillstyle="none" if i % 2 else "full", alpha=0.85,
+                    label=r.path.name + ("" if r.finished else " (unfinished)"))
         ax.set(title=d, xlabel="epoch", ylabel="test top-1 (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

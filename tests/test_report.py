@@ -17,7 +17,7 @@ from fgic.runlog import RunLog
 from tests.helpers import REPO, fgic_env, optional
 
 
-def make_run(root, dataset, seed, accs, epochs=None, finish=True, flags=()):
+def make_run(root, dataset, seed, accs, epochs=None, finish=True, flags=(), ema=None):
     """A run folder as fgic.ddp leaves it: config.json from the real parser, one record per epoch in `accs` (test
     top-1), and summary.json when `finish`."""
     args = config.resolve(config.get_args_parser().parse_args(
@@ -31,7 +31,8 @@ def make_run(root, dataset, seed, accs, epochs=None, finish=True, flags=()):
     if finish:
         best = max(accs)
         log.write("summary.json", {"final_test_acc": accs[-1], "best_test_acc": best,
-                                   "best_epoch": accs.index(best) + 1, "epochs": len(accs), "wall_seconds": 100.0})
+                                   "best_epoch": accs.index(best) + 1, "epochs": len(accs), "wall_seconds": 100.0,
+                                   **({"ema_final_test_acc": ema[-1]} if ema else {})})
     return folder
 
 
@@ -96,14 +97,38 @@ def test_groups_by_the_options_that_differ_and_only_shows_those(tmp_path):
     assert not any(k.startswith("resnet50, published") for k in rows)  # birds has no published number
 
 
-def test_a_recipe_groups_apart_with_the_flags_it_resolved(tmp_path):
+def test_recipes_get_a_table_each_with_only_what_varies_in_it(tmp_path):
+    """A preset fills a dozen flags: one table per recipe, the options the same in all its runs named above it, and
+    the EMA's final accuracy beside the model's (summary.json's ema_final_test_acc)."""
     for seed in (0, 1):
         make_run(tmp_path, "birds", seed, [50.0, 60.0 + seed])
-        make_run(tmp_path, "birds", seed, [40.0, 70.0 + seed], flags=("--recipe", "tv-v2", "--lr-warmup-epochs", "1"))
-    keys, rows = results_table(run_report(tmp_path))
-    assert keys[:3] == ["arch", "amp", "recipe"] and "model ema" in keys and "mixup alpha" in keys, keys
-    by_recipe = {row["recipe"]: row["birds final epoch"] for row in rows.values()}
-    assert by_recipe == {"seed": spread([60.0, 61.0]), "tv-v2": spread([70.0, 71.0])}
+        make_run(tmp_path, "birds", seed, [40.0, 70.0 + seed], flags=("--recipe", "tv-v2", "--lr-warmup-epochs", "1"),
+                 ema=[65.0 + seed])
+        make_run(tmp_path, "birds", seed, [40.0, 72.0 + seed], flags=("--recipe", "tv-v2", "--lr-warmup-epochs", "1",
+                                                                       "--mixup-alpha", "0.8", "-n", "mix8"),
+                 ema=[66.0 + seed])
+    text = run_report(tmp_path)
+    seed, tv2 = text.split("### --recipe seed")[1].split("### --recipe tv-v2")
+    keys, rows = results_table(seed)
+    assert keys == ["arch", "amp"] and rows["resnet50/off"]["birds final epoch"] == spread([60.0, 61.0])
+    assert "EMA" not in seed.split("## Finished")[0]
+    keys, rows = results_table(tv2)
+    assert keys == ["arch", "amp", "mixup alpha", "note"]  # not the dozen options tv-v2 sets alike
+    assert "Every run below: norm weight decay 0, lr warmup epochs 1, lr warmup method linear, model ema True" in tv2
+    assert rows["resnet50/off/0.2/–"]["birds final epoch"] == spread([70.0, 71.0])
+    assert rows["resnet50/off/0.8/mix8"]["birds EMA final epoch"] == spread([66.0, 67.0])
+
+
+def test_the_plot_marks_every_epoch_and_keeps_identical_runs_apart(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    make_run(tmp_path, "cub", 0, [50.0])  # one epoch: a line without markers was invisible
+    make_run(tmp_path, "cub", 1, [50.0])  # the same curve
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda plt, fig, path: figures.append(fig))
+    assert report.plot(report.find_runs(tmp_path), tmp_path / "p.png")
+    lines = figures[0].axes[0].get_lines()
+    assert [len(line.get_xdata()) for line in lines] == [1, 1] and all(line.get_marker() != "None" for line in lines)
+    assert lines[0].get_marker() != lines[1].get_marker()
 
 
 def test_unfinished_and_failed_runs_are_listed_not_averaged(tmp_path):
