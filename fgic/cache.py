@@ -7,6 +7,11 @@ or size gets a new cache. One process builds it under an exclusive flock on NAME
 kernel drops the lock when a builder dies, so a waiter then builds it itself instead of hanging. The array is
 written under a temporary name, fsynced and renamed into place before the JSON is, so a half-written cache is never
 read. Readers open it with mmap: the node keeps one copy in its page cache, whatever the process count.
+
+A folder on a shared file system whose flock is node-local (BeeGFS by default, Lustre with `localflock`) may see
+one builder per node at once; each writes its own temporary file, named for its host, pid and a random token, and
+the renames put identical arrays in place. A temporary file is removed only when provably stale: this host's with
+a dead pid, or untouched for STALE_SECONDS (a builder touches its file after every chunk).
 """
 from __future__ import annotations
 
@@ -14,6 +19,9 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import secrets
+import socket
 import sys
 import tempfile
 import time
@@ -33,6 +41,11 @@ MODES = ("auto", "on", "off")
 MEMORY_SHARE = 0.6  # auto: the arrays may take at most this share of the memory available to us
 WAIT_SECONDS = float(os.environ.get("FGIC_CACHE_WAIT_S", 3600))  # the longest wait for another process's build
 CHUNK = 32  # images per build task
+# A temporary file untouched this long is a dead builder's, whichever host wrote it: its builder touches it after
+# every chunk of CHUNK images (seconds apart), so a day leaves room for any clock skew between the hosts and any
+# stalled file system, and a dead builder's file, the size of the split, does not stay for ever.
+STALE_SECONDS = 24 * 3600
+_TEMP = re.compile(r"@(?P<host>[^@]*)@(?P<pid>\d+)@[0-9a-f]+\.tmp$")
 
 
 def default_dir() -> Path:
@@ -119,7 +132,7 @@ class _lock:
                                 f"off (FGIC_CACHE_WAIT_S sets the wait)")
             time.sleep(0.2)
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(self.fd, f"{os.getpid()} on {_host()}\n".encode(), 0)
         return self
 
     def _try(self) -> bool:
@@ -152,7 +165,7 @@ def _build(folder: Path, name: str, key: dict, samples, resize: int, workers: in
     if free < need:
         raise FgicError(f"--cache-dir {folder}: {need / 1e9:.1f} GB needed for the cache, {free / 1e9:.1f} GB free; "
                         f"point --cache-dir elsewhere or use --cache off")
-    tmp = folder / f"{name}.npy.{os.getpid()}.tmp"
+    tmp = _temp(folder / f"{name}.npy")
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(samples), 3, resize, resize))
         del arr
@@ -166,9 +179,11 @@ def _build(folder: Path, name: str, key: dict, samples, resize: int, workers: in
                     filled = pool.map(_fill, chunks)
                 for done in filled:
                     bar.update(done)
+                    os.utime(tmp)  # alive (see STALE_SECONDS)
         else:
             for chunk in chunks:
                 bar.update(_fill(chunk))
+                os.utime(tmp)
         bar.close()
         _fsync(tmp)
         os.replace(tmp, folder / f"{name}.npy")
@@ -179,18 +194,36 @@ def _build(folder: Path, name: str, key: dict, samples, resize: int, workers: in
 
 
 def _remove_stale(folder: Path, name: str) -> None:
-    """Drop the temporary files of dead builders and the caches of older versions of this split (same dataset
-    folder and resize, another key). A process still mapping one keeps reading it: unlinking leaves the inode."""
+    """Drop the temporary files of dead builders (_stale) and the caches of older versions of this split (same
+    dataset folder and resize, another key). A process still mapping one keeps reading it: unlinking leaves the
+    inode."""
     for old in folder.glob(f"{name.rsplit('-', 1)[0]}-*"):
-        if old.suffix == ".lock":
+        if old.suffix == ".lock" or (old.suffix == ".tmp" and not _stale(old)):
             continue
-        if old.suffix == ".tmp":
-            pid = int(old.name.split(".")[-2]) if old.name.split(".")[-2].isdigit() else 0
-            if pid and _alive(pid):
-                continue  # another key's builder at work (ours holds our lock: none is building this one)
-        elif old.name.startswith(name + "."):
+        if old.suffix != ".tmp" and old.name.startswith(name + "."):
             continue
         old.unlink(missing_ok=True)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+
+
+def _temp(path: Path) -> Path:
+    """PATH's temporary name, PATH@HOST@PID@TOKEN.tmp: no other process, on any host sharing the folder, has it."""
+    return path.with_name(f"{path.name}@{_host()}@{os.getpid()}@{secrets.token_hex(4)}.tmp")
+
+
+def _stale(path: Path) -> bool:
+    """Whether a temporary file is provably a dead builder's: this host's with a dead pid, or untouched for
+    STALE_SECONDS (another host's pid means nothing here; so does an older version's name, without a host)."""
+    try:
+        if time.time() - path.stat().st_mtime > STALE_SECONDS:
+            return True
+    except FileNotFoundError:
+        return False
+    m = _TEMP.search(path.name)
+    return bool(m) and m["host"] == _host() and not _alive(int(m["pid"]))
 
 
 def _alive(pid: int) -> bool:
@@ -218,7 +251,7 @@ def _fill(task) -> int:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = _temp(path)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

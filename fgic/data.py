@@ -42,6 +42,26 @@ def resolve(data: str, data_root: str) -> tuple[str, Path]:
     return dataset_name(data), root
 
 
+def class_folders(split: Path) -> list[str]:
+    """The class folders of a split (train/ or test/), sorted: its folders but hidden ones (`.ipynb_checkpoints`),
+    the one listing of classes (check_layout, KeyedImageFolder and so the cache and the run's class names)."""
+    return sorted(e.name for e in os.scandir(split) if e.is_dir() and not e.name.startswith("."))
+
+
+def class_samples(split: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """(path, label) of each image file (images.is_image) under each class folder, in ImageFolder's order; hidden
+    folders inside a class folder are skipped as well."""
+    found = []
+    for name, label in sorted(class_to_idx.items()):
+        walk = []
+        for folder, dirs, files in os.walk(split / name, followlinks=True):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            walk.append((folder, files))
+        found += [(os.path.join(folder, f), label) for folder, files in sorted(walk) for f in sorted(files)
+                  if images.is_image(f)]
+    return found
+
+
 def check_layout(root: Path) -> list[str]:
     """The class names, after checking train/ and test/ exist, have class folders with images, and agree."""
     classes = {}
@@ -50,7 +70,7 @@ def check_layout(root: Path) -> list[str]:
         if not folder.is_dir():
             raise FgicError(f"{folder}: missing; a dataset folder holds train/ and test/, each with one folder per "
                             f"class")
-        names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+        names = class_folders(folder)
         if not names:
             raise FgicError(f"{folder}: no class folders; put each class's images in {folder}/CLASS_NAME/")
         for name in names:
@@ -68,13 +88,23 @@ def check_layout(root: Path) -> list[str]:
 
 class KeyedImageFolder(ImageFolder):
     """ImageFolder returning uint8 CHW tensors. Training items are fetched by (epoch, index) keys and augmented from
-    (seed, epoch, index) (augment.Views); test items by index, resized and centre-cropped."""
+    (seed, epoch, index) (augment.Views); test items by index, resized and centre-cropped. Its classes and samples
+    are class_folders' and class_samples' (ImageFolder's own count hidden folders as classes and `._x.jpg` as
+    images)."""
 
     def __init__(self, root: Path, train: bool, resize: int, crop: int, padding: int, seed: int,
                  extra: augment.Extra = augment.Extra()):
         super().__init__(str(root), loader=images.load_rgb)
         self.train, self.size, self.crop, self.padding, self.seed = train, resize, crop, padding, seed
         self.views = augment.Views(seed, resize, crop, padding, extra)
+
+    def find_classes(self, directory) -> tuple[list[str], dict[str, int]]:
+        names = class_folders(Path(directory))
+        return names, {name: i for i, name in enumerate(names)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return class_samples(Path(directory), class_to_idx)
 
     def image(self, index: int) -> torch.Tensor:
         return augment.resize(self.loader(self.samples[index][0]), self.size)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from contextlib import nullcontext
 
 import torch
@@ -14,6 +15,7 @@ from fgic.models import logits
 from fgic.progress import progress
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DENSE_CONFUSION_MAX = 1000  # classes up to which evaluate also gives the whole matrix (8 MB of list at 1000)
 
 
 def autocast(device: torch.device, amp: str):
@@ -152,14 +154,17 @@ def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_clas
              confusion: bool = False) -> dict:
     """Exact top-1/top-5 over the test set: each process scores its own shard (no padded duplicates) and the
     counts are summed. Pass the bare model, not the DDP wrapper: evaluation needs no collective per batch, so a
-    process with fewer or no batches cannot stall the others. With `confusion`, also the confusion matrix (rows: the
-    true class, columns: the predicted one)."""
+    process with fewer or no batches cannot stall the others. With `confusion`, also `confusion_pairs`: (true class,
+    predicted class, count) of each mistake made, most first (the diagonal is class_correct), taking memory in the
+    test images, not the classes squared; up to DENSE_CONFUSION_MAX classes also `confusion`, the whole matrix (rows:
+    the true class, columns: the predicted one)."""
     model.eval()
     device = dist.device
     k = min(5, num_classes)
     n = num_classes
-    totals = torch.zeros(3 + 2 * n + (n * n if confusion else 0), dtype=torch.float64, device=device)
-    # loss sum, top-1 correct, top-k correct, then per-class correct, per-class total and the confusion matrix
+    totals = torch.zeros(3 + 2 * n, dtype=torch.float64, device=device)
+    # loss sum, top-1 correct, top-k correct, then per-class correct and per-class total
+    cells = []  # with `confusion`: true * n + predicted of each test image of this process
     for images, labels, _ in progress(DeviceBatches(loader, device), dist.is_main, desc):
         with autocast(device, amp):
             out = logits(model(images))
@@ -175,7 +180,7 @@ def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_clas
         ones = torch.ones_like(labels, dtype=torch.float64)
         totals[3 + n:3 + 2 * n].index_add_(0, labels, ones)
         if confusion:
-            totals[3 + 2 * n:].index_add_(0, labels * n + out.argmax(1), ones)
+            cells.append(labels * n + out.argmax(1))
     dist.all_reduce_sum(totals)
     loss_sum, correct, correct_k = totals[:3].tolist()
     class_correct = totals[3:3 + n].long().tolist()
@@ -185,5 +190,26 @@ def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_clas
               "test_top5": 100.0 * correct_k / max(total, 1), "test_correct": int(correct), "test_total": total,
               "class_correct": class_correct, "class_total": class_total}
     if confusion:
-        result["confusion"] = totals[3 + 2 * n:].long().view(n, n).tolist()
+        result["confusion_pairs"] = pairs = confused_pairs(cells, n, dist)
+        if n <= DENSE_CONFUSION_MAX:
+            result["confusion"] = matrix = [[0] * n for _ in range(n)]
+            for t, p, count in pairs:
+                matrix[t][p] = count
+            for t, count in enumerate(class_correct):
+                matrix[t][t] = count
     return result
+
+
+def confused_pairs(cells: list[torch.Tensor], n: int, dist: Dist) -> list[tuple[int, int, int]]:
+    """(true, predicted, count) of the off-diagonal cells (true * n + predicted) counted on every process, summed
+    over them, most first."""
+    mine = []
+    if cells:
+        found = torch.cat(cells)
+        found, counts = torch.unique(found[found // n != found % n], return_counts=True)
+        mine = list(zip(found.tolist(), counts.tolist()))
+    total = Counter()
+    for part in dist.gather(mine):
+        for cell, count in part:
+            total[cell] += count
+    return sorted(((cell // n, cell % n, count) for cell, count in total.items()), key=lambda c: (-c[2], c[0], c[1]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import socket
 import threading
 import time
 
@@ -80,12 +81,67 @@ def test_half_written_cache_is_not_read(ds, tmp_path):
     assert cache.open_array(folder, name, key) is None
     with open(folder / f"{name}.npy", "r+b") as f:  # and the array torn
         f.truncate(1000)
-    (folder / f"{name}.npy.999999.tmp").write_bytes(b"partial")  # a dead builder's temporary file
+    dead = folder / f"{name}.npy@{cache._host()}@{dead_pid()}@0123abcd.tmp"  # a dead builder's temporary file
+    dead.write_bytes(b"partial")
     again = cache.ensure(folder, ds, "train", s, 36, workers=0, show=False)
     assert np.array_equal(again, expected(s, 36)) and again.filename == arr.filename
-    assert not (folder / f"{name}.npy.999999.tmp").exists()
+    assert not dead.exists()
     (folder / f"{name}.json").write_text('{"format": "other"}')  # a marker of another key
     assert cache.open_array(folder, name, key) is None
+
+
+def dead_pid() -> int:
+    p = FORK.Process(target=os._exit, args=(0,))
+    p.start()
+    p.join()
+    return p.pid
+
+
+def test_temporary_names_differ_across_hosts_with_the_same_pid(monkeypatch, tmp_path):
+    names = set()
+    for host in ("node-a", "node-b.cluster", "node-a"):
+        monkeypatch.setattr(socket, "gethostname", lambda: host)
+        tmp = cache._temp(tmp_path / "x.npy")
+        assert tmp.name.startswith("x.npy@") and tmp.suffix == ".tmp" and f"@{host}@{os.getpid()}@" in tmp.name
+        names.add(tmp.name)
+    assert len(names) == 3  # the random token: the same host and pid (another pid namespace) too
+
+
+def test_the_sweep_removes_only_provably_stale_temporary_files(monkeypatch, tmp_path):
+    name, pid, here = "d-train-36px-00000000-" + "0" * 16, dead_pid(), cache._host()
+    temps = {"other host, pid dead here": f"{name}.npy@node-b@{pid}@0a0b0c0d.tmp",
+             "other key, other host": f"d-train-36px-00000000-{'1' * 16}.npy@node-b.x@{pid}@0a0b0c0d.tmp",
+             "this host, alive": f"{name}.npy@{here}@{os.getpid()}@0a0b0c0d.tmp",
+             "an older version's name": f"{name}.npy.{pid}.tmp",
+             "this host, dead": f"{name}.npy@{here}@{pid}@0a0b0c0d.tmp",
+             "this host, dead, json": f"{name}.json@{here}@{pid}@0a0b0c0d.tmp",
+             "other host, a day untouched": f"{name}.npy@node-b@{os.getpid()}@0a0b0c0e.tmp"}
+    for f in temps.values():
+        (tmp_path / f).write_bytes(b"x")
+    old = time.time() - cache.STALE_SECONDS - 60
+    os.utime(tmp_path / temps["other host, a day untouched"], (old, old))
+    cache._remove_stale(tmp_path, name)
+    kept = {k for k, f in temps.items() if (tmp_path / f).exists()}
+    assert kept == {"other host, pid dead here", "other key, other host", "this host, alive", "an older version's name"}
+
+
+def test_another_node_s_sweep_spares_a_build_in_progress(ds, tmp_path, monkeypatch):
+    """Node B, whose flock does not see node A's (node-local locks on a shared file system), sweeps while A builds;
+    A's pid is not alive on B."""
+    s, folder = samples(ds), tmp_path / "c"
+    name = cache.name_of(ds, "train", cache.key_of(s, 36))
+    real_fill = cache._fill
+
+    def fill_while_b_sweeps(task):
+        with monkeypatch.context() as node_b:
+            node_b.setattr(socket, "gethostname", lambda: "node-b")
+            node_b.setattr(cache, "_alive", lambda pid: False)
+            cache._remove_stale(folder, name)
+        return real_fill(task)
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-a")
+    monkeypatch.setattr(cache, "_fill", fill_while_b_sweeps)
+    arr = cache.ensure(folder, ds, "train", s, 36, workers=0, show=False)
+    assert np.array_equal(arr, expected(s, 36)) and not list(folder.glob("*.tmp"))
 
 
 def _ensure_and_count(folder, root, s, counter):
@@ -116,7 +172,7 @@ def test_concurrent_processes_build_once(ds, tmp_path):
 
 def _hold_lock(folder, name, ready, die):
     with cache._lock(folder / f"{name}.lock", name):
-        (folder / f"{name}.npy.{os.getpid()}.tmp").write_bytes(b"half")
+        cache._temp(folder / f"{name}.npy").write_bytes(b"half")
         ready.set()
         if die:
             os._exit(1)  # a builder killed mid-build
@@ -142,7 +198,8 @@ def test_waiting_for_a_builder_never_hangs(ds, tmp_path, monkeypatch, die):
             assert np.array_equal(arr, expected(s, 36))
             assert not list(folder.glob("*.tmp"))
         else:
-            with pytest.raises(FgicError, match=f"waited 1 s for process {holder.pid} to build .*--cache off"):
+            holder_is = f"process {holder.pid} on {cache._host()}"
+            with pytest.raises(FgicError, match=f"waited 1 s for {holder_is} to build .*--cache off"):
                 cache.ensure(folder, ds, "train", s, 36, workers=0, show=False)
     finally:
         holder.kill()

@@ -1,11 +1,15 @@
+import json
+
 import pytest
 import torch
 import torch.nn.functional as tf
+from torchvision.datasets import ImageFolder
 
 from fgic import augment, data
 from fgic.demo import make_tiny
 from fgic.errors import FgicError
 from fgic.samplers import ShardSampler, TrainSampler
+from tests.helpers import run_fgic, tiny_args
 
 
 def global_batches(n, batch, world, seed, epoch):
@@ -130,3 +134,57 @@ def test_batch_must_split_evenly(batch, world):
 def test_default_loader_workers_follow_each_process_s_cpus(monkeypatch, kind, local, env, usable, expected):
     monkeypatch.setattr(data, "usable_cpus", lambda: usable)
     assert data.default_workers(local, kind, env) == expected
+
+
+def _with_hidden_folders(root):
+    """A Jupyter checkpoint folder holding an image under each split and inside a class folder, an empty hidden
+    folder (the crash: ImageFolder found no files for that "class") and a macOS `._` copy: no class, no sample."""
+    (root / "train" / ".cache").mkdir()
+    for split in data.SPLITS:
+        hidden = root / split / ".ipynb_checkpoints"
+        hidden.mkdir()
+        (hidden / "000-checkpoint.jpg").write_bytes((root / split / "class_00" / "000.jpg").read_bytes())
+    inner = root / "train" / "class_01" / ".ipynb_checkpoints"
+    inner.mkdir()
+    (inner / "000.jpg").write_bytes((root / "train" / "class_01" / "000.jpg").read_bytes())
+    (root / "train" / "class_00" / "._000.jpg").write_bytes(b"\0\5\26\7")
+    return root
+
+
+def _real_samples(folder):
+    return [(str(p), int(p.parent.name[-2:])) for p in sorted(folder.glob("class_*/*.jpg")) if p.name[0] != "."]
+
+
+def test_hidden_folders_are_neither_classes_nor_samples(tmp_path):
+    root = _with_hidden_folders(make_tiny(tmp_path / "d", (3, 2), (1, 2)))
+    assert data.check_layout(root) == ["class_00", "class_01"]
+    spec = data.DataSpec(resize=36, crop=32, padding=4, seed=1, batch_size=2, workers=0, cache="on",
+                         cache_dir=str(tmp_path / "cache"))
+    sets = data.build(spec, root, 1, 0, False)[:2]
+    for split, ds in zip(data.SPLITS, sets):  # served from the cache (--cache on), with the same classes
+        assert type(ds).__name__ == "CachedImageFolder" and ds.classes == ["class_00", "class_01"]
+        assert ds.samples == _real_samples(root / split)
+        assert ds.array.shape[0] == len(ds.samples)
+        assert data.class_folders(root / split) == ["class_00", "class_01"]
+    folder = data.KeyedImageFolder(root / "train", True, 36, 32, 4, seed=1)
+    assert folder.class_to_idx == {"class_00": 0, "class_01": 1} and folder.samples == _real_samples(root / "train")
+
+
+def test_samples_are_image_folder_s_on_a_plain_dataset(tmp_path):
+    root = make_tiny(tmp_path / "d", (3, 2), (1, 2))  # the same order and paths: existing caches stay valid
+    nested = root / "train" / "class_01" / "nested"
+    nested.mkdir()
+    (nested / "a.jpg").write_bytes((root / "train" / "class_01" / "000.jpg").read_bytes())
+    for split in data.SPLITS:
+        ours = data.KeyedImageFolder(root / split, False, 36, 32, 4, seed=1)
+        theirs = ImageFolder(str(root / split))
+        assert ours.samples == theirs.samples and ours.classes == theirs.classes
+
+
+@pytest.mark.e2e
+def test_a_run_trains_beside_hidden_folders(tmp_path):
+    root = _with_hidden_folders(make_tiny(tmp_path / "d", (6, 6), (2, 2)))
+    res = run_fgic(["-d", str(root), *tiny_args(epochs=1, batch_size=6), "--output-dir", str(tmp_path / "runs")])
+    assert res.returncode == 0, res.stderr
+    config = json.loads(next((tmp_path / "runs").rglob("config.json")).read_text())
+    assert config["classes"] == ["class_00", "class_01"] and config["num_classes"] == 2
