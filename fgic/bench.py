@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from torchvision import datasets
 from torchvision import transforms as T
 
-from fgic import augment, config, data, demo, drop, engine, models, optim
+from fgic import augment, config, data, demo, drop, engine, images, models, optim
 from fgic.config import RECIPE
 from fgic.dist import pick_device
 from fgic.errors import FgicError, run_cli
@@ -38,11 +38,19 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B20
                "A800": 312.0, "L40S": 362.0, "A40": 150.0, "A10": 125.0, "V100": 125.0}
 
 
+class OriginalFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder with fgic's classes (hidden folders such as .ipynb_checkpoints are none)."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        names = images.split_classes(directory)
+        return names, {name: i for i, name in enumerate(names)}
+
+
 def recipe_loader(root: Path, resize: int, crop: int, padding: int, batch: int, workers: int, pin: bool):
     """The recipe's original pipeline: ImageFolder + PIL transforms producing normalised float batches."""
     tf = T.Compose([T.Resize((resize, resize)), T.RandomCrop(crop, padding=padding), T.RandomHorizontalFlip(),
                     T.ToTensor(), T.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)])
-    ds = datasets.ImageFolder(str(root / "train"), tf)
+    ds = OriginalFolder(str(root / "train"), tf)
     if len(ds) < batch:
         raise FgicError(f"-b/--batch-size {batch}: {root / 'train'} has only {len(ds)} images")
     return DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, pin_memory=pin,

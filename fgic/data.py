@@ -42,12 +42,6 @@ def resolve(data: str, data_root: str) -> tuple[str, Path]:
     return dataset_name(data), root
 
 
-def class_folders(split: Path) -> list[str]:
-    """The class folders of a split (train/ or test/), sorted: its folders but hidden ones (`.ipynb_checkpoints`),
-    the one listing of classes (check_layout, KeyedImageFolder and so the cache and the run's class names)."""
-    return sorted(e.name for e in os.scandir(split) if e.is_dir() and not e.name.startswith("."))
-
-
 def class_samples(split: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
     """(path, label) of each image file (images.is_image) under each class folder, in ImageFolder's order; hidden
     folders inside a class folder are skipped as well."""
@@ -70,7 +64,7 @@ def check_layout(root: Path) -> list[str]:
         if not folder.is_dir():
             raise FgicError(f"{folder}: missing; a dataset folder holds train/ and test/, each with one folder per "
                             f"class")
-        names = class_folders(folder)
+        names = images.split_classes(folder)
         if not names:
             raise FgicError(f"{folder}: no class folders; put each class's images in {folder}/CLASS_NAME/")
         for name in names:
@@ -89,7 +83,7 @@ def check_layout(root: Path) -> list[str]:
 class KeyedImageFolder(ImageFolder):
     """ImageFolder returning uint8 CHW tensors. Training items are fetched by (epoch, index) keys and augmented from
     (seed, epoch, index) (augment.Views); test items by index, resized and centre-cropped. Its classes and samples
-    are class_folders' and class_samples' (ImageFolder's own count hidden folders as classes and `._x.jpg` as
+    are images.split_classes' and class_samples' (ImageFolder's own count hidden folders as classes and `._x.jpg` as
     images)."""
 
     def __init__(self, root: Path, train: bool, resize: int, crop: int, padding: int, seed: int,
@@ -99,7 +93,7 @@ class KeyedImageFolder(ImageFolder):
         self.views = augment.Views(seed, resize, crop, padding, extra)
 
     def find_classes(self, directory) -> tuple[list[str], dict[str, int]]:
-        names = class_folders(Path(directory))
+        names = images.split_classes(Path(directory))
         return names, {name: i for i, name in enumerate(names)}
 
     @staticmethod

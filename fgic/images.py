@@ -24,6 +24,13 @@ def is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
+def split_classes(split) -> list[str]:
+    """The class folders of a split (train/ or test/), sorted: its folders but hidden ones (`.ipynb_checkpoints`),
+    the one listing of classes (the layout check, the datasets and so the cache, the run's class names, fgic.prepare's
+    collated mirrors)."""
+    return sorted(e.name for e in os.scandir(split) if e.is_dir() and not e.name.startswith("."))
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open an image as 8-bit RGB, honouring its EXIF orientation (grayscale, palette, CMYK, RGBA and 16-bit
     images included)."""

@@ -302,7 +302,7 @@ def read_collated(src: Path) -> Release | None:
         return None
     found = {}
     for split in SPLITS:
-        found[split] = sorted(e.name for e in os.scandir(root / split) if e.is_dir() and not e.name.startswith("."))
+        found[split] = images.split_classes(root / split)
     if found["train"] != found["test"]:
         only = sorted(set(found["train"]) ^ set(found["test"]))
         raise FgicError(f"{root}: train/ and test/ have different class folders (e.g. {only[:3]}); "

@@ -2,14 +2,13 @@
 the run's test transform (fgic.predict and fgic.export)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fgic import augment, models
+from fgic import augment, images, models
 from fgic.errors import FgicError
 from fgic.jsonfile import read_object
 from fgic.runlog import BEST, BEST_EMA, CHECKPOINT
@@ -49,7 +48,7 @@ def class_names(config: dict, where: Path) -> list[str]:
         return config["classes"]
     train = Path(str(config.get("data_path", ""))) / "train"
     if train.is_dir():
-        names = sorted(e.name for e in os.scandir(train) if e.is_dir() and not e.name.startswith("."))
+        names = images.split_classes(train)
         if len(names) == config.get("num_classes"):
             return names
     raise FgicError(f"{where}: config.json names no classes and the dataset's train/ ({train}) is gone; run from a "

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as tf
 from torchvision.datasets import ImageFolder
 
-from fgic import augment, data
+from fgic import augment, data, images
 from fgic.demo import make_tiny
 from fgic.errors import FgicError
 from fgic.samplers import ShardSampler, TrainSampler
@@ -165,7 +165,7 @@ def test_hidden_folders_are_neither_classes_nor_samples(tmp_path):
         assert type(ds).__name__ == "CachedImageFolder" and ds.classes == ["class_00", "class_01"]
         assert ds.samples == _real_samples(root / split)
         assert ds.array.shape[0] == len(ds.samples)
-        assert data.class_folders(root / split) == ["class_00", "class_01"]
+        assert images.split_classes(root / split) == ["class_00", "class_01"]
     folder = data.KeyedImageFolder(root / "train", True, 36, 32, 4, seed=1)
     assert folder.class_to_idx == {"class_00": 0, "class_01": 1} and folder.samples == _real_samples(root / "train")
 
