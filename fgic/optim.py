@@ -70,7 +70,7 @@ def timm_layer_ids(model: nn.Module, arch: str) -> tuple[dict[str, int], int]:
     ids = dict(group_parameters(model, model.group_matcher(coarse=False), reverse=True))
     top = max(ids.values(), default=0)  # timm's: what its matcher leaves unmatched (the head) is the last group
     heads = tuple(f"{h}." for h in timm_models.heads(model))
-    ids.update({n: top for n in ids if heads and n.startswith(heads)})
+    ids.update({n: top for n in ids if n.startswith(heads)})
     if top < 2:
         raise FgicError(f"--layer-decay: {arch}'s group_matcher numbers no blocks; leave --layer-decay out")
     return ids, top - 1
@@ -167,7 +167,7 @@ def ema_horizon_notice(args, steps_per_epoch: int, decay: float) -> str | None:
     # the --model-ema-decay whose adjusted horizon is a tenth of the run's updates (ema_decay solved for it)
     gap = float(f"{10 / max(updates, 1) * args.epochs / (args.batch_size * args.model_ema_steps):.0e}")
     fix = f"--model-ema-decay {1 - gap:g} gives a tenth of the run" if updates >= 10 and gap < 1 else \
-        "lower --model-ema-steps"
+        f"too few updates to average: leave --model-ema out{' or lower --model-ema-steps' * (args.model_ema_steps > 1)}"
     epochs = f"{args.epochs - args.lr_warmup_epochs} epochs after the warmup" if args.lr_warmup_epochs else \
         f"{args.epochs} epochs"
     return (f"fgic: notice: --model-ema: its horizon, {horizon:.0f} updates (--model-ema-decay {args.model_ema_decay:g}"

@@ -10,7 +10,7 @@ from torchvision import models
 from fgic import config, optim
 from fgic import models as fgic_models
 from fgic.errors import FgicError
-from tests.helpers import REPO, optional
+from tests.helpers import REPO, optional, run_fgic, tiny_args
 
 
 def built(arch: str) -> torch.nn.Module:
@@ -194,3 +194,13 @@ def test_the_ema_horizon_counts_the_updates_after_the_warmup():
     warm = ema_args(batch_size=64, model_ema_steps=4, lr_warmup_epochs=6)
     assert "is longer than the 31 updates of this run (6 epochs after the warmup x 21 steps" in \
         optim.ema_horizon_notice(warm, 21, adjusted)
+
+
+@pytest.mark.e2e
+def test_the_ema_notice_is_one_line_of_rank_0(tiny_data, tmp_path):
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(epochs=2, batch_size=12), "--model-ema", "--model-ema-steps", "1",
+                    "--output-dir", str(tmp_path)], nproc=2)  # 2 steps an epoch: 4 updates
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("fgic: notice: --model-ema: its horizon, 8333 updates") == 1, res.stderr
+    assert "than the 4 updates of this run (2 epochs x 2 steps / --model-ema-steps 1), so the EMA stays near its " \
+           "first weights; too few updates to average: leave --model-ema out\n" in res.stderr
