@@ -179,8 +179,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--opt", choices=("sgd", "adamw"), help="optimizer (default sgd)")
     g.add_argument("--norm-weight-decay", type=float, help="weight decay of norm layers and biases (default: "
                                                            "--weight-decay)")
-    g.add_argument("--layer-decay", type=float, help="layer-wise lr decay: block k of L gets lr x X^(L+1-k) "
-                                                     "(ViT, Swin, ConvNeXt, EfficientNet, ResNet; default off)")
+    g.add_argument("--layer-decay", type=float, help="layer-wise lr decay: block k of L gets lr x X^(L+1-k), the "
+                                                     "head lr (ViT, Swin, ConvNeXt, EfficientNet, MobileNet, RegNet, "
+                                                     "ResNet, MaxViT, MNASNet, ShuffleNet, timm models; default off)")
     g.add_argument("--lr-warmup-epochs", "--warmup-epochs", type=int,
                    help="epochs of lr warmup, per step, before the cosine (default 0)")
     g.add_argument("--lr-warmup-method", choices=("linear", "constant"), help="warmup shape (default constant)")

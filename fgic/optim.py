@@ -3,13 +3,16 @@ clipping and the EMA of the weights (`Optimization`)."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision import models
 
+from fgic import timm_models
 from fgic.errors import FgicError
 from fgic.syncbn import AllReduceBatchNorm
 
@@ -17,27 +20,41 @@ NORM_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm
                 nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm, AllReduceBatchNorm)
 
 
+# torchvision's blocks, a layer each: an arch with none (AlexNet, VGG, SqueezeNet, DenseNet, GoogLeNet, Inception v3)
+# has no chain of blocks whose numbering means a depth. RegNet's stages and MaxViT's are modules holding blocks, not
+# blocks (counting them with their blocks gave RegNet's new head 0.0016 x the lr at --layer-decay 0.65)
+BLOCK_CLASSES = (models.vision_transformer.EncoderBlock, models.swin_transformer.SwinTransformerBlock,
+                 models.convnext.CNBlock, models.efficientnet.MBConv, models.efficientnet.FusedMBConv,
+                 models.mobilenetv2.InvertedResidual, models.mobilenetv3.InvertedResidual,
+                 models.regnet.ResBottleneckBlock, models.resnet.BasicBlock, models.resnet.Bottleneck,
+                 models.maxvit.MaxVitLayer, models.mnasnet._InvertedResidual, models.shufflenetv2.InvertedResidual)
+FAMILIES = "ViT, Swin, ConvNeXt, EfficientNet, MobileNet, RegNet, ResNet, MaxViT, MNASNet, ShuffleNet, timm models"
+# Under this share of the lr the stem is frozen in effect (1e-5 x AdamW's 1e-3 moves a weight 1e-4 in 10k steps).
+# MAE's deepest recipe passes: ViT-H, 0.75 over 32 blocks, gives its stem 7.5e-5; 0.65, tuned for ViT-B's 12 blocks,
+# would give efficientnet_v2_s's 40 blocks 2e-8 and resnet152's 50 blocks 3e-10.
+FROZEN_SCALE = 1e-5
+VIT_B_STEM_SCALE = 0.65 ** 13  # the transformer recipe's stem on ViT-B, which a deeper arch is offered instead
+
+
 def blocks(model: nn.Module) -> list[str]:
-    """The model's blocks in forward order: the children of each Sequential whose children are all composite
-    modules of one class (EncoderBlock, SwinTransformerBlock, CNBlock, MBConv, Bottleneck, ...)."""
+    """The names of the model's blocks (BLOCK_CLASSES, none inside another) in forward order."""
     found: list[str] = []
     for name, module in model.named_modules():
-        if found and any(name.startswith(f"{b}.") for b in found):
-            continue
-        children = list(module.children())
-        if isinstance(module, nn.Sequential) and len(children) > 1 and len({type(c) for c in children}) == 1 \
-                and all(any(True for _ in c.children()) for c in children):
-            found.extend(f"{name}.{n}" if name else n for n, _ in module.named_children())
+        if isinstance(module, BLOCK_CLASSES) and not (found and name.startswith(f"{found[-1]}.")):
+            found.append(name)
     return found
 
 
 def layer_ids(model: nn.Module, arch: str) -> tuple[dict[str, int], int]:
     """Each parameter's layer: 0 before the first block, k + 1 in block k (between blocks: the next block's),
-    L + 1 after the last; and L."""
+    L + 1 after the last (the head); and L. A timm model is numbered by its own group_matcher, as timm's layer
+    decay does, with its classifier last."""
+    if hasattr(model, "group_matcher"):
+        return timm_layer_ids(model, arch)
     names = blocks(model)
-    if len(names) < 2:
-        raise FgicError(f"--layer-decay: {arch} has no sequence of blocks to number (ViT, Swin, ConvNeXt, "
-                        f"EfficientNet, ResNet have one); leave --layer-decay out")
+    if not names:
+        raise FgicError(f"--layer-decay: {arch} has no chain of blocks to number (supported: {FAMILIES}); leave "
+                        f"--layer-decay out")
     ids, seen = {}, 0  # seen: the id of the last block met
     for pname, _ in model.named_parameters():
         block = next((i for i, b in enumerate(names) if pname.startswith(f"{b}.")), None)
@@ -46,6 +63,17 @@ def layer_ids(model: nn.Module, arch: str) -> tuple[dict[str, int], int]:
         else:
             ids[pname] = 0 if seen == 0 else seen + 1  # after the last block: len(names) + 1
     return ids, len(names)
+
+
+def timm_layer_ids(model: nn.Module, arch: str) -> tuple[dict[str, int], int]:
+    from timm.models import group_parameters  # noqa: PLC0415  (timm: an optional extra)
+    ids = dict(group_parameters(model, model.group_matcher(coarse=False), reverse=True))
+    top = max(ids.values(), default=0)  # timm's: what its matcher leaves unmatched (the head) is the last group
+    heads = tuple(f"{h}." for h in timm_models.heads(model))
+    ids.update({n: top for n in ids if n.startswith(heads)})
+    if top < 2:
+        raise FgicError(f"--layer-decay: {arch}'s group_matcher numbers no blocks; leave --layer-decay out")
+    return ids, top - 1
 
 
 def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float | None = None,
@@ -58,6 +86,11 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
     norms = {f"{m}.{n}" if m else n for m, mod in model.named_modules() if isinstance(mod, NORM_CLASSES)
              for n, _ in mod.named_parameters(recurse=False)}
     ids, layers = layer_ids(model, arch) if layer_decay is not None else ({}, 0)
+    if layer_decay is not None and layer_decay ** (layers + 1) < FROZEN_SCALE:
+        offer = math.ceil(VIT_B_STEM_SCALE ** (1 / (layers + 1)) * 100) / 100
+        raise FgicError(f"--layer-decay {layer_decay:g}: over {arch}'s {layers} blocks it gives the stem "
+                        f"{layer_decay ** (layers + 1):.1g} x the lr (under {FROZEN_SCALE:g}: frozen); --layer-decay "
+                        f"{offer:g} gives it the {VIT_B_STEM_SCALE:.2g} that 0.65 gives ViT-B's 12 blocks")
     groups: dict[tuple, dict] = {}
     for name, p in params:
         plain = norm_weight_decay is not None and (name in norms or name.endswith("bias"))
@@ -121,6 +154,26 @@ def ema_decay(decay: float, batch_size: int, every: int, epochs: int) -> float:
     """torchvision's reference adjustment of --model-ema-decay to the global batch, the steps between updates and the
     epochs: the EMA's horizon is then epochs / ((1 - decay) x train images) epochs, whatever the batch."""
     return 1.0 - min(1.0, (1.0 - decay) * batch_size * every / epochs)
+
+
+def ema_horizon_notice(args, steps_per_epoch: int, decay: float) -> str | None:
+    """A line when the EMA's horizon, 1 / (1 - decay) updates at the adjusted decay, is longer than the updates the
+    run makes after its warmup (the EMA restarts through it): the EMA then stays near its first weights (seen: digits,
+    12 epochs of 252 steps at torchvision's default decay, EMA 10% = chance, the model 78%)."""
+    updates = (args.epochs - args.lr_warmup_epochs) * steps_per_epoch // args.model_ema_steps
+    horizon = 1 / (1 - decay) if decay < 1 else math.inf
+    if horizon <= updates:
+        return None
+    # the --model-ema-decay whose adjusted horizon is a tenth of the run's updates (ema_decay solved for it)
+    gap = float(f"{10 / max(updates, 1) * args.epochs / (args.batch_size * args.model_ema_steps):.0e}")
+    fix = f"--model-ema-decay {1 - gap:g} gives a tenth of the run" if updates >= 10 and gap < 1 else \
+        f"too few updates to average: leave --model-ema out{' or lower --model-ema-steps' * (args.model_ema_steps > 1)}"
+    epochs = f"{args.epochs - args.lr_warmup_epochs} epochs after the warmup" if args.lr_warmup_epochs else \
+        f"{args.epochs} epochs"
+    return (f"fgic: notice: --model-ema: its horizon, {horizon:.0f} updates (--model-ema-decay {args.model_ema_decay:g}"
+            f" adjusted to {decay:.6g}), is longer than the {updates} updates of this run ({epochs} x "
+            f"{steps_per_epoch} steps / --model-ema-steps {args.model_ema_steps}), so the EMA stays near its first "
+            f"weights; {fix}")
 
 
 @dataclass
@@ -200,6 +253,9 @@ def build(model: nn.Module, device: torch.device, args, steps_per_epoch: int) ->
     if args.model_ema:
         decay = ema_decay(args.model_ema_decay, args.batch_size, args.model_ema_steps, args.epochs)
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        notice = ema_horizon_notice(args, steps_per_epoch, decay)
+        if notice and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+            print(notice, file=sys.stderr, flush=True)
     return Optimization(optimizer, scheduler, per_step, torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
                         model, args.clip_grad_norm, ema, args.model_ema_steps,
                         args.lr_warmup_epochs * steps_per_epoch, factor=factor)
