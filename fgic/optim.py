@@ -12,7 +12,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision import models
 
-from fgic import timm_models
+from fgic import config, timm_models
 from fgic.errors import FgicError
 from fgic.syncbn import AllReduceBatchNorm
 
@@ -234,7 +234,12 @@ class Optimization:
 
 def build(model: nn.Module, device: torch.device, args, steps_per_epoch: int) -> Optimization:
     """The Optimization of fgic.ddp's resolved flags for `model` (bare, on its device)."""
-    groups = param_groups(model, args.weight_decay, args.norm_weight_decay, args.layer_decay, arch=args.arch)
+    try:
+        groups = param_groups(model, args.weight_decay, args.norm_weight_decay, args.layer_decay, arch=args.arch)
+    except FgicError as exc:
+        if config.RECIPES[args.recipe].get("layer_decay") != args.layer_decay:
+            raise
+        raise FgicError(f"{exc} (--layer-decay comes from --recipe {args.recipe}; pass it to override)") from None
     for group in groups:
         group["lr"] = args.lr * group["lr_scale"]
     if args.opt == "adamw":

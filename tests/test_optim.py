@@ -113,6 +113,13 @@ def test_a_layer_decay_that_would_freeze_a_deep_stem_is_refused_with_one_that_do
     assert optim.FROZEN_SCALE < optim.VIT_B_STEM_SCALE <= stem < 2 * optim.VIT_B_STEM_SCALE
 
 
+def test_a_presets_layer_decay_that_would_freeze_says_where_it_comes_from():
+    args = config.resolve(config.get_args_parser().parse_args(["-d", "x", "--recipe", "transformer", "--arch",
+                                                               "resnet152", "--epochs", "9"]))
+    with pytest.raises(FgicError, match=r"gives the stem .* \(--layer-decay comes from --recipe transformer; pass it"):
+        optim.build(built("resnet152"), torch.device("cpu"), args, 10)
+
+
 def test_the_help_and_the_readme_name_the_same_families():
     action = next(a for a in config.get_args_parser()._actions if "--layer-decay" in a.option_strings)
     row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `--layer-decay"))
