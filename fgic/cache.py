@@ -171,20 +171,27 @@ def _build(folder: Path, name: str, key: dict, samples, resize: int, workers: in
         del arr
         paths = [p for p, _ in samples]
         chunks = [(str(tmp), i, paths[i:i + CHUNK], resize) for i in range(0, len(paths), CHUNK)]
-        bar = tqdm(total=len(paths), desc=f"caching {name}", unit="img", disable=not show, dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 30)
-        if workers > 0 and len(chunks) > 1:
-            with ProcessPoolExecutor(max_workers=workers, initializer=signals.ignore_stop) as pool:
-                with signals.blocked():  # map submits every chunk, starting the builders (see signals.ignore_stop)
-                    filled = pool.map(_fill, chunks)
-                for done in filled:
-                    bar.update(done)
-                    os.utime(tmp)  # alive (see STALE_SECONDS)
-        else:
-            for chunk in chunks:
-                bar.update(_fill(chunk))
-                os.utime(tmp)
-        bar.close()
+        # a bar on a terminal (closed, so ended by a newline, when a bad image stops the build); in a log file or a
+        # Slurm log a line before and after instead of tqdm's carriage returns
+        terminal = show and sys.stderr.isatty()
+        if show and not terminal:
+            print(f"fgic: caching {name}: {len(paths)} images", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        with tqdm(total=len(paths), desc=f"caching {name}", unit="img", disable=not terminal, dynamic_ncols=True,
+                  mininterval=0.5) as bar:
+            if workers > 0 and len(chunks) > 1:
+                with ProcessPoolExecutor(max_workers=workers, initializer=signals.ignore_stop) as pool:
+                    with signals.blocked():  # map submits every chunk, starting the builders (signals.ignore_stop)
+                        filled = pool.map(_fill, chunks)
+                    for done in filled:
+                        bar.update(done)
+                        os.utime(tmp)  # alive (see STALE_SECONDS)
+            else:
+                for chunk in chunks:
+                    bar.update(_fill(chunk))
+                    os.utime(tmp)
+        if show and not terminal:
+            print(f"fgic: cached {name} in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         _fsync(tmp)
         os.replace(tmp, folder / f"{name}.npy")
         _write_atomic(folder / f"{name}.json", json.dumps(key, sort_keys=True))

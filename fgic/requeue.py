@@ -39,7 +39,7 @@ def requeue(env=os.environ) -> str:
     job manages it (submitit requeues its own); returns what happened, for the log. FGIC_REQUEUE=0 turns it off."""
     job = job_id(env)
     if not job:
-        return "not a Slurm job"
+        return "no requeue: not a Slurm job; rerun the same command to resume"
     if env.get("FGIC_REQUEUE", "1") == "0" or env.get("SUBMITIT_EXECUTOR"):
         return "requeue left to the launcher"
     info = show(job)

@@ -15,6 +15,7 @@ def test_amp_modes_train(tiny_data, tmp_path, amp):
     res = run_fgic(["-d", str(tiny_data), *tiny_args(epochs=1, resize=40, crop=32), "-a", amp,
                     "--output-dir", str(tmp_path)])
     assert res.returncode == 0, res.stderr
+    assert "\r" not in res.stderr  # a log file or a Slurm log gets whole lines, not tqdm's frames
     run = tmp_path / "tiny" / f"resnet18-{amp}-s2020"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test_total"] == 101

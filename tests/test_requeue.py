@@ -33,7 +33,7 @@ def test_array_task_requeues_itself_only(scontrol):
 
 
 def test_no_requeue_when_not_allowed_or_not_ours(scontrol, monkeypatch):
-    assert requeue.requeue({}) == "not a Slurm job"
+    assert requeue.requeue({}) == "no requeue: not a Slurm job; rerun the same command to resume"
     assert requeue.requeue({"SLURM_JOB_ID": "42", "SUBMITIT_EXECUTOR": "slurm"}) == "requeue left to the launcher"
     assert requeue.requeue({"SLURM_JOB_ID": "42", "FGIC_REQUEUE": "0"}) == "requeue left to the launcher"
     monkeypatch.setenv("FAKE_REQUEUE", "0")
