@@ -34,8 +34,7 @@ def require():
     try:
         import timm  # noqa: PLC0415  (timm: an optional extra)
     except ImportError:
-        raise FgicError("--arch timm:NAME needs the optional extra timm: pip install timm (or pip install "
-                        "'fgic[timm]')") from None
+        raise FgicError("--arch timm:NAME needs the optional extra timm: pip install timm") from None
     return timm
 
 
