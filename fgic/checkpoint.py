@@ -38,10 +38,11 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def select(resume: str, run_dir: Path) -> Path | None:
-    """--resume auto: the run folder's checkpoint if there is one; none: start over; else the named file."""
+def select(resume: str, run_dir: Path, env: os._Environ | dict = os.environ) -> Path | None:
+    """--resume auto: the run folder's checkpoint if there is one; none: start over (but see `own_requeued`); else the
+    named file."""
     if resume == "none":
-        return None
+        return own_requeued(run_dir, env)
     if resume == "auto":
         path = run_dir / CHECKPOINT
         return path if path.is_file() else None
@@ -49,6 +50,17 @@ def select(resume: str, run_dir: Path) -> Path | None:
     if not path.is_file():
         raise FgicError(f"--resume {resume}: no such file; give a checkpoint.pt, or auto or none")
     return path
+
+
+def own_requeued(run_dir: Path, env: os._Environ | dict = os.environ) -> Path | None:
+    """--resume none in a requeued Slurm job (SLURM_RESTART_COUNT > 0; a batch script or FGIC_ARGS repeats its flags
+    on every restart): the run folder's checkpoint when this job wrote it (its config's slurm_job_id), so that the
+    run starts over once, not on every requeue."""
+    job = env.get("SLURM_JOB_ID")
+    path = run_dir / CHECKPOINT
+    if not job or int(env.get("SLURM_RESTART_COUNT") or 0) < 1 or not path.is_file():
+        return None
+    return path if load(path)["config"].get("slurm_job_id") == job else None
 
 
 def load(path: Path) -> dict:
@@ -99,8 +111,8 @@ def restore(ckpt: dict, path: Path, config: dict, model, opt) -> Progress:
     """Load a checkpoint into the run's objects after checking it was made with the same meaning-changing options."""
     diff = differences(ckpt["config"], config)
     if diff:
-        raise FgicError(f"--resume {path}: made with other options ({'; '.join(diff)}); use --resume none to start "
-                        f"over, or another --note / --output-dir")
+        raise FgicError(f"--resume {path}: made with other options ({'; '.join(diff)}); --resume none starts over "
+                        f"(the run folder's earlier run is moved aside), or give another --note / --output-dir")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt)
     if ckpt.get("rng"):

@@ -53,7 +53,8 @@ class Run:
                 "per_process_batch": self.per_process_batch, "launcher": launch.launcher, "cpus": data.usable_cpus(),
                 "rendezvous": f"{launch.master_addr}:{launch.master_port}" if launch.world_size > 1 else None,
                 "device": str(self.device), "run_dir": str(self.run_dir), "torch": str(torch.__version__),
-                "torchvision": str(torchvision.__version__)}
+                "torchvision": str(torchvision.__version__),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID")}  # whose checkpoint a requeue finds (own_requeued)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,14 +102,19 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
     args, run_dir, cfg = run.args, run.run_dir, run.config()
     say = print if dist.is_main else (lambda *a, **k: None)
     seed_everything(args.seed, args.deterministic)
+    # What to continue or score, and where the results go: the run folder, or beside --eval-only's --weights FILE.
+    ckpt_path, out_dir = dist.agree(lambda: eval_target(args, run_dir) if args.eval_only else
+                                    (checkpoint.select(args.resume, run_dir), run_dir))
     wandb = (dict(project=args.wandb_project, entity=args.wandb_entity, group=args.wandb_group,
                   name=f"{run.dataset}/{run_dir.name}") if args.wandb else None)
-    log = RunLog(run_dir, dist.is_main, tensorboard=args.tensorboard, wandb=wandb)
-    dist.agree(log.make_dir)  # an unwritable --output-dir is said before any set-up work
+    log = RunLog(out_dir, dist.is_main, tensorboard=args.tensorboard, wandb=wandb)
+    # an unwritable folder is said before any set-up work; the folder itself appears once the checks have passed
+    dist.agree(lambda: log.make_dir("--output-dir" if out_dir == run_dir else "--eval-only --weights"))
 
     # Model: same seed on every rank gives the same initial weights (DDP broadcasts rank 0's anyway).
     keyed = not os.environ.get("FGIC_TEST_TORCH_DROP")  # test hook: torch's per-process masks, to measure them
-    model = dist.agree(lambda: models.build(args.arch, len(run.classes), args.weights, crop=args.crop,
+    weights = "none" if args.eval_only and ckpt_path else args.weights  # the checkpoint replaces them all
+    model = dist.agree(lambda: models.build(args.arch, len(run.classes), weights, crop=args.crop,
                                             keyed_drop=keyed, stochastic_depth=args.stochastic_depth,
                                             dropout=args.dropout))
     model = models.sync_batchnorm(model, dist.device, dist.distributed, same_code=args.deterministic).to(dist.device)
@@ -123,24 +129,35 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
 
     # Resume: the run folder's checkpoint (auto), a named one, or none.
     progress = checkpoint.Progress()
-    ckpt_path = dist.agree(lambda: checkpoint.select(args.resume, run_dir))
+    ema = False  # --eval-only scores the checkpoint's EMA model
     if ckpt_path is not None:
         ckpt = dist.agree(lambda: checkpoint.load(ckpt_path))
         if args.eval_only:
-            model.load_state_dict(ckpt["model"])
+            dist.agree(lambda: load_model(model, ckpt, ckpt_path, args.arch, len(run.classes)))
             if opt.ema is not None:
                 dist.agree(lambda: load_ema(opt, ckpt, ckpt_path))
+                ema = True
         else:
             progress = checkpoint.restore(ckpt, ckpt_path, cfg, model, opt)
             opt.steps = progress.epoch * len(train_loader) + progress.step
-            say(f"fgic: resuming {ckpt_path} at epoch {progress.epoch + 1}, step {progress.step}")
         del ckpt
     if args.eval_only:
-        return evaluate_only(run, dist, model if opt.ema is None else opt.ema.module, test_loader, criterion, log,
-                             ckpt_path)
+        return evaluate_only(run, dist, opt.ema.module if ema else model, test_loader, criterion, log,
+                             f"{ckpt_path} (EMA)" if ema else str(ckpt_path or args.weights))
     if progress.epoch >= args.epochs:
-        say(f"fgic: {run_dir} already finished its {args.epochs} epochs; nothing to do (--resume none starts over)")
+        say(f"fgic: {run_dir} already finished its {args.epochs} epochs; nothing to do (--resume none starts over, "
+            f"moving this run aside to {run_dir.name}.old-N)")
         return 0
+    if ckpt_path is None:
+        moved = dist.agree(log.set_aside)
+        if moved is not None:
+            say(f"fgic: starting over: the earlier run in {run_dir} moved to {moved}")
+    elif args.resume == "none":
+        say(f"fgic: notice: --resume none, but this is restart {os.environ.get('SLURM_RESTART_COUNT')} of Slurm job "
+            f"{os.environ.get('SLURM_JOB_ID')} and {ckpt_path} is its own: resuming it at epoch {progress.epoch + 1}, "
+            f"step {progress.step} (the job's first start began the run over)")
+    else:
+        say(f"fgic: resuming {ckpt_path} at epoch {progress.epoch + 1}, step {progress.step}")
 
     say(f"fgic: run folder {run_dir}")
     say(f"fgic: {run.dataset} {len(train_set)} train / {len(test_set)} test images, {len(run.classes)} classes; "
@@ -240,18 +257,54 @@ def preempted(dist: Dist, stop: StopRequest, log: RunLog, where: str) -> int:
     return EXIT_PREEMPTED
 
 
+def eval_target(args: argparse.Namespace, run_dir: Path) -> tuple[Path | None, Path]:
+    """--eval-only: the checkpoint to score (None: the --weights FILE the model is built with) and the folder its
+    eval.json and pictures go to: the run folder for a checkpoint, eval-STEM beside FILE for --weights FILE."""
+    weights_file = args.weights != "none" and args.weights.split(":")[0] != "imagenet"
+    if weights_file and args.resume != "auto" and args.resume != "none":
+        raise FgicError(f"--eval-only scores one model: give --resume {args.resume} or --weights {args.weights}, "
+                        f"not both")
+    if weights_file:
+        return None, Path(args.weights).parent / f"eval-{Path(args.weights).stem}"
+    path = checkpoint.select(args.resume, run_dir)
+    if path is None:
+        raise FgicError(f"--eval-only: nothing to score (no {runlog.CHECKPOINT} in {run_dir}); give --resume PATH "
+                        f"(a checkpoint) or --weights PATH (a state_dict file)")
+    own = run_dir / runlog.CHECKPOINT
+    if own.is_file() and not own.samefile(path):
+        raise FgicError(f"--eval-only --resume {path}: the run folder these flags name, {run_dir}, holds another "
+                        f"model ({own}), which its eval.json would be taken for; give another --output-dir")
+    return path, run_dir
+
+
+def load_model(model: nn.Module, ckpt: dict, path: Path, arch: str, num_classes: int) -> None:
+    """--eval-only: the checkpoint's weights into the model built from the flags, or one line saying why they do not
+    fit."""
+    saved = ckpt["config"].get("arch")
+    if saved is not None and saved != arch:
+        raise FgicError(f"--eval-only --resume {path}: a {saved} checkpoint, but --arch is {arch}; give --arch {saved}")
+    classes = ckpt["config"].get("num_classes")
+    if classes is not None and classes != num_classes:
+        raise FgicError(f"--eval-only --resume {path}: trained for {classes} classes, this -d has {num_classes}; "
+                        f"give the -d it was trained on")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise FgicError(f"--eval-only --resume {path}: does not fit --arch {arch} "
+                        f"({str(exc).splitlines()[-1].strip()[:160]})") from None
+
+
 def load_ema(opt: optim.Optimization, ckpt: dict, path: Path) -> None:
     """--eval-only --model-ema: the checkpoint's EMA weights into opt.ema."""
     if "model_ema" not in ckpt:
         raise FgicError(f"--eval-only --model-ema: {path} holds no EMA weights (trained without --model-ema); "
-                        f"leave --model-ema out to evaluate its weights")
+                        f"give --no-model-ema to evaluate its weights")
     opt.ema.load_state_dict(ckpt["model_ema"])
 
 
-def evaluate_only(run: Run, dist: Dist, model, test_loader, criterion, log: RunLog, ckpt_path) -> int:
+def evaluate_only(run: Run, dist: Dist, model, test_loader, criterion, log: RunLog, scored: str) -> int:
+    """Score `model` (what `scored` names) on the test split; eval.json and its pictures go to log.dir."""
     args = run.args
-    if ckpt_path is None and (args.weights == "none" or args.weights.split(":")[0] == "imagenet"):
-        raise FgicError("--eval-only needs --resume PATH or --weights PATH (a trained model)")
     result = engine.evaluate(model, test_loader, criterion, dist, args.amp, len(run.classes), confusion=True)
     names = run.classes
     per_class = {c: 100.0 * k / n if n else None for c, k, n in zip(names, result["class_correct"],
@@ -261,12 +314,11 @@ def evaluate_only(run: Run, dist: Dist, model, test_loader, criterion, log: RunL
                         key=lambda c: (-c["count"], c["true"], c["predicted"]))
     ev = {"acc": result["test_acc"], "top5": result["test_top5"], "correct": result["test_correct"],
           "total": result["test_total"], "loss": result["test_loss"], "per_class_acc": per_class,
-          "per_class_total": dict(zip(names, result["class_total"])), "confusions": confusions,
-          "model": str(ckpt_path or args.weights)}
+          "per_class_total": dict(zip(names, result["class_total"])), "confusions": confusions, "model": scored}
     log.write("eval.json", ev)
     if dist.is_main:
         written = [log.dir / "eval.json", *report.write_eval_report(log.dir, ev)]
-        print(f"fgic: eval top-1 {result['test_acc']:.2f}% top-5 {result['test_top5']:.2f}% "
+        print(f"fgic: eval of {scored}: top-1 {result['test_acc']:.2f}% top-5 {result['test_top5']:.2f}% "
               f"({result['test_correct']}/{result['test_total']}) -> {', '.join(map(str, written))}")
     return 0
 

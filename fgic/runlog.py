@@ -45,18 +45,42 @@ class RunLog:
         self.wandb, self.wb = wandb, None
         self.metrics, self.csv = run_dir / "metrics.jsonl", run_dir / "train_log.csv"
 
-    def make_dir(self) -> None:
-        """Create the run folder (rank 0), or say in one line why it cannot be: before any training is done."""
+    def make_dir(self, flag: str = "--output-dir") -> None:
+        """Say in one line (rank 0) why the run folder cannot be created or written, before any set-up work. The
+        folders made for the check are removed again: the run folder appears when the run starts (`start`), so a
+        start that fails its checks leaves nothing behind."""
         if not self.is_main:
             return
+        made = [p for p in (self.dir, *self.dir.parents) if not p.exists()]  # deepest first
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".write-test.{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise FgicError(f"--output-dir: cannot write the run folder {self.dir} ({exc.strerror or exc}); "
+            raise FgicError(f"{flag}: cannot write the run folder {self.dir} ({exc.strerror or exc}); "
                             f"give a writable folder") from None
+        finally:
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:  # not made after all, or another run's files are in it now
+                    pass
+
+    def set_aside(self) -> Path | None:
+        """Starting over (rank 0, before anything is written): an earlier run in the folder is renamed to
+        RUN_DIR.old-N (N the first free), kept whole rather than partly overwritten. Returns where it went."""
+        if not self.is_main or not self.dir.is_dir() or not any(self.dir.iterdir()):
+            return None
+        n = 1
+        while (old := self.dir.with_name(f"{self.dir.name}.old-{n}")).exists():
+            n += 1
+        try:
+            self.dir.rename(old)
+        except OSError as exc:
+            raise FgicError(f"--resume none: cannot move the earlier run {self.dir} aside to {old} "
+                            f"({exc.strerror or exc}); move or delete it yourself") from None
+        return old
 
     def start(self, config: dict, done_epochs: int) -> None:
         """Write config.json and keep only the records of the epochs the starting point has (all of them when

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import torchvision
 
 from fgic import cluster, ddp
 from fgic.demo import make_tiny
@@ -33,6 +34,8 @@ def broken(tmp_path, good, what):
         (root / "test" / "class_01" / "README").write_text("no images here")
     elif what == "other_classes":
         (root / "test" / "class_01").rename(root / "test" / "class_09")
+    elif what == "bad_image":  # found by the scan, after the model is built
+        (root / "train" / "class_00" / "text.jpg").write_text("not an image")
     return root
 
 
@@ -43,11 +46,15 @@ CASES = [  # (case, extra flags, what the one line must say)
     ("no_classes", [], "no class folders"),
     ("empty_class", [], "class_01: no images"),
     ("other_classes", [], "different classes"),
+    ("bad_image", [], "1 unreadable or truncated image(s)"),
     ("unknown_arch", ["--arch", "resnet5"], "--arch resnet5: not a torchvision classification model"),
     ("bad_amp", ["-a", "fp8"], "-a/--amp"),
     ("big_batch", ["--batch-size", "64"], "larger than the 12 training images"),
     ("weights_file", ["--weights", "nowhere.pt"], "--weights nowhere.pt: no such file"),
     ("resume_file", ["--resume", "nowhere.pt"], "--resume nowhere.pt: no such file"),
+    ("eval_only_two_models", ["--eval-only", "--resume", "a.pt", "--weights", "b.pt"],
+     "--eval-only scores one model: give --resume a.pt or --weights b.pt, not both"),
+    ("eval_only_nothing", ["--eval-only"], "--eval-only: nothing to score (no checkpoint.pt in "),
     ("output_dir_is_a_file", ["--output-dir", "/dev/null"], "--output-dir: cannot write the run folder /dev/null/"),
     ("cache_dir_is_a_file", ["--cache", "on", "--cache-dir", "/dev/null"], "--cache-dir /dev/null: cannot create it"),
     ("repeated_gpu_id", ["-g", "0,1,0"], "-g/--gpu 0,1,0: give each GPU id once"),
@@ -78,12 +85,35 @@ def test_bad_input_gets_one_clear_line(tmp_path, good, case, extra, message, in_
         raise AssertionError(f"relaunched for -g {gpus} before the ids were checked")
     monkeypatch.setattr(cluster, "relaunch_per_gpu", relaunch)
     data = tmp_path / "absent" if case == "missing_folder" else (
-        broken(tmp_path, good, case) if case in ("no_test", "no_classes", "empty_class", "other_classes") else good)
+        broken(tmp_path, good, case) if case in ("no_test", "no_classes", "empty_class", "other_classes",
+                                                 "bad_image") else good)
     args = ["-d", str(data), *tiny_args(epochs=1, batch_size=6), "--data-root", str(tmp_path / "root"),
             "--output-dir", str(tmp_path / "runs"), *extra]
     code, line = in_process(args, capsys)
     print(f"{case}: {line}")
     assert code == 2 and line.startswith("fgic.ddp: error: ") and message in line, line
+    assert not (tmp_path / "runs").exists(), "a failed start left a folder behind"
+
+
+def fake_checkpoint(path, arch="resnet18", num_classes=2):
+    """An fgic checkpoint of an untrained model (its config holds what --eval-only checks)."""
+    model = torchvision.models.get_model(arch, num_classes=num_classes)
+    torch.save({"model": model.state_dict(), "epoch": 1, "config": {"arch": arch, "num_classes": num_classes}}, path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["eval_resume", "eval_weights", "train_weights"])
+def test_a_model_of_another_arch_is_one_line(tmp_path, good, case, in_process, capsys):
+    """--arch resnet34 given a resnet18 checkpoint or state_dict: one line naming the mismatch, no traceback."""
+    ckpt = fake_checkpoint(tmp_path / "r18.pt")
+    flag = "--resume" if case == "eval_resume" else "--weights"
+    args = ["-d", str(good), *tiny_args(epochs=1, batch_size=6), "--arch", "resnet34", "--output-dir",
+            str(tmp_path / "runs"), flag, str(ckpt), *(["--eval-only"] if case.startswith("eval") else [])]
+    code, line = in_process(args, capsys)
+    print(f"{case}: {line}")
+    want = (f"--eval-only --resume {ckpt}: a resnet18 checkpoint, but --arch is resnet34; give --arch resnet18"
+            if case == "eval_resume" else f"--weights {ckpt}: does not fit --arch")
+    assert code == 2 and line.startswith("fgic.ddp: error: ") and want in line, line
 
 
 @pytest.mark.e2e

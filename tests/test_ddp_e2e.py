@@ -154,7 +154,7 @@ def test_finished_run_is_not_trained_again_and_changed_options_are_refused(tiny_
     folder = runs[1][0]
     before = (run_dir(folder) / "checkpoint.pt").stat().st_mtime_ns
     res = run_fgic(["-d", str(tiny_data), *tiny_args(), "--output-dir", str(folder)])
-    assert res.returncode == 0 and "already finished" in res.stdout
+    assert res.returncode == 0 and "already finished" in res.stdout and "resuming" not in res.stdout, res.stdout
     assert (run_dir(folder) / "checkpoint.pt").stat().st_mtime_ns == before
     res = run_fgic(["-d", str(tiny_data), *tiny_args(epochs=3), "--output-dir", str(folder)])
     assert res.returncode == 2 and "--epochs: 2 -> 3" in res.stderr and "Traceback" not in res.stderr

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -219,3 +220,35 @@ def test_a_slurm_step_signalled_whole_stops_together_requeues_and_resumes(data8,
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     same_result(run, references(2))
+
+
+def test_starting_over_keeps_the_old_run_and_a_requeue_does_not_start_over_again(data8, references, tmp_path):
+    """--resume none on a finished run moves it aside whole (its eval.json and export/ with it), named in one line,
+    and trains afresh; the same command repeated by a requeued Slurm job (a batch script, FGIC_ARGS) continues the
+    checkpoint that job wrote instead of starting over on every requeue."""
+    ref = references(1)
+    out = tmp_path / "out"
+    run = out.joinpath(*RUN)
+    shutil.copytree(ref, run)
+    (run / "eval.json").write_text("{}")
+    (run / "export").mkdir()
+    kept = sorted(p.name for p in run.iterdir())
+    args = [*args_for(data8, out), "--resume", "none"]
+    res = run_fgic(args, SLURM_JOB_ID="77", SLURM_RESTART_COUNT="0")
+    assert res.returncode == 0, res.stderr
+    aside = run.with_name(f"{run.name}.old-1")
+    assert f"fgic: starting over: the earlier run in {run} moved to {aside}" in res.stdout
+    assert sorted(p.name for p in aside.iterdir()) == kept
+    assert (aside / "checkpoint.pt").read_bytes() == (ref / "checkpoint.pt").read_bytes()
+    assert not (run / "eval.json").exists() and not (run / "export").exists()
+    same_result(run, ref)  # a fresh run, not a resumed one
+
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["slurm_job_id"] == "77"
+    torch.save({**ckpt, "epoch": 1}, run / "checkpoint.pt")  # as if job 77 was preempted after epoch 1
+    res = run_fgic(args, SLURM_JOB_ID="77", SLURM_RESTART_COUNT="1")
+    assert res.returncode == 0, res.stderr
+    assert (f"fgic: notice: --resume none, but this is restart 1 of Slurm job 77 and {run / 'checkpoint.pt'} is its "
+            f"own: resuming it at epoch 2, step 0") in res.stdout
+    assert "starting over" not in res.stdout and not run.with_name(f"{run.name}.old-2").exists()
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]

@@ -1,0 +1,66 @@
+"""--eval-only scores the model the user names (a checkpoint, or --weights FILE), says which in its line, and writes
+eval.json where the README says: the run folder for a checkpoint, eval-STEM beside a --weights FILE."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import read_jsonl, run_fgic, tiny_args
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
+EMA = ("--model-ema", "--model-ema-steps", "1")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """One short run with an EMA: its flags, its folder."""
+    out = tmp_path_factory.mktemp("runs")
+    args = ["-d", str(tiny_data), *tiny_args(), *EMA, "--output-dir", str(out)]
+    res = run_fgic(args)
+    assert res.returncode == 0, res.stderr
+    return args, out / "tiny" / "resnet18-off-s2020"
+
+
+def test_weights_file_is_scored_even_beside_a_run_folder_checkpoint(trained, tmp_path):
+    """The flags name a run folder with a checkpoint (--resume auto); --weights FILE still wins, and its eval goes
+    beside FILE, not into that run's eval.json."""
+    args, run = trained
+    state = torch.load(run / "best.pt", weights_only=True)
+    state["fc.weight"].zero_()
+    state["fc.bias"].copy_(torch.tensor([0.0, 0.0, 1.0]))  # every image taken for class_02: 33 of 101
+    rigged = tmp_path / "other" / "rigged.pt"
+    rigged.parent.mkdir()
+    torch.save(state, rigged)
+    res = run_fgic([*args, "--eval-only", "--weights", str(rigged)])
+    assert res.returncode == 0, res.stderr
+    folder = tmp_path / "other" / "eval-rigged"
+    ev = json.loads((folder / "eval.json").read_text())
+    assert (ev["correct"], ev["total"], ev["model"]) == (33, 101, str(rigged))
+    assert f"fgic: eval of {rigged}: top-1 32.67%" in res.stdout and (folder / "eval_confused.md").is_file()
+    assert not (run / "eval.json").exists()
+
+
+def test_without_resume_or_weights_the_run_folders_checkpoint_is_scored_and_named(trained):
+    args, run = trained
+    res = run_fgic([*args, "--eval-only"])
+    assert res.returncode == 0, res.stderr
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["correct"] == read_jsonl(run / "metrics.jsonl")[-1]["ema_test_correct"]
+    assert ev["model"] == f"{run / 'checkpoint.pt'} (EMA)"
+    assert f"fgic: eval of {run / 'checkpoint.pt'} (EMA): top-1 {ev['acc']:.2f}%" in res.stdout
+    (run / "eval.json").unlink()
+
+
+def test_a_checkpoint_is_not_credited_to_another_runs_folder(trained, tmp_path):
+    """--resume PATH of another run, with flags whose run folder holds its own checkpoint: refused in one line
+    rather than writing an eval.json that folder's model would be taken for."""
+    args, run = trained
+    other = tmp_path / "other.pt"
+    other.write_bytes((run / "checkpoint.pt").read_bytes())
+    res = run_fgic([*args, "--eval-only", "--resume", str(other)])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith(f"fgic.ddp: error: --eval-only --resume {other}: the run "
+                                                          f"folder these flags name, {run}, holds another model")
+    assert not (run / "eval.json").exists()
