@@ -309,9 +309,8 @@ def evaluate_only(run: Run, dist: Dist, model, test_loader, criterion, log: RunL
     names = run.classes
     per_class = {c: 100.0 * k / n if n else None for c, k, n in zip(names, result["class_correct"],
                                                                       result["class_total"])}
-    confusions = sorted(({"true": names[t], "predicted": names[p], "count": row[p]} for t, row in
-                         enumerate(result["confusion"]) for p in range(len(names)) if p != t and row[p]),
-                        key=lambda c: (-c["count"], c["true"], c["predicted"]))
+    confusions = sorted(({"true": names[t], "predicted": names[p], "count": c} for t, p, c in
+                         result["confusion_pairs"]), key=lambda c: (-c["count"], c["true"], c["predicted"]))
     ev = {"acc": result["test_acc"], "top5": result["test_top5"], "correct": result["test_correct"],
           "total": result["test_total"], "loss": result["test_loss"], "per_class_acc": per_class,
           "per_class_total": dict(zip(names, result["class_total"])), "confusions": confusions, "model": scored}

@@ -15,7 +15,6 @@ from fgic.models import logits
 from fgic.progress import progress
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-DENSE_CONFUSION_MAX = 1000  # classes up to which evaluate also gives the whole matrix (8 MB of list at 1000)
 
 
 def autocast(device: torch.device, amp: str):
@@ -156,8 +155,7 @@ def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_clas
     counts are summed. Pass the bare model, not the DDP wrapper: evaluation needs no collective per batch, so a
     process with fewer or no batches cannot stall the others. With `confusion`, also `confusion_pairs`: (true class,
     predicted class, count) of each mistake made, most first (the diagonal is class_correct), taking memory in the
-    test images, not the classes squared; up to DENSE_CONFUSION_MAX classes also `confusion`, the whole matrix (rows:
-    the true class, columns: the predicted one)."""
+    test images, not the classes squared."""
     model.eval()
     device = dist.device
     k = min(5, num_classes)
@@ -190,13 +188,7 @@ def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_clas
               "test_top5": 100.0 * correct_k / max(total, 1), "test_correct": int(correct), "test_total": total,
               "class_correct": class_correct, "class_total": class_total}
     if confusion:
-        result["confusion_pairs"] = pairs = confused_pairs(cells, n, dist)
-        if n <= DENSE_CONFUSION_MAX:
-            result["confusion"] = matrix = [[0] * n for _ in range(n)]
-            for t, p, count in pairs:
-                matrix[t][p] = count
-            for t, count in enumerate(class_correct):
-                matrix[t][t] = count
+        result["confusion_pairs"] = confused_pairs(cells, n, dist)
     return result
 
 
