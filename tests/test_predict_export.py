@@ -160,6 +160,33 @@ def test_an_export_runs_without_fgic_with_the_checkpoints_logits(run, tiny_data,
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
+def awkward_images(tiny_data: Path, folder: Path) -> list[Path]:
+    """A phone photo's JPEG (EXIF Orientation 6: stored sideways, shown rotated) and a 16-bit grayscale PNG, made of
+    a test image stretched to 96x64 (the rotation then changes the picture)."""
+    from PIL import Image
+    folder.mkdir()
+    source = Image.open(sorted((tiny_data / "test").rglob("*.jpg"))[0]).convert("RGB").resize((96, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    source.save(folder / "phone.jpg", exif=exif, quality=95)
+    gray = np.asarray(source.convert("L"), dtype=np.uint16) * 257  # the full 16-bit range
+    Image.fromarray(gray).save(folder / "scan16.png")
+    assert Image.open(folder / "scan16.png").mode == "I;16"
+    return [folder / "phone.jpg", folder / "scan16.png"]
+
+
+@pytest.mark.e2e
+def test_the_exports_description_names_every_decode_step(tmp_path, tiny_data):
+    """Read by its steps alone (tests/plain_consumer.py), an EXIF-rotated JPEG and a 16-bit PNG give fgic.predict's
+    logits: the rotation and the bit depth are part of the description."""
+    run = fake_run(tmp_path / "run", "resnet18", 64)
+    assert export.main([str(run / "best.pt"), "-o", str(tmp_path / "m.pt2")]) == 0
+    images = awkward_images(tiny_data, tmp_path / "images")
+    got, want = consume(tmp_path / "m.pt2", images, tmp_path), reference_logits(str(run / "best.pt"), images)
+    print(f"EXIF JPEG, 16-bit PNG: max |logit difference| {np.abs(got - want).max(1)}")
+    assert np.abs(got - want).max() < 1e-4
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("arch, crop", [("vit_b_32", 64), ("swin_t", 64), ("timm:test_vit", 64)])
 def test_other_archs_export_to_pt2_with_a_dynamic_batch(arch, crop, tmp_path, tiny_data, capsys):
