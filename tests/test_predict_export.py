@@ -110,6 +110,27 @@ def test_predict_bad_input_is_one_line(tmp_path, args, message):
     assert message.format(**fill) in str(exc.value) and "\n" not in str(exc.value)
 
 
+def test_predict_writes_beside_the_run_and_replaces_nothing_unasked(tmp_path, tiny_data, monkeypatch, capsys):
+    run = fake_run(tmp_path / "run", "resnet18", 32)
+    images = tiny_data / "test" / "class_01"
+    monkeypatch.chdir(tmp_path)
+    assert predict.main([str(run / "best.pt"), str(images), "-q"]) == 0
+    csv, js = run / "predictions" / "class_01.csv", run / "predictions" / "class_01.json"
+    assert f"-> {csv} and {js}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing in the current folder
+    first = js.read_text()
+    js.write_text("kept")
+    with pytest.raises(FgicError) as exc:
+        predict.main([str(run / "best.pt"), str(images), "-q"])
+    assert str(exc.value) == (f"-o/--output {csv}: exists (an earlier fgic.predict's?); give another -o OUTPUT, or "
+                              f"--force to replace it")
+    assert js.read_text() == "kept"
+    assert predict.main([str(run / "best.pt"), str(images), "-q", "--force"]) == 0
+    assert f"(replaced: {csv}, {js})" in capsys.readouterr().out and js.read_text() == first
+    assert predict.main([str(run / "best.pt"), str(images / ".." / "class_00"), str(images), "-q"]) == 0
+    assert (run / "predictions" / "images.json").is_file()
+
+
 def test_a_run_without_class_names_reads_them_from_its_dataset(tmp_path, tiny_data):
     run = fake_run(tmp_path / "run", "resnet18", 32)
     config = json.loads((run / "config.json").read_text())
