@@ -84,10 +84,12 @@ def hold(env=os.environ) -> None:
     comes during start-up is acted on at the first step instead of killing the process. torchrun never unblocks them,
     so it is not killed by them either (Slurm signals every process of a step; torchrun has no handler for them).
 
-    In a Slurm step SIGTERM is held too. Slurm sends it to every process of the step (preemption, scancel, the end of
-    a requeued job), so the workers get it anyway; torchrun's own handling would SIGTERM them again and SIGKILL them
+    In a Slurm step SIGTERM and SIGINT are held too. Slurm sends SIGTERM to every process of the step (preemption,
+    scancel, the end of a requeued job), and srun forwards a Ctrl-C's SIGINT to every one, so the workers get them
+    anyway; torchrun's own handling would pass them on again (a second SIGINT ends the ranks at once) and SIGKILL them
     30 s later, whether or not rank 0 has written its checkpoint and requeued the job. Elsewhere (a container's
-    SIGTERM to its first process only) torchrun keeps passing it on."""
+    SIGTERM to its first process only; a terminal's Ctrl-C, torchrun's workers being in sessions of their own)
+    torchrun keeps passing them on."""
     in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS if in_step else HELD)
 
