@@ -24,7 +24,7 @@ from fgic.dist import Dist, pick_device
 from fgic.errors import FgicError, run_cli
 from fgic.requeue import requeue
 from fgic.runlog import RunLog
-from fgic.signals import EXIT_PREEMPTED, StopRequest
+from fgic.signals import StopRequest
 
 STOP_CHECK_EVERY = 8  # steps between the ranks' agreement on a stop request on GPUs (each one syncs the host)
 
@@ -251,10 +251,11 @@ def preempted(dist: Dist, stop: StopRequest, log: RunLog, where: str) -> int:
         print(f"fgic: stopped by {signal.Signals(stop.signum).name} at {where}; checkpoint written, resume with the "
               f"same command; {log.dir}", file=sys.stderr, flush=True)
         log.close(preempted=True)  # before the requeue, which ends the step (wandb-core too) with a SIGTERM
-        print(f"fgic: {requeue()}", file=sys.stderr, flush=True)
+        if stop.requeue:  # not after Ctrl-C
+            print(f"fgic: {requeue()}", file=sys.stderr, flush=True)
     dist.barrier()
     stop.done()
-    return EXIT_PREEMPTED
+    return stop.exit_code
 
 
 def eval_target(args: argparse.Namespace, run_dir: Path) -> tuple[Path | None, Path]:

@@ -1,7 +1,8 @@
 """A trained run as a file that runs without fgic: `python -m fgic.export RUN_DIR --format pt2|onnx` writes a
 torch.export ExportedProgram (torch.export.load(...).module()) or an ONNX model, its input a float NCHW batch of any
-size, and beside it FILE.json with the class names and the test transform as numbers (also inside the file: the pt2's
-extra file fgic.json, the ONNX model's metadata entry fgic). The export is checked against the model it came from."""
+size, and beside it FILE.json with the class names and every step from an image file to the input (preprocessing:
+steps, and their numbers; also inside the file: the pt2's extra file fgic.json, the ONNX model's metadata entry
+fgic). The export is checked against the model it came from."""
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,26 @@ TOLERANCE = 1e-3
 ONNX_ONE_FILE = 2**31 - 2**20  # protobuf's 2 GiB limit: a larger model keeps its weights in FILE.data
 
 
+# fgic.images.load_rgb's decode, for code without fgic: a phone photo (EXIF Orientation 6) read without the
+# rotation gave logits 0.22 away from fgic.predict's; a 16-bit PNG converted by PIL alone is clipped at 255.
+DECODE = {"exif_transpose": True, "high_bit_modes": ["I;16", "I;16B", "I;16L", "I"], "high_bit_shift": 8}
+STEPS = [
+    "open the file with PIL (Image.open)",
+    "exif_transpose: rotate/flip by the EXIF Orientation tag (PIL.ImageOps.exif_transpose)",
+    "an image of a PIL mode in high_bit_modes (16-bit grayscale): value >> high_bit_shift, clipped to 0..255, as "
+    "8-bit grayscale (mode L)",
+    "PIL Image.convert('RGB')",
+    "resize to resize (width, height) with PIL's bilinear filter (Image.resize(size, Image.BILINEAR))",
+    "crop crop (width, height) at (crop_offset, crop_offset) from the top left",
+    "x * scale, then (x - mean) / std per RGB channel, as float32",
+    "HWC -> CHW; a batch is NCHW",
+]
+
+
 def description(run: trained.Trained, fmt: str) -> dict:
     return {"format": fmt, "arch": run.config["arch"], "weights": run.weights, "num_classes": len(run.classes),
             "classes": run.classes, "input": "images", "output": "logits (softmax gives the probabilities)",
-            "preprocessing": run.preprocessing()}
+            "preprocessing": {"steps": STEPS, **DECODE, **run.preprocessing()}}
 
 
 def export_pt2(model, example: torch.Tensor, path: Path, meta: dict):

@@ -1,7 +1,8 @@
 """Classify images with a trained run: `python -m fgic.predict RUN_DIR|CHECKPOINT IMAGES...`, the top-k classes of
-each image with their probabilities, printed and written to OUTPUT.csv and OUTPUT.json. Images are read and
-transformed as the run's test split is (fgic.data); an image whose parent folder is named after a class counts
-towards the accuracy printed at the end, so on the test split it gives `--eval-only`'s top-1."""
+each image with their probabilities, printed and written to OUTPUT.csv and OUTPUT.json (by default
+RUN_DIR/predictions/NAME, NAME that of the folder or file given; an existing file is replaced only with --force).
+Images are read and transformed as the run's test split is (fgic.data); an image whose parent folder is named after a
+class counts towards the accuracy printed at the end, so on the test split it gives `--eval-only`'s top-1."""
 from __future__ import annotations
 
 import argparse
@@ -84,6 +85,23 @@ def outputs(output: Path) -> tuple[Path, Path]:
     return Path(f"{base}.csv"), Path(f"{base}.json")
 
 
+def default_output(source: str, names: list[str]) -> Path:
+    """RUN_DIR/predictions/NAME: NAME that of the one folder or file given (`.` included), else `images`."""
+    given = Path(names[0]).resolve()
+    name = (given.stem if given.is_file() else given.name) if len(names) == 1 else ""
+    weights, _ = trained.resolve(source)
+    return weights.parent / "predictions" / (name or "images")
+
+
+def check_free(output: Path, force: bool) -> list[Path]:
+    """The output files that exist (to be replaced: --force), or a refusal before any image is read."""
+    taken = [f for f in outputs(output) if f.exists()]
+    if taken and not force:
+        raise FgicError(f"-o/--output {taken[0]}: exists (an earlier fgic.predict's?); give another -o OUTPUT, or "
+                        f"--force to replace it")
+    return taken
+
+
 def write(output: Path, run: trained.Trained, results, bad, k: int, accuracy: dict | None) -> None:
     rows = [{"path": str(p), "label": p.parent.name if p.parent.name in run.classes else None,
              "top": [{"class": run.classes[i], "prob": v} for i, v in top]} for p, top in results]
@@ -125,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-a", "--amp", choices=tuple(engine.AMP_DTYPES) + ("off",),
                    help="mixed precision (default: the run's on a GPU, off on the CPU)")
     p.add_argument("-w", "--workers", type=int, help="threads reading images (default: the CPUs, at most 8)")
-    p.add_argument("-o", "--output", type=Path, default=Path("predictions"),
-                   help="writes OUTPUT.csv and OUTPUT.json (default ./predictions)")
+    p.add_argument("-o", "--output", type=Path,
+                   help="writes OUTPUT.csv and OUTPUT.json (default RUN_DIR/predictions/NAME, NAME that of the one "
+                        "folder or file given, else images)")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT.csv and OUTPUT.json when they exist")
     p.add_argument("-q", "--quiet", action="store_true", help="print the summary only, not a line per image")
     args = p.parse_args(argv)
     for flag, value in (("-k/--topk", args.topk), ("-b/--batch-size", args.batch_size),
@@ -134,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         if value < 1:
             raise FgicError(f"{flag} {value}: must be at least 1")
     paths = list_images(args.images)
+    output = args.output or default_output(args.source, args.images)
+    replaced = check_free(output, args.force)
     device = pick_device(args.device, [], 0)
     run = trained.load(args.source, args.ema)
     k = min(args.topk, len(run.classes))
@@ -153,11 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         for path, top in results:
             print(f"{path}: " + ", ".join(f"{run.classes[i]} {v:.3f}" for i, v in top))
     accuracy = score(run, results)
-    write(args.output, run, results, bad, k, accuracy)
+    write(output, run, results, bad, k, accuracy)
     acc = (f"; top-1 {accuracy['acc']:.2f}% ({accuracy['correct']}/{accuracy['total']}) on the images in a folder "
            f"named after their class" if accuracy else "")
     print(f"fgic.predict: {len(results)} image(s) classified with {run.weights} on {device.type}, {len(bad)} "
-          f"skipped{acc} -> {' and '.join(map(str, outputs(args.output)))}")
+          f"skipped{acc} -> {' and '.join(map(str, outputs(output)))}"
+          f"{' (replaced: ' + ', '.join(map(str, replaced)) + ')' if replaced else ''}")
     return 0
 
 

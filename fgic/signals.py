@@ -1,5 +1,6 @@
-"""Signals: SIGTERM/SIGUSR1/SIGUSR2 (Slurm's preemption and time-limit warnings) ask training to stop at the next
-step boundary that every rank agrees on; the handler only records the request.
+"""Signals: SIGTERM/SIGUSR1/SIGUSR2 (Slurm's preemption and time-limit warnings) and SIGINT (Ctrl-C) ask training to
+stop at the next step boundary that every rank agrees on; the handler only records the request. After SIGINT, a
+second SIGINT, or a SIGTERM (what torchrun sends its workers at a second Ctrl-C), ends the process at once.
 
 A signal that comes during evaluation or a checkpoint write is acted on after the next training step (the
 end-of-epoch checkpoint already holds everything); in the last epoch the run simply finishes."""
@@ -12,14 +13,17 @@ import signal
 import threading
 import time
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 HELD = (signal.SIGUSR1, signal.SIGUSR2)  # blocked by launchers until the handlers are in place (hold)
 # A run stopped by a signal, its checkpoint written: not finished, resume it (EX_TEMPFAIL, "try again later").
 EXIT_PREEMPTED = 75
+# Stopped by Ctrl-C, its checkpoint written: the shell's code for it (128 + SIGINT), so that a retry loop or a
+# requeue that restarts on 75 does not start again what the user stopped.
+EXIT_INTERRUPTED = 130
 
 
 class StopRequest:
-    """Set by a stop signal. Further signals while the checkpoint is written change nothing."""
+    """Set by a stop signal. Further signals while the checkpoint is written change nothing, but after SIGINT."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -34,9 +38,28 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is None and os.getpid() == self._pid:  # straight to fd 2: sys.stderr may be mid-write (tqdm)
-            os.write(2, f"fgic: got {signal.Signals(signum).name}; stopping at the next step boundary\n".encode())
+        mine = os.getpid() == self._pid  # straight to fd 2: sys.stderr may be mid-write (tqdm)
+        if self.signum == signal.SIGINT and signum in (signal.SIGINT, signal.SIGTERM) and mine:
+            os.write(2, f"fgic: got {signal.Signals(signum).name} after SIGINT; stopping now, without a "
+                        f"checkpoint of this epoch's steps\n".encode())
+            # Death by the signal itself, as if unhandled (a shell reads it as 128 + the signal): a KeyboardInterrupt
+            # raised inside torch.save became a RuntimeError traceback (its zip writer failing on the way out).
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        if self.signum is None and mine:
+            name = signal.Signals(signum).name
+            again = " with a checkpoint (Ctrl-C again: at once, without it)" if signum == signal.SIGINT else ""
+            os.write(2, f"fgic: got {name}; stopping at the next step boundary{again}\n".encode())
         self.signum = self.signum or signum
+
+    @property
+    def requeue(self) -> bool:
+        """Whether a Slurm job may be requeued after this stop: not after Ctrl-C, the user's own stop."""
+        return self.signum != signal.SIGINT
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_PREEMPTED
 
     def done(self) -> None:
         """The stop is complete (checkpoint written, job requeued); the process only leaves now. Further stop
@@ -61,10 +84,12 @@ def hold(env=os.environ) -> None:
     comes during start-up is acted on at the first step instead of killing the process. torchrun never unblocks them,
     so it is not killed by them either (Slurm signals every process of a step; torchrun has no handler for them).
 
-    In a Slurm step SIGTERM is held too. Slurm sends it to every process of the step (preemption, scancel, the end of
-    a requeued job), so the workers get it anyway; torchrun's own handling would SIGTERM them again and SIGKILL them
+    In a Slurm step SIGTERM and SIGINT are held too. Slurm sends SIGTERM to every process of the step (preemption,
+    scancel, the end of a requeued job), and srun forwards a Ctrl-C's SIGINT to every one, so the workers get them
+    anyway; torchrun's own handling would pass them on again (a second SIGINT ends the ranks at once) and SIGKILL them
     30 s later, whether or not rank 0 has written its checkpoint and requeued the job. Elsewhere (a container's
-    SIGTERM to its first process only) torchrun keeps passing it on."""
+    SIGTERM to its first process only; a terminal's Ctrl-C, torchrun's workers being in sessions of their own)
+    torchrun keeps passing them on."""
     in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS if in_step else HELD)
 

@@ -18,11 +18,18 @@ class NoFgic(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, NoFgic())
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 
 
 def preprocess(path: str, pre: dict) -> np.ndarray:
-    image = Image.open(path).convert("RGB").resize(tuple(pre["resize"]), Image.BILINEAR)
+    """preprocessing["steps"], one line each."""
+    image = Image.open(path)
+    image = ImageOps.exif_transpose(image) if pre["exif_transpose"] else image
+    if image.mode in pre["high_bit_modes"]:
+        image = Image.fromarray((np.asarray(image).astype(np.int64) >> pre["high_bit_shift"]).clip(0, 255)
+                                .astype(np.uint8), "L")
+    image = image.convert("RGB")
+    image = image.resize(tuple(pre["resize"]), Image.BILINEAR)
     top, (size, _) = pre["crop_offset"], pre["crop"]
     image = image.crop((top, top, top + size, top + size))
     x = np.asarray(image, dtype=np.float32) * pre["scale"]

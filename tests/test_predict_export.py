@@ -110,6 +110,27 @@ def test_predict_bad_input_is_one_line(tmp_path, args, message):
     assert message.format(**fill) in str(exc.value) and "\n" not in str(exc.value)
 
 
+def test_predict_writes_beside_the_run_and_replaces_nothing_unasked(tmp_path, tiny_data, monkeypatch, capsys):
+    run = fake_run(tmp_path / "run", "resnet18", 32)
+    images = tiny_data / "test" / "class_01"
+    monkeypatch.chdir(tmp_path)
+    assert predict.main([str(run / "best.pt"), str(images), "-q"]) == 0
+    csv, js = run / "predictions" / "class_01.csv", run / "predictions" / "class_01.json"
+    assert f"-> {csv} and {js}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing in the current folder
+    first = js.read_text()
+    js.write_text("kept")
+    with pytest.raises(FgicError) as exc:
+        predict.main([str(run / "best.pt"), str(images), "-q"])
+    assert str(exc.value) == (f"-o/--output {csv}: exists (an earlier fgic.predict's?); give another -o OUTPUT, or "
+                              f"--force to replace it")
+    assert js.read_text() == "kept"
+    assert predict.main([str(run / "best.pt"), str(images), "-q", "--force"]) == 0
+    assert f"(replaced: {csv}, {js})" in capsys.readouterr().out and js.read_text() == first
+    assert predict.main([str(run / "best.pt"), str(images / ".." / "class_00"), str(images), "-q"]) == 0
+    assert (run / "predictions" / "images.json").is_file()
+
+
 def test_a_run_without_class_names_reads_them_from_its_dataset(tmp_path, tiny_data):
     run = fake_run(tmp_path / "run", "resnet18", 32)
     config = json.loads((run / "config.json").read_text())
@@ -158,6 +179,33 @@ def test_an_export_runs_without_fgic_with_the_checkpoints_logits(run, tiny_data,
           f"{np.abs(got - want).max():.3g}")
     assert got.shape == (len(images), 3) and np.abs(got - want).max() < 1e-4
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def awkward_images(tiny_data: Path, folder: Path) -> list[Path]:
+    """A phone photo's JPEG (EXIF Orientation 6: stored sideways, shown rotated) and a 16-bit grayscale PNG, made of
+    a test image stretched to 96x64 (the rotation then changes the picture)."""
+    from PIL import Image
+    folder.mkdir()
+    source = Image.open(sorted((tiny_data / "test").rglob("*.jpg"))[0]).convert("RGB").resize((96, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    source.save(folder / "phone.jpg", exif=exif, quality=95)
+    gray = np.asarray(source.convert("L"), dtype=np.uint16) * 257  # the full 16-bit range
+    Image.fromarray(gray).save(folder / "scan16.png")
+    assert Image.open(folder / "scan16.png").mode == "I;16"
+    return [folder / "phone.jpg", folder / "scan16.png"]
+
+
+@pytest.mark.e2e
+def test_the_exports_description_names_every_decode_step(tmp_path, tiny_data):
+    """Read by its steps alone (tests/plain_consumer.py), an EXIF-rotated JPEG and a 16-bit PNG give fgic.predict's
+    logits: the rotation and the bit depth are part of the description."""
+    run = fake_run(tmp_path / "run", "resnet18", 64)
+    assert export.main([str(run / "best.pt"), "-o", str(tmp_path / "m.pt2")]) == 0
+    images = awkward_images(tiny_data, tmp_path / "images")
+    got, want = consume(tmp_path / "m.pt2", images, tmp_path), reference_logits(str(run / "best.pt"), images)
+    print(f"EXIF JPEG, 16-bit PNG: max |logit difference| {np.abs(got - want).max(1)}")
+    assert np.abs(got - want).max() < 1e-4
 
 
 @pytest.mark.e2e
