@@ -60,8 +60,8 @@ def export_onnx(model, example: torch.Tensor, path: Path, meta: dict):
         import onnx  # noqa: PLC0415  (onnx, onnxscript: the optional 'onnx' extra)
         import onnxscript  # noqa: F401, PLC0415
     except ImportError:
-        raise FgicError("--format onnx: needs onnx and onnxscript (pip install 'fgic[onnx]'); or use --format "
-                        "pt2") from None
+        raise FgicError("--format onnx: needs onnx and onnxscript (pip install onnx onnxscript onnxruntime); or use "
+                        "--format pt2") from None
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
         torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"], output_names=["logits"],

@@ -27,7 +27,8 @@ def list_images(paths: list[str]) -> list[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and images.is_image(p.name))
+            found += sorted(p for p in path.rglob("*") if p.is_file() and images.is_image(p.name)
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts[:-1]))
         elif path.is_file():
             found.append(path)
         else:
