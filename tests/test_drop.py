@@ -2,10 +2,13 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import models as tvm
 from torchvision.ops import StochasticDepth
 
-from fgic import augment, drop
+from fgic import augment, drop, models
+from fgic.errors import FgicError
+from tests.helpers import optional
 
 KEYS = torch.tensor([augment.drop_key(2020, 0, i) for i in range(4000)])
 
@@ -91,6 +94,88 @@ def test_a_sample_trains_through_the_same_masks_in_any_batch():
     torch.testing.assert_close(alone, whole[3:], rtol=1e-5, atol=1e-6)
     with drop.keyed(model, KEYS[4:8]):  # other samples' masks: another output for the same images
         assert not torch.allclose(model(images), whole, rtol=1e-3, atol=1e-4)
+
+
+class RandomOps(TorchDispatchMode):
+    """Records the operators that draw from torch's generators (dropout's bernoulli, rand...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def with_dropout_on_meta(arch: str, rate: float) -> nn.Module | None:
+    """fgic's build of `arch` with --dropout `rate`, keyed, in training mode on the meta device; None where fgic
+    refuses --dropout for it. RegNets compute widths from tensors while building: models.EmptyOnMeta for them."""
+    try:
+        try:
+            with torch.device("meta"):
+                model = models.construct(arch, 224, dropout=rate)
+        except NotImplementedError:
+            with models.EmptyOnMeta():
+                model = models.construct(arch, 224, dropout=rate).to("meta")
+    except FgicError:
+        return None
+    drop.replace(model)
+    return model.train()
+
+
+def test_no_training_forward_with_dropout_draws_from_torchs_generator():
+    """Every torchvision arch that takes --dropout: a training forward with keys uses no random operator, so no
+    dropout escaped KeyedDrop (torchvision's Swin attention applies its output dropout with F.dropout)."""
+    drawing, taken = {}, []
+    for arch in tvm.list_models(module=tvm):
+        model = with_dropout_on_meta(arch, 0.2)
+        if model is None:
+            continue
+        taken.append(arch)
+        with drop.keyed(model, KEYS[:2].to("meta")), RandomOps() as random_ops:
+            model(torch.zeros(2, 3, 224, 224, device="meta"))
+        if random_ops.ops:
+            drawing[arch] = sorted(random_ops.ops)
+    assert drawing == {}
+    assert {"swin_t", "swin_v2_t", "vit_b_16", "efficientnet_b0", "vgg11", "alexnet"} <= set(taken)
+
+
+@pytest.mark.parametrize("arch", ["swin_t", "swin_v2_t", "vit_b_32", "squeezenet1_1", "timm:test_vit"])
+def test_a_samples_training_output_with_dropout_is_its_keys(arch):
+    """fgic's build with --dropout 0.2 in training mode (archs without BatchNorm: no batch statistics): a sample's
+    output is the same under another torch.manual_seed and alone as in a batch of 2; other keys change it."""
+    if arch.startswith("timm:"):
+        optional("timm")
+    torch.manual_seed(0)
+    model = models.build(arch, 3, "none", crop=64, dropout=0.2).train()
+    images = torch.randn(2, 3, 64, 64)
+    outputs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        with drop.keyed(model, KEYS[:2]), torch.no_grad():
+            outputs.append(model(images))
+    with drop.keyed(model, KEYS[1:2]), torch.no_grad():
+        alone = model(images[1:])
+    with drop.keyed(model, KEYS[2:4]), torch.no_grad():
+        others = model(images)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    torch.testing.assert_close(alone, outputs[0][1:], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(others, outputs[0], rtol=1e-3, atol=1e-4)
+
+
+def test_swins_attention_dropout_is_keyed_without_a_state_dict_entry():
+    model = tvm.swin_t(num_classes=3, dropout=0.3)
+    names = list(model.state_dict())
+    attentions = [m for m in model.modules() if isinstance(m, tvm.swin_transformer.ShiftedWindowAttention)]
+    drop.replace(model)
+    assert list(model.state_dict()) == names
+    assert all(m.dropout == 0.0 and m.keyed_dropout.p == 0.3 for m in attentions)
+    layers = [m for m in model.modules() if isinstance(m, drop.KeyedDrop)]
+    assert [m.layer for m in layers] == list(range(len(layers)))
+    with pytest.raises(ValueError, match="attention_dropout"):
+        drop.replace(tvm.swin_t(num_classes=3, attention_dropout=0.1))
 
 
 def test_batch_mode_stochastic_depth_is_refused():
