@@ -2,6 +2,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import models as tvm
 from torchvision.ops import StochasticDepth
@@ -11,6 +12,25 @@ from fgic.errors import FgicError
 from tests.helpers import optional
 
 KEYS = torch.tensor([augment.drop_key(2020, 0, i) for i in range(4000)])
+
+
+def old_keyed_drop(x: torch.Tensor, keys: torch.Tensor, layer: int, p: float, mode: str) -> torch.Tensor:
+    """KeyedDrop's forward before its masks were made in int32 blocks (int64 over the whole input): the reference
+    for the bits."""
+    m32, mult = 0xFFFFFFFF, 0x45D9F3B
+
+    def mix32(v):
+        v = ((v >> 16) ^ v) * mult & m32
+        v = ((v >> 16) ^ v) * mult & m32
+        return (v >> 16) ^ v
+
+    per_sample = 1 if mode == "row" else x[0].numel()
+    base = mix32(keys.to(torch.int64) ^ mix32(layer))
+    column = mix32(torch.arange(per_sample, device=keys.device, dtype=torch.int64))
+    keep = (mix32((base[:, None] + column) & m32) >> 8).to(torch.float32) * 2.0 ** -24 >= p
+    scale = keep.to(x.dtype) / (1.0 - p) if p < 1.0 else keep.to(x.dtype)
+    shape = (len(x), *[1] * (x.dim() - 1)) if mode == "row" else x.shape
+    return x * scale.view(shape)
 
 
 def masks(layer: drop.KeyedDrop, keys: torch.Tensor, shape=(1,)) -> torch.Tensor:
@@ -94,6 +114,88 @@ def test_a_sample_trains_through_the_same_masks_in_any_batch():
     torch.testing.assert_close(alone, whole[3:], rtol=1e-5, atol=1e-6)
     with drop.keyed(model, KEYS[4:8]):  # other samples' masks: another output for the same images
         assert not torch.allclose(model(images), whole, rtol=1e-3, atol=1e-4)
+
+
+EDGE_KEYS = torch.tensor([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0xFFFF0000, 0x0000FFFF])  # the int32 sign
+
+
+@pytest.mark.parametrize("mode,shape,dtype,p,block", [
+    ("element", (5, 7), torch.float32, 0.1, None),
+    ("element", (3, 2, 150_001), torch.float32, 0.7, None),  # 3 column blocks of a sample, the last a short one
+    ("element", (700, 999), torch.bfloat16, 0.3, None),  # blocks of 262 rows
+    ("element", (13, 3, 5), torch.float16, 0.5, 8),  # blocks of 1 row x 8 columns, then 1 row x 7
+    ("element", (9, 11), torch.float64, 1.0, 32),  # blocks of 2 rows, the last of 1
+    ("row", (3, 4), torch.float32, 0.2, 2),
+])
+def test_the_masks_and_outputs_are_the_old_implementations_bits(monkeypatch, mode, shape, dtype, p, block):
+    if block is not None:
+        monkeypatch.setattr(drop, "BLOCK", block)
+    keys = torch.cat([EDGE_KEYS, KEYS])[:shape[0]]
+    x = torch.randn(*shape, dtype=torch.float64).to(dtype) + 3.0  # no zero before the mask
+    layer = drop.KeyedDrop(p, mode, layer=11).train()
+    with drop.keyed(layer, keys):
+        y = layer(x)
+    reference = old_keyed_drop(x, keys, 11, p, mode)
+    assert y.dtype == reference.dtype and torch.equal(y, reference)
+    assert torch.equal(y != 0, reference != 0)
+
+
+def test_compiled_masks_on_the_cpu_are_eagers_blocks():
+    """torch.compile makes the masks in one piece, eager on the CPU in blocks: the same bits. Swin's attention, keyed
+    by a forward hook, traces with its dropout (aot_eager: dynamo's graph, no C++ build)."""
+    torch._dynamo.reset()
+    keys = torch.cat([EDGE_KEYS[:3], KEYS[:3]])
+    layer = drop.KeyedDrop(0.3, "element", layer=7)
+    model = nn.Sequential(nn.LayerNorm(5), layer).train()
+    x = torch.randn(6, 60_000, 5) + 3.0  # 300,000 elements a sample: 2 column blocks
+    attention = tvm.swin_transformer.ShiftedWindowAttention(8, [2, 2], [1, 1], num_heads=2, dropout=0.3)
+    drop.replace(attention)
+    attention.train()
+    tokens = torch.randn(6, 4, 4, 8)
+    with drop.keyed(model, keys), drop.keyed(attention, keys), torch.no_grad():
+        kept = torch.compile(model)(x) != 0
+        assert torch.equal(kept, model(x) != 0)
+        assert torch.equal(kept, old_keyed_drop(torch.ones(6, 300_000), keys, 7, 0.3, "element").view(x.shape) != 0)
+        ours = torch.compile(attention, backend="aot_eager")(tokens)
+        torch.testing.assert_close(ours, attention(tokens), rtol=0, atol=0)
+        attention.keyed_dropout.p = 0.0
+        assert not torch.allclose(attention(tokens), ours)  # the compiled attention dropped
+
+
+class Temporaries(TorchDispatchMode):
+    """The most bytes that the storages created by operators inside held at once (each counted until freed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: list[tuple[StorageWeakRef, int, int]] = []
+        self.alive: list[list[tuple[int, int]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        known = {t.untyped_storage()._cdata for t in tensors} | {c for r, _, c in self.made if not r.expired()}
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in known:
+                storage = t.untyped_storage()
+                self.made.append((StorageWeakRef(storage), storage.nbytes(), storage._cdata))
+                known.add(storage._cdata)
+        self.alive.append([(c, n) for r, n, c in self.made if not r.expired()])
+        return out
+
+    def peak(self, besides: torch.Tensor) -> int:
+        result = besides.untyped_storage()._cdata
+        return max(sum(n for c, n in step if c != result) for step in self.alive)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_masks_temporaries_stay_within_twice_the_inputs_bytes(dtype):
+    """ViT-S/16's tokens for 64 samples (4.8 M elements): the int64 hash over the whole input kept 117 MB alive for
+    a 19 MB float32 input. The output itself is not counted."""
+    x = torch.randn(64, 197, 384, dtype=dtype)
+    layer = drop.KeyedDrop(0.1, "element", layer=3).train()
+    with drop.keyed(layer, KEYS[:64]), Temporaries() as temporaries:
+        y = layer(x)
+    assert 0 < temporaries.peak(besides=y) <= 2 * x.nbytes
 
 
 class RandomOps(TorchDispatchMode):
