@@ -95,9 +95,12 @@ class KeyedDrop(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if self.keys is None or len(self.keys) != len(x):
+        if self.keys is None:
             raise RuntimeError(f"KeyedDrop (layer {self.layer}) in training mode needs the batch's sample keys: "
                                f"run the forward inside drop.keyed(model, keys)")
+        if len(self.keys) != len(x):  # timm's relative-position MLPs (swinv2_cr, vit_relpos) drop from a shared table
+            raise RuntimeError(f"KeyedDrop (layer {self.layer}) got {len(x)} rows for a batch of {len(self.keys)}: "
+                               f"a dropout not applied per sample cannot be keyed per sample")
         per_sample = 1 if self.mode == "row" else x[0].numel()
         shape = (len(x), *[1] * (x.dim() - 1)) if self.mode == "row" else x.shape
         return x * scale(self.keys, self.layer, per_sample, self.p, x.dtype).view(shape)

@@ -80,8 +80,11 @@ def test_eval_mode_and_p0_pass_through():
 
 
 def test_training_without_keys_says_so():
+    layer = drop.KeyedDrop(0.2, "row", 5).train()
     with pytest.raises(RuntimeError, match="drop.keyed"):
-        drop.KeyedDrop(0.2, "row", 5).train()(torch.ones(2, 3))
+        layer(torch.ones(2, 3))
+    with drop.keyed(layer, KEYS[:2]), pytest.raises(RuntimeError, match="3 rows for a batch of 2: a dropout not"):
+        layer(torch.ones(3, 3))
 
 
 @pytest.mark.parametrize("arch", ["convnext_tiny", "efficientnet_b0", "swin_t", "vgg11", "mobilenet_v3_small"])
