@@ -20,7 +20,7 @@ from torchvision.ops import StochasticDepth
 M32 = 0xFFFFFFFF
 MULT = 0x45D9F3B  # the multiplier of a well-studied 32-bit integer mix; below 2**27, so products stay in int64
 # On the CPU outside torch.compile the masks are made in blocks of this many elements (1 MB of int32), so that the
-# hash's temporaries are a block's, not the input's (int64 over the whole input: 117 MB alive at once, 612 MB
+# hash's temporaries are a block's, not the input's (int64 over the whole input: 117 MB alive at once, 592 MB
 # allocated, for a 19 MB input), and the block stays in the cache through its dozen passes.
 BLOCK = 1 << 18
 
