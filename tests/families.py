@@ -17,9 +17,10 @@ from tests.helpers import max_difference, popen, read_jsonl, run_fgic, same_resu
 
 # family: (smallest torchvision member, the smallest crop its structure takes near 64, flags). torchvision builds its
 # ViTs without dropout and stochastic depth: --dropout 0.1 gives one keyed layer per block (and RegNets have none).
+# Swin's --dropout is an nn.Dropout in each MLP and an F.dropout in each attention (fgic.drop keys both).
 FAMILIES = {
     "vit": ("vit_b_32", 64, ["--dropout", "0.1"]),
-    "swin": ("swin_t", 64, []),
+    "swin": ("swin_t", 64, ["--dropout", "0.1"]),
     "maxvit": ("maxvit_t", 224, []),  # each of its 4 stages' grid must divide by its partition size 7: 224 = 7 x 32
     "convnext": ("convnext_tiny", 64, []),
     "efficientnet_v2": ("efficientnet_v2_s", 64, []),
