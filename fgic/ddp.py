@@ -161,10 +161,11 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
             prog.wall_seconds = time.perf_counter() - started
             checkpoint.save_atomic(checkpoint.state(model, opt, prog, cfg), run_dir / runlog.CHECKPOINT)
 
+    steps_per_epoch = len(train_loader)  # now, before set_epoch's skip shortens the loader (until the next set_epoch)
     for epoch in range(progress.epoch, args.epochs):
         t0 = time.perf_counter()
         first_step = progress.step if epoch == progress.epoch else 0
-        lr = opt.lr_at(epoch * len(train_loader))  # before the skip, which shortens the loader
+        lr = opt.lr_at(epoch * steps_per_epoch)
         train_loader.sampler.set_epoch(epoch, skip=first_step * run.per_process_batch)
         tr = engine.train_one_epoch(ddp_model, train_loader, opt, criterion, dist, args.amp,
                                     desc=f"epoch {epoch + 1}/{args.epochs}", start_step=first_step,
