@@ -2,6 +2,7 @@
 metrics.jsonl durable before its checkpoint, a full disk during a checkpoint write."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import torch
 
 from fgic import cluster, ddp
 from fgic.demo import make_tiny
+from fgic.runlog import RunLog
 from fgic.signals import EXIT_PREEMPTED, hold
 from tests.helpers import REPO, fgic_env, read_jsonl, run_fgic, same_result, tiny_args
 from tests.test_resume import ALL_ON, ALL_ON_RUN, args_for
@@ -82,3 +84,16 @@ def test_an_epochs_record_is_on_disk_before_its_checkpoint(tiny_data, tmp_path, 
         synced = [i for i, e in enumerate(events) if e == ("fsync", name)]
         assert len(synced) == len(saved) == 2 and all(s < c for s, c in zip(synced, saved)), (name, events)
         assert saved[0] < synced[1]  # epoch 2's record after epoch 1's checkpoint
+
+
+def test_a_resume_says_which_records_the_checkpoint_has_but_metrics_jsonl_lost(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "lr": 0.1, "train_loss": 1.0, "train_acc": 1.0,
+                                                       "test_acc": 1.0}) + "\n")
+    RunLog(run_dir, True).start({}, 3)
+    err = capsys.readouterr().err
+    assert f"fgic: warning: {run_dir / 'metrics.jsonl'} lacks the records of epoch(s) 2, 3" in err, err
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 1
+    RunLog(run_dir, True).start({}, 1)
+    assert capsys.readouterr().err == ""
