@@ -2,6 +2,7 @@
 metrics.jsonl durable before its checkpoint, a full disk during a checkpoint write."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fgic import cluster, ddp
+from fgic import checkpoint, cluster, ddp
 from fgic.demo import make_tiny
+from fgic.errors import FgicError
 from fgic.runlog import RunLog
 from fgic.signals import EXIT_PREEMPTED, hold
 from tests.helpers import REPO, fgic_env, read_jsonl, run_fgic, same_result, tiny_args
@@ -97,3 +99,69 @@ def test_a_resume_says_which_records_the_checkpoint_has_but_metrics_jsonl_lost(t
     assert len(read_jsonl(run_dir / "metrics.jsonl")) == 1
     RunLog(run_dir, True).start({}, 1)
     assert capsys.readouterr().err == ""
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_the_old_file_stays(tmp_path, monkeypatch):
+    """As torch.save fails on a full file system (measured on a tmpfs): its RuntimeError ("unexpected pos"), the
+    OSError ENOSPC its context."""
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_atomic({"w": torch.ones(4)}, path)
+    real_save = torch.save
+
+    def full(obj, f):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(FgicError) as exc:
+        checkpoint.save_atomic({"w": torch.zeros(2**18)}, path)
+    assert str(exc.value).startswith(f"{path}: No space left on device; the previous checkpoint.pt is intact; the "
+                                     f"write needs about 1 MiB free"), exc.value
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(path)["w"], torch.ones(4)) and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A tmpfs of the given size (needs root: mount)."""
+    mounted = []
+
+    def make(size: str) -> Path:
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()}); the in-process ENOSPC test stands")
+        mounted.append(where)
+        return where
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.mark.e2e
+def test_a_full_disk_at_epoch_2s_checkpoint_stops_every_rank_with_one_line(tiny_data, small_fs):
+    """The measured case: on 200 MB, epoch 1's best.pt (45 MB) and checkpoint.pt (90 MB: the weights and SGD's
+    momentum) fit, epoch 2's checkpoint (old and new at once) does not. Before: a traceback, exit 1, and the other
+    rank waiting at the barrier until torchrun ended it."""
+    out = small_fs("200m")
+    run = out / "tiny" / "resnet18-off-s2020"
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(epochs=3), "--output-dir", str(out)], nproc=2, timeout=300)
+    assert res.returncode != 0 and not re.search(r'File ".*/fgic/', res.stderr), res.stderr
+    assert (f"fgic.ddp: error: {run / 'checkpoint.pt'}: No space left on device; the previous checkpoint.pt is "
+            f"intact; the write needs about 85 MiB free") in res.stderr, res.stderr
+    assert "another process failed during the checkpoint writes; its message is above" in res.stderr, res.stderr
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert len(read_jsonl(run / "metrics.jsonl")) == 2  # epoch 2's record: dropped on resume, after the checkpoint
+
+
+@pytest.mark.e2e
+def test_a_run_that_cannot_write_its_first_checkpoint_says_so_before_training(tiny_data, small_fs):
+    out = small_fs("30m")
+    run = out / "tiny" / "resnet18-off-s2020"
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(epochs=3), "--output-dir", str(out)])
+    assert res.returncode == 2 and not re.search(r'File ".*/fgic/', res.stderr), res.stderr
+    assert (f"fgic.ddp: error: {run / 'checkpoint.pt'}: a trial write before training: No space left on device; no "
+            f"checkpoint.pt was written") in res.stderr, res.stderr
+    assert "epoch 1/3" not in res.stderr and read_jsonl(run / "metrics.jsonl") == []
