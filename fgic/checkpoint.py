@@ -1,8 +1,10 @@
 """Checkpoints: atomic saving, safe loading, which checkpoint to resume from, and whether it fits this run's config."""
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +18,11 @@ from fgic.runlog import CHECKPOINT
 from fgic.weights import safe_load
 
 
-def save_atomic(obj, path: str | os.PathLike) -> None:
+def save_atomic(obj, path: str | os.PathLike, trial: bool = False) -> None:
     """torch.save to a temporary file in the same folder, fsync, then os.replace: a kill at any moment leaves either
-    the previous file or the new one, never a torn one."""
+    the previous file or the new one, never a torn one. A full disk or quota is one line (FgicError) naming the file
+    and the room the write needs. `trial`: the temporary file is written and removed (whether the write fits, before
+    the work that it would save is done)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -26,9 +30,21 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if trial:
+            return
         if os.environ.get("FGIC_TEST_STALL_SAVE_S") and path.name == CHECKPOINT and path.exists():
             time.sleep(float(os.environ["FGIC_TEST_STALL_SAVE_S"]))  # test hook: a slow overwrite, to kill it
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save: RuntimeError "unexpected pos", the OSError its context
+        full = _full(exc)
+        if full is None:
+            raise
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise FgicError(f"{path}: {'a trial write before training: ' if trial else ''}{full.strerror}; {kept}; the "
+                        f"write needs about {_mb(_nbytes(obj))} free beside the files there (the old file and the new "
+                        f"one exist at once until the new one replaces it), {_mb(shutil.disk_usage(path.parent).free)} "
+                        f"is free; free space (or raise the quota) or move the run folder, then run the same command "
+                        f"to resume") from None
     finally:
         tmp.unlink(missing_ok=True)
     fd = os.open(path.parent, os.O_RDONLY)
@@ -36,6 +52,30 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _full(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC or EDQUOT OSError in an exception's chain, if any."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _nbytes(obj) -> int:
+    """The bytes of the tensors in a (nested) checkpoint: its file's size, less a little."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
 
 
 def select(resume: str, run_dir: Path, env: os._Environ | dict = os.environ) -> Path | None:

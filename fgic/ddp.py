@@ -174,15 +174,23 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
     every = STOP_CHECK_EVERY if cuda else 1
     started = time.perf_counter() - progress.wall_seconds  # the run's wall time counts its earlier sessions
 
-    def save(prog: checkpoint.Progress) -> None:
+    def save(prog: checkpoint.Progress, best_models=(), trial: bool = False) -> None:
+        """Rank 0 writes the best models ((state_dict, file name) pairs), then the checkpoint; every rank runs it in
+        dist.agree, so a full disk stops all of them with rank 0's one line."""
         if dist.is_main:
+            for state_dict, name in best_models:
+                checkpoint.save_atomic(state_dict(), run_dir / name)
             prog.wall_seconds = time.perf_counter() - started
-            checkpoint.save_atomic(checkpoint.state(model, opt, prog, cfg), run_dir / runlog.CHECKPOINT)
+            checkpoint.save_atomic(checkpoint.state(model, opt, prog, cfg), run_dir / runlog.CHECKPOINT, trial=trial)
 
+    # A trial write of the real state: a full disk or quota is said now, not after an epoch of training (statvfs
+    # would not show a quota)
+    dist.agree(lambda: save(progress, trial=True), during="the trial checkpoint write")
+    steps_per_epoch = len(train_loader)  # now, before set_epoch's skip shortens the loader (until the next set_epoch)
     for epoch in range(progress.epoch, args.epochs):
         t0 = time.perf_counter()
         first_step = progress.step if epoch == progress.epoch else 0
-        lr = opt.lr_at(epoch * len(train_loader))  # before the skip, which shortens the loader
+        lr = opt.lr_at(epoch * steps_per_epoch)
         train_loader.sampler.set_epoch(epoch, skip=first_step * run.per_process_batch)
         tr = engine.train_one_epoch(ddp_model, train_loader, opt, criterion, dist, args.amp,
                                     desc=f"epoch {epoch + 1}/{args.epochs}", start_step=first_step,
@@ -191,8 +199,9 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
                                     later_steps=(args.epochs - epoch - 1) * train_loader.sampler.num_samples //
                                     run.per_process_batch)
         if tr["stopped_at"] is not None:  # a stop signal: checkpoint this step boundary and leave
-            save(checkpoint.Progress(epoch, tr["stopped_at"], dist.gather(tr["totals"]), progress.best,
-                                     best_ema=progress.best_ema))
+            stopped = checkpoint.Progress(epoch, tr["stopped_at"], dist.gather(tr["totals"]), progress.best,
+                                          best_ema=progress.best_ema)
+            dist.agree(lambda: save(stopped), during="the checkpoint write")
             return preempted(dist, stop, log, f"epoch {epoch + 1}, step {tr['stopped_at']}")
         opt.after_epoch()
         te = engine.evaluate(model, test_loader, criterion, dist, args.amp, len(run.classes))
@@ -201,22 +210,20 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
                   "test_correct": te["test_correct"], "test_total": te["test_total"],
                   "epoch_seconds": time.perf_counter() - t0,
                   "train_images_per_second": tr["train_images_per_second"]}
-        best, best_ema = progress.best, progress.best_ema
+        best, best_ema, best_models = progress.best, progress.best_ema, []
         if te["test_acc"] > best["acc"]:
             best = {"acc": te["test_acc"], "epoch": epoch + 1}
-            if dist.is_main:
-                checkpoint.save_atomic(model.state_dict(), run_dir / runlog.BEST)
+            best_models.append((model.state_dict, runlog.BEST))
         if opt.ema is not None:
             ema = engine.evaluate(opt.ema.module, test_loader, criterion, dist, args.amp, len(run.classes), "test ema")
             record.update(ema_test_loss=ema["test_loss"], ema_test_acc=ema["test_acc"], ema_test_top5=ema["test_top5"],
                           ema_test_correct=ema["test_correct"])
             if ema["test_acc"] > best_ema["acc"]:
                 best_ema = {"acc": ema["test_acc"], "epoch": epoch + 1}
-                if dist.is_main:
-                    checkpoint.save_atomic(opt.ema.module.state_dict(), run_dir / runlog.BEST_EMA)
+                best_models.append((opt.ema.module.state_dict, runlog.BEST_EMA))
         log.epoch(record)
         progress = checkpoint.Progress(epoch + 1, 0, [], best, best_ema=best_ema)
-        save(progress)
+        dist.agree(lambda: save(progress, best_models), during="the checkpoint writes")
         log.checkpointed(record)
         dist.barrier()  # the others wait for rank 0's saves here, patiently, not in the next epoch's collectives
         say(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {tr['train_loss']:.3f} acc "

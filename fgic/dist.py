@@ -42,7 +42,8 @@ def pick_device(device_flag: str, gpus: list[int], local_rank: int) -> torch.dev
     if missing:
         raise FgicError(f"-g/--gpu {missing[0]}: this machine shows {count} GPU(s), ids 0..{count - 1}")
     if gpus and local_rank >= len(gpus):
-        raise FgicError(f"-g/--gpu names {len(gpus)} GPU(s) but this node runs {local_rank + 1}+ processes")
+        raise FgicError(f"-g/--gpu names {len(gpus)} GPU(s) but this node runs {local_rank + 1}+ processes",
+                        shown=True)  # said by the processes past the list (run_cli: else by local rank 0 only)
     return torch.device("cuda", gpus[local_rank] if gpus else local_rank % count)
 
 
@@ -87,9 +88,10 @@ class Dist:
         if self.distributed:
             dist.barrier(group=self.setup_group)
 
-    def agree(self, fn):
-        """Run a set-up step on every process; if it fails on any, all of them raise (none waits for a dead peer).
-        The others wait for the slowest one up to SETUP_TIMEOUT, not the training collectives' shorter timeout."""
+    def agree(self, fn, during: str = "set-up"):
+        """Run a step on every process (a set-up step, rank 0's checkpoint write); if it fails on any, all of them
+        raise (none waits for a dead peer), and each message is printed once: by the lowest rank that has it. The
+        others wait for the slowest one up to SETUP_TIMEOUT, not the training collectives' shorter timeout."""
         error = None
         try:
             result = fn()
@@ -98,8 +100,12 @@ class Dist:
         if self.distributed:
             failed = torch.tensor([float(error is not None)], device=self.device)
             dist.all_reduce(failed, group=self.setup_group)
-            if failed.item() and error is None:
-                raise FgicError("another process failed during set-up; its message is above")
+            if failed.item():
+                messages = [None] * self.world_size
+                dist.all_gather_object(messages, None if error is None else str(error), group=self.setup_group)
+                if error is None:
+                    raise FgicError(f"another process failed during {during}; its message is above", shown=True)
+                error.shown = str(error) not in messages[:self.rank]
         if error is not None:
             raise error
         return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 
 from fgic import tblog
@@ -92,6 +93,12 @@ class RunLog:
         write_json(self.dir / "config.json", config)
         (self.dir / "summary.json").unlink(missing_ok=True)
         kept = [r for r in read_records(self.metrics) if isinstance(r.get("epoch"), int) and r["epoch"] <= done_epochs]
+        lost = sorted(set(range(1, done_epochs + 1)) - {r["epoch"] for r in kept})
+        if lost:
+            print(f"fgic: warning: {self.metrics} lacks the records of epoch(s) {', '.join(map(str, lost))}, which "
+                  f"the checkpoint has (lost in a crash before the record was fsynced?); their metrics are gone, and "
+                  f"fgic.report counts the run as unfinished; --resume none retrains it whole", file=sys.stderr,
+                  flush=True)
         self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         with open(self.csv, "w", newline="") as f:
             writer = csv.writer(f)
@@ -106,10 +113,16 @@ class RunLog:
     def epoch(self, record: dict) -> None:
         if not self.is_main:
             return
+        # fsynced: the epoch's checkpoint comes next, and a node crash must not keep it while losing its record (the
+        # resume would go on past the epoch, and fgic.report would call the run unfinished)
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         with open(self.csv, "a", newline="") as f:
             csv.writer(f).writerow(_csv_row(record))
+            f.flush()
+            os.fsync(f.fileno())
         if self.tb is not None:
             tblog.write(self.tb, record)
 

@@ -38,6 +38,16 @@ class WandbRun:
         # the redone epochs could not be logged to the old one.
         if state is None or state["logged_epochs"] > done_epochs:
             state = {"id": None, "logged_epochs": 0}
+        # Another --wandb-project/--wandb-entity: W&B would take the same id there as a run lacking the earlier epochs.
+        # A new W&B run there instead, the done epochs caught up from metrics.jsonl below.
+        asked = [project, entity]
+        before = state.get("asked") or [state.get(k, a) if a else None for k, a in zip(("project", "entity"), asked)]
+        changed = [f"--wandb-{flag} {old} -> {new}" for flag, old, new in zip(("project", "entity"), before, asked)
+                   if old != new]
+        if state["id"] is not None and changed:
+            print(f"fgic: {'; '.join(changed)}: a new W&B run there, given the {done_epochs} done epoch(s) from "
+                  f"metrics.jsonl (the earlier one, {state['id']}, stays as it is)", flush=True)
+            state = {"id": None, "logged_epochs": 0}
         try:
             import wandb  # noqa: PLC0415  (wandb: an optional extra)
 
@@ -57,7 +67,8 @@ class WandbRun:
             # Online, trust the server over wandb.json: a wandb-core ended by SIGTERM may have sent nothing of its last
             # epochs. A resumed run's starting_step is one past the server's last step (wandb's sender), 0 if none.
             logged = min(logged, max(run.starting_step - 1, 0))
-        self = cls(run, path, {"id": run.id, "logged_epochs": logged, "project": run.project, "entity": run.entity})
+        self = cls(run, path, {"id": run.id, "logged_epochs": logged, "project": run.project, "entity": run.entity,
+                               "asked": asked})
         write_json(path, self.state)
         for record in records:  # catch-up: epochs checkpointed by a run killed before W&B got them (epoch skips others)
             self.epoch(record)

@@ -71,7 +71,8 @@ def test_config_epochs_and_summary_are_logged(tmp_path, files, capsys):
     w.summary({"final_test_acc": 37.5, "best_test_acc": 37.5, "best_epoch": 3})
     w.finish()
     [attempt] = files.attempts(run_dir)
-    assert state(run_dir) == {"id": attempt["id"], "logged_epochs": 3, "project": "fgic-test", "entity": ""}
+    assert state(run_dir) == {"id": attempt["id"], "logged_epochs": 3, "project": "fgic-test", "entity": "",
+                              "asked": ["fgic-test", None]}
     assert (attempt["project"], attempt["group"], attempt["name"]) == ("fgic-test", "g1", "tiny-run")
     assert [{k: row[k] for k in record(1)} for row in attempt["history"]] == [record(e) for e in (1, 2, 3)]
     assert [row["_step"] for row in attempt["history"]] == [1, 2, 3]
@@ -285,3 +286,24 @@ def test_fgic_ddp_stopped_and_resumed_on_2_processes_is_one_wandb_run(tmp_path, 
     summary = json.loads((run / "summary.json").read_text())
     assert summary.items() <= second["summary"].items()
     assert second["config"]["arch"] == "resnet18" and second["config"]["world_size"] == 2
+
+
+@pytest.mark.parametrize("change", [{"project": "fgic-test-2"}, {"entity": "someone"}], ids=["project", "entity"])
+def test_another_project_or_entity_on_resume_gets_a_new_wandb_run_caught_up(tmp_path, files, capsys, change):
+    """Before, the same W&B id went on in the new project, which then lacked epochs 1 and 2."""
+    run_dir = tmp_path / "run"
+    w = open_run(run_dir)
+    w.epoch(record(1))
+    w.epoch(record(2))
+    w.finish(preempted=True)
+    first = state(run_dir)["id"]
+    w = open_run(run_dir, 2, [record(1), record(2)], **change)
+    w.epoch(record(3))
+    w.finish()
+    second = state(run_dir)
+    flag, value = next(iter(change.items()))
+    assert second["id"] != first and second["logged_epochs"] == 3 and second["asked"][flag == "entity"] == value
+    assert f"fgic: --wandb-{flag} " in capsys.readouterr().out
+    assert {k: epochs(rows) for k, rows in files.history(run_dir).items()} == {first: [1, 2], second["id"]: [1, 2, 3]}
+    open_run(run_dir, 3, [record(1), record(2), record(3)], **change).finish()  # the same flags again: the same run
+    assert state(run_dir)["id"] == second["id"]
