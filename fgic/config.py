@@ -83,7 +83,7 @@ MEANING = ("dataset", "num_classes", "arch", "weights", "batch_size", "epochs", 
            "layer_decay", "lr_warmup_epochs", "lr_warmup_method", "lr_warmup_decay", "clip_grad_norm", "model_ema",
            "model_ema_decay", "model_ema_steps", "auto_augment", "random_erase", "mixup_alpha", "cutmix_alpha",
            "stochastic_depth", "dropout")
-REGISTRY = ("cub", "aircraft", "cars", "demo")  # -d's names, the datasets under --data-root (fgic.data)
+REGISTRY = ("cub", "aircraft", "cars", "nabirds", "dogs", "flowers", "pets", "demo")  # -d NAME: --data-root/NAME
 # The seed's -a took 0 (off), 1 (NVIDIA apex O1) and 2 (native fp16 AMP).
 _LEGACY_AMP = {"0": "off", "1": "fp16", "2": "fp16"}
 

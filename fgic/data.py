@@ -21,7 +21,8 @@ from fgic.samplers import ShardSampler, TrainSampler
 SPLITS = ("train", "test")
 # Where `python -m fgic.prepare NAME SRC` finds each registry dataset's official release (the hint in errors).
 RELEASES = {"cub": "/path/to/CUB_200_2011", "aircraft": "/path/to/fgvc-aircraft-2013b",
-            "cars": "/path/to/stanford_cars"}
+            "cars": "/path/to/stanford_cars", "nabirds": "/path/to/nabirds", "dogs": "/path/to/stanford_dogs",
+            "flowers": "/path/to/flowers102", "pets": "/path/to/oxford-iiit-pet"}
 
 
 def resolve(data: str, data_root: str) -> tuple[str, Path]:

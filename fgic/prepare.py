@@ -1,5 +1,6 @@
-"""`python -m fgic.prepare {cub,aircraft,cars} SRC [DST]`: turn an official release into the checked train/test
-ImageFolder layout that `-d NAME` reads, with links (or copies), atomically, leaving SRC untouched."""
+"""`python -m fgic.prepare {cub,aircraft,cars,nabirds,dogs,flowers,pets} SRC [DST]`: turn an official release into
+the checked train/test ImageFolder layout that `-d NAME` reads, with links (or copies), atomically, leaving SRC
+untouched."""
 from __future__ import annotations
 
 import argparse
@@ -20,13 +21,34 @@ from fgic.config import default_data_root
 from fgic.errors import FgicError, run_cli
 
 MARKER = ".fgic-prepared.json"  # written last, inside the folder that is then renamed into place
-DATASETS = ("cub", "aircraft", "cars")
+DATASETS = ("cub", "aircraft", "cars", "nabirds", "dogs", "flowers", "pets")
 AIRCRAFT_LEVELS = {"variant": 100, "family": 70, "manufacturer": 30}  # classes per annotation level
 AIRCRAFT_SPLITS = {"trainval": 6667, "train": 3334}  # training images per split (the test split has 3,333)
 EXAMPLES = """examples:
   python -m fgic.prepare cub ~/downloads/CUB_200_2011.tgz
   python -m fgic.prepare aircraft ~/downloads/fgvc-aircraft-2013b
-  python -m fgic.prepare cars ~/downloads/stanford_cars      (devkit .mat files need scipy; CSV mirrors do not)"""
+  python -m fgic.prepare cars ~/downloads/stanford_cars      (devkit .mat files need scipy; CSV mirrors do not)
+  python -m fgic.prepare nabirds ~/downloads/nabirds.tar.gz
+  python -m fgic.prepare dogs ~/downloads/stanford_dogs      (images.tar and lists.tar extracted there; scipy)
+  python -m fgic.prepare flowers ~/downloads/flowers102      (102flowers.tgz extracted there, imagelabels.mat,
+                                                              setid.mat; scipy)
+  python -m fgic.prepare pets ~/downloads/oxford-iiit-pet    (images.tar.gz and annotations.tar.gz extracted there)"""
+# The official sizes: classes, training images, test images (Aircraft's: AIRCRAFT_LEVELS, AIRCRAFT_SPLITS).
+SIZES = {"cub": (200, 5994, 5794), "cars": (196, 8144, 8041), "nabirds": (555, 23929, 24633),
+         "dogs": (120, 12000, 8580), "flowers": (102, 2040, 6149), "pets": (37, 3680, 3669)}
+# What each reader looks for, said when SRC holds none of it.
+WANTED = {
+    "cub": "the extracted CUB_200_2011 folder (images.txt, classes.txt, ...) or CUB_200_2011.tgz",
+    "aircraft": "fgvc-aircraft-2013b (data/variants.txt, data/images/, ...) or fgvc-aircraft-2013b.tar.gz",
+    "cars": "the Stanford Cars devkit (cars_meta.mat, cars_train/, cars_test/), cars_annos.mat with car_ims/, or the "
+            "CSV mirror (names.csv, anno_train.csv, anno_test.csv)",
+    "nabirds": "the extracted nabirds folder (images.txt, classes.txt, images/, ...) or nabirds.tar.gz",
+    "dogs": "a folder with Images/ and lists/ (images.tar and lists.tar extracted into it)",
+    "flowers": "a folder with jpg/, imagelabels.mat and setid.mat (102flowers.tgz extracted into it)",
+    "pets": "a folder with images/ and annotations/ (images.tar.gz and annotations.tar.gz extracted into it)",
+}
+READERS = {"cub": releases.read_cub, "cars": releases.read_cars, "nabirds": releases.read_nabirds,
+           "dogs": releases.read_dogs, "flowers": releases.read_flowers, "pets": releases.read_pets}
 
 
 @dataclass(frozen=True)
@@ -39,11 +61,9 @@ class Expected:
 
 def expected_counts(name: str, level: str = "variant", split: str = "trainval") -> Expected:
     """The sizes of the official release (Aircraft: of the annotation level and training split)."""
-    if name == "cub":
-        return Expected(200, 5994, 5794)
-    if name == "cars":
-        return Expected(196, 8144, 8041)
-    return Expected(AIRCRAFT_LEVELS[level], AIRCRAFT_SPLITS[split], 3333)
+    if name == "aircraft":
+        return Expected(AIRCRAFT_LEVELS[level], AIRCRAFT_SPLITS[split], 3333)
+    return Expected(*SIZES[name])
 
 
 def prepare(name: str, src: str | os.PathLike, dst: str | os.PathLike, *, copy: bool = False,
@@ -118,20 +138,11 @@ def _finished(dst: Path, options: dict) -> dict | None:
 
 
 def _read(name: str, src: Path, level: str, split: str) -> releases.Release:
-    if name == "cub":
-        release = releases.read_cub(src)
-        wanted = "the extracted CUB_200_2011 folder (images.txt, classes.txt, ...) or CUB_200_2011.tgz"
-    elif name == "aircraft":
-        release = releases.read_aircraft(src, level, split)
-        wanted = "fgvc-aircraft-2013b (data/variants.txt, data/images/, ...) or fgvc-aircraft-2013b.tar.gz"
-    else:
-        release = releases.read_cars(src)
-        wanted = ("the Stanford Cars devkit (cars_meta.mat, cars_train/, cars_test/), cars_annos.mat with car_ims/, "
-                  "or the CSV mirror (names.csv, anno_train.csv, anno_test.csv)")
+    release = releases.read_aircraft(src, level, split) if name == "aircraft" else READERS[name](src)
     if release is None:
         release = releases.read_collated(src)
     if release is None:
-        raise FgicError(f"{src}: no {name} release found; give {wanted}, or a folder with train/ and test/ class "
+        raise FgicError(f"{src}: no {name} release found; give {WANTED[name]}, or a folder with train/ and test/ class "
                         f"folders")
     return release
 
@@ -256,8 +267,9 @@ def _report(dst: Path, s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser("fgic.prepare", description="Turn an official CUB-200-2011, FGVC-Aircraft or Stanford "
-                                "Cars release into the checked train/test layout that `-d NAME` reads.",
+    p = argparse.ArgumentParser("fgic.prepare", description="Turn an official CUB-200-2011, FGVC-Aircraft, Stanford "
+                                "Cars, NABirds, Stanford Dogs, Oxford Flowers-102 or Oxford-IIIT Pets release into the "
+                                "checked train/test layout that `-d NAME` reads.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("src", help="the extracted release (or its .tgz/.tar.gz/.zip), or collated train/ test/ folders")

@@ -1,5 +1,6 @@
-"""Readers of the CUB-200-2011, FGVC-Aircraft and Stanford Cars releases (and of collated train/test folders) into
-one ordered class list and the image files of each split."""
+"""Readers of the CUB-200-2011, FGVC-Aircraft, Stanford Cars, NABirds, Stanford Dogs, Oxford Flowers-102 and
+Oxford-IIIT Pets releases (and of collated train/test folders) into one ordered class list and the image files of
+each split."""
 from __future__ import annotations
 
 import csv
@@ -96,18 +97,41 @@ def read_cub(src: Path) -> Release | None:
     root = find_dir(src, "images.txt") or find_dir(src, "classes.txt")
     if root is None:
         return None
+    names, items, missing = _id_lists(root, "CUB_200_2011.tgz", leaves_only=False)
+    return Release(f"CUB-200-2011 list files in {root}", class_folders(names), items, missing)
+
+
+def read_nabirds(src: Path) -> Release | None:
+    """nabirds/: CUB's list files with image ids that are UUIDs; classes.txt lists all 1,011 nodes of the hierarchy,
+    the images carry only the 555 leaf classes (numbered here in id order)."""
+    root = find_dir(src, "images.txt") or find_dir(src, "classes.txt")
+    if root is None:
+        return None
+    names, items, missing = _id_lists(root, "nabirds.tar.gz", leaves_only=True)
+    return Release(f"NABirds list files in {root}", class_folders(names), items, missing,
+                   [f"the {len(names)} classes that images.txt's images carry, of the "
+                    f"{len(_lines(root / 'classes.txt'))} in classes.txt (the hierarchy's inner nodes have none)"])
+
+
+def _id_lists(root: Path, archive: str, leaves_only: bool) -> tuple[list[str], dict, dict]:
+    """CUB-style list files: 'CLASS_ID NAME' (classes.txt), 'IMAGE_ID PATH' (images.txt), 'IMAGE_ID CLASS_ID',
+    'IMAGE_ID 1|0' (1 = train). The class names in id order (leaves_only: only the classes some image has), and the
+    items and missing files of each split."""
     classes = _pairs(root / "classes.txt", "CLASS_ID CLASS_NAME")
     images = dict(_pairs(root / "images.txt", "IMAGE_ID PATH"))
     labels = dict(_pairs(root / "image_class_labels.txt", "IMAGE_ID CLASS_ID"))
     is_train = dict(_pairs(root / "train_test_split.txt", "IMAGE_ID 1|0"))
     classes.sort(key=lambda c: _int(c[0], root / "classes.txt"))
+    if leaves_only:
+        used = {labels[i] for i in images if i in labels}
+        classes = [c for c in classes if c[0] in used]
     index = {cid: i for i, (cid, _) in enumerate(classes)}
     items, missing = {s: [] for s in SPLITS}, {s: [] for s in SPLITS}
     for image_id, rel in images.items():
         for table, fname in ((labels, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
             if image_id not in table:
                 raise FgicError(f"{root / fname}: no line for image {image_id} of images.txt; the list files do not "
-                                f"belong together, re-extract CUB_200_2011.tgz")
+                                f"belong together, re-extract {archive}")
         if labels[image_id] not in index:
             raise FgicError(f"{root / 'image_class_labels.txt'}: image {image_id} has class {labels[image_id]}, "
                             f"which classes.txt does not list")
@@ -116,7 +140,7 @@ def read_cub(src: Path) -> Release | None:
                             f"expected 1 (train) or 0 (test)")
         split = "train" if is_train[image_id] == "1" else "test"
         _collect(items, missing, split, root / "images" / rel, index[labels[image_id]], Path(rel).name)
-    return Release(f"CUB-200-2011 list files in {root}", class_folders([name for _, name in classes]), items, missing)
+    return [name for _, name in classes], items, missing
 
 
 def _int(text: str, path: Path) -> int:
@@ -167,23 +191,25 @@ def read_cars(src: Path) -> Release | None:
     return None
 
 
-def _loadmat(path: Path) -> dict:
+def _loadmat(path: Path, release: str = "Stanford Cars", instead: str = "the CSV or class-folder layout") -> dict:
     try:
-        from scipy.io import loadmat  # noqa: PLC0415  (scipy: an optional extra, for Cars .mat files only)
+        from scipy.io import loadmat  # noqa: PLC0415  (scipy: an optional extra, for the .mat files only)
     except ImportError:
-        raise FgicError(f"{path}: reading the Stanford Cars .mat files needs scipy (pip install scipy); or give the "
-                        f"CSV or class-folder layout") from None
+        raise FgicError(f"{path}: reading the {release} .mat files needs scipy (pip install scipy); or give "
+                        f"{instead}") from None
+    if not path.is_file():
+        raise FgicError(f"{path}: missing; it is part of the official release, download or extract it there")
     try:
         return loadmat(str(path), squeeze_me=True)
     except Exception as exc:  # scipy raises several types for a damaged or foreign file
         raise FgicError(f"{path}: not a readable MATLAB file ({type(exc).__name__}: {str(exc)[:80]}); "
-                        f"re-download the devkit") from None
+                        f"re-download it") from None
 
 
-def _mat_field(path: Path, var: str, mat: dict | None = None) -> list:
+def _mat_field(path: Path, var: str, mat: dict | None = None, release: str = "the Stanford Cars devkit") -> list:
     mat = _loadmat(path) if mat is None else mat
     if var not in mat:
-        raise FgicError(f"{path}: has no {var!r} variable; is this the Stanford Cars devkit file?")
+        raise FgicError(f"{path}: has no {var!r} variable; is this {release}'s file?")
     return list(np.atleast_1d(mat[var]))
 
 
@@ -213,13 +239,13 @@ def _cars_devkit(src: Path, meta: Path) -> Release:
     return Release(f"Stanford Cars devkit in {meta}", class_folders(names), items, missing)
 
 
-def _image_dir(src: Path, folder: str, first: str) -> Path:
+def _image_dir(src: Path, folder: str, first: str, archive: str | None = None) -> Path:
     """The `folder` (e.g. cars_train) under src that holds the images, also when nested (cars_train/cars_train)."""
-    found = find_dir(src, *([first] if first else []), called=folder)
-    if found is not None:
+    found = find_dir(src, *([first] if first else []), called=folder) or find_dir(src, called=folder)
+    if found is not None:  # without `first` (absent from a partial release): the shallowest such folder
         return found
-    raise FgicError(f"{src}: no {folder}/ folder holding {first or 'the images'}; extract {folder}.tgz next to "
-                    f"the devkit")
+    raise FgicError(f"{src}: no {folder}/ folder holding {first or 'the images'}; extract {archive or folder + '.tgz'} "
+                    f"next to the {'list files' if archive else 'devkit'}")
 
 
 def _class_index(cls: int, n: int, path: Path) -> int:
@@ -292,6 +318,123 @@ def _files_by_name(src: Path, split: str) -> dict[str, Path]:
         for name in names:
             files.setdefault(name, Path(here) / name)
     return files
+
+
+def read_dogs(src: Path) -> Release | None:
+    """Stanford Dogs: lists/{train,test}_list.mat ('file_list': 'n02085620-Chihuahua/n02085620_5927.jpg', 'labels':
+    1-based class ids) and Images/WNID-Breed/. Classes in label order, named by their folder without the WordNet id."""
+    lists = find_dir(src, "train_list.mat") or find_dir(src, "test_list.mat")
+    if lists is None:
+        return None
+    rows = {}
+    for split in SPLITS:
+        path = lists / f"{split}_list.mat"
+        mat = _loadmat(path, "Stanford Dogs", "a folder with train/ and test/ class folders")
+        files = [str(f) for f in _mat_field(path, "file_list", mat, "Stanford Dogs' lists.tar")]
+        labels = [int(n) for n in _mat_field(path, "labels", mat, "Stanford Dogs' lists.tar")]
+        if len(files) != len(labels):
+            raise FgicError(f"{path}: {len(files)} files but {len(labels)} labels; re-extract lists.tar")
+        rows[split] = (path, list(zip(files, labels)))
+    folders = {}  # 1-based label -> the breed folder of its images
+    for path, pairs in rows.values():
+        for rel, label in pairs:
+            folder = rel.replace("\\", "/").split("/")[0]
+            if folders.setdefault(label, folder) != folder:
+                raise FgicError(f"{path}: label {label} has images in {folders[label]}/ and {folder}/; the list files "
+                                f"are not the official ones")
+    order = sorted(folders)
+    index = {label: i for i, label in enumerate(order)}
+    first = next((pairs[0][0] for _, pairs in rows.values() if pairs), "")
+    images = _image_dir(src, "Images", first.replace("\\", "/").split("/")[0], "images.tar")
+    items, missing = {s: [] for s in SPLITS}, {s: [] for s in SPLITS}
+    for split, (_, pairs) in rows.items():
+        for rel, label in pairs:
+            rel = rel.replace("\\", "/")
+            _collect(items, missing, split, images / rel, index[label], Path(rel).name)
+    names = [re.sub(r"^n\d+-", "", folders[label]) for label in order]
+    return Release(f"Stanford Dogs lists in {lists}", class_folders(names), items, missing)
+
+
+# The Oxford Flowers-102 class names in label order (the release has numbers only): the list of the VGG category page
+# as torchvision, TensorFlow Datasets and CLIP's prompts carry it.
+FLOWERS = (
+    "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold", "tiger lily",
+    "moon orchid", "bird of paradise", "monkshood", "globe thistle", "snapdragon", "colt's foot", "king protea",
+    "spear thistle", "yellow iris", "globe-flower", "purple coneflower", "peruvian lily", "balloon flower",
+    "giant white arum lily", "fire lily", "pincushion flower", "fritillary", "red ginger", "grape hyacinth",
+    "corn poppy", "prince of wales feathers", "stemless gentian", "artichoke", "sweet william", "carnation",
+    "garden phlox", "love in the mist", "mexican aster", "alpine sea holly", "ruby-lipped cattleya", "cape flower",
+    "great masterwort", "siam tulip", "lenten rose", "barbeton daisy", "daffodil", "sword lily", "poinsettia",
+    "bolero deep blue", "wallflower", "marigold", "buttercup", "oxeye daisy", "common dandelion", "petunia",
+    "wild pansy", "primula", "sunflower", "pelargonium", "bishop of llandaff", "gaura", "geranium", "orange dahlia",
+    "pink-yellow dahlia", "cautleya spicata", "japanese anemone", "black-eyed susan", "silverbush",
+    "californian poppy", "osteospermum", "spring crocus", "bearded iris", "windflower", "tree poppy", "gazania",
+    "azalea", "water lily", "rose", "thorn apple", "morning glory", "passion flower", "lotus", "toad lily",
+    "anthurium", "frangipani", "clematis", "hibiscus", "columbine", "desert-rose", "tree mallow", "magnolia",
+    "cyclamen", "watercress", "canna lily", "hippeastrum", "bee balm", "ball moss", "foxglove", "bougainvillea",
+    "camellia", "mallow", "mexican petunia", "bromelia", "blanket flower", "trumpet creeper", "blackberry lily",
+)
+
+
+def read_flowers(src: Path) -> Release | None:
+    """Oxford Flowers-102: imagelabels.mat ('labels', 1-based, one per image), setid.mat ('trnid', 'valid', 'tstid':
+    1-based image numbers) and jpg/image_NNNNN.jpg. Train is trnid + valid (2,040), test is tstid (6,149)."""
+    root = find_dir(src, "imagelabels.mat") or find_dir(src, "setid.mat")
+    if root is None:
+        return None
+    how = "a folder with train/ and test/ class folders"
+    labels = [int(n) for n in _mat_field(root / "imagelabels.mat", "labels",
+                                         _loadmat(root / "imagelabels.mat", "Oxford Flowers-102", how),
+                                         "Oxford Flowers-102's imagelabels.mat")]
+    ids = _loadmat(root / "setid.mat", "Oxford Flowers-102", how)
+    parts = {v: [int(n) for n in _mat_field(root / "setid.mat", v, ids, "Oxford Flowers-102's setid.mat")]
+             for v in ("trnid", "valid", "tstid")}
+    if labels and not 1 <= min(labels) <= max(labels) <= len(FLOWERS):
+        raise FgicError(f"{root / 'imagelabels.mat'}: labels outside 1..{len(FLOWERS)}; re-download it")
+    images = _image_dir(src, "jpg", f"image_{parts['tstid'][0]:05d}.jpg" if parts["tstid"] else "", "102flowers.tgz")
+    items, missing = {s: [] for s in SPLITS}, {s: [] for s in SPLITS}
+    for split, numbers in (("train", parts["trnid"] + parts["valid"]), ("test", parts["tstid"])):
+        for n in numbers:
+            if not 1 <= n <= len(labels):
+                raise FgicError(f"{root / 'setid.mat'}: image {n} is outside 1..{len(labels)} (imagelabels.mat's "
+                                f"images); the two files do not belong together")
+            fname = f"image_{n:05d}.jpg"
+            _collect(items, missing, split, images / fname, labels[n - 1] - 1, fname)
+    return Release(f"Oxford Flowers-102 .mat files in {root} (train + val / test)", class_folders(list(FLOWERS)),
+                   items, missing, ["class names: the published list (the release numbers the classes only)"])
+
+
+def read_pets(src: Path) -> Release | None:
+    """Oxford-IIIT Pets: annotations/{trainval,test}.txt ('Image CLASS-ID SPECIES BREED-ID', '#' comments) and
+    images/Image.jpg. The breed is the image name less its _NUMBER (capitalised: cats, lowercase: dogs)."""
+    root = find_dir(src, "trainval.txt") or find_dir(src, "test.txt", called="annotations")
+    if root is None:
+        return None
+    rows, names = {}, {}
+    for split, fname in (("train", "trainval.txt"), ("test", "test.txt")):
+        path = root / fname
+        rows[split] = []
+        for n, line in _lines(path):
+            if line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) < 2 or not parts[1].isdigit() or "_" not in parts[0]:
+                raise FgicError(f"{path} line {n}: expected 'Image CLASS-ID SPECIES BREED-ID', got {line[:60]!r}; is "
+                                f"this the official file?")
+            cls, breed = int(parts[1]), parts[0].rsplit("_", 1)[0]
+            if names.setdefault(cls, breed) != breed:
+                raise FgicError(f"{path} line {n}: class {cls} is {names[cls]!r} elsewhere but {breed!r} here; the "
+                                f"list files are not the official ones")
+            rows[split].append(parts[0])
+    order = sorted(names)
+    index = {names[c]: i for i, c in enumerate(order)}
+    images = _image_dir(src, "images", f"{rows['train'][0]}.jpg" if rows["train"] else "", "images.tar.gz")
+    items, missing = {s: [] for s in SPLITS}, {s: [] for s in SPLITS}
+    for split, stems in rows.items():
+        for stem in stems:
+            _collect(items, missing, split, images / f"{stem}.jpg", index[stem.rsplit("_", 1)[0]], f"{stem}.jpg")
+    return Release(f"Oxford-IIIT Pets annotations in {root} (trainval / test)",
+                   class_folders([names[c] for c in order]), items, missing)
 
 
 def read_collated(src: Path) -> Release | None:

@@ -6,7 +6,8 @@
 #                                       # any size: checks every combination, then submits itself with the matching
 #                                       # --array (DRY_RUN=1: only prints them)
 # then `python -m fgic.report runs` for the table. Environment (space-separated lists):
-#   DATASETS  registry names (cub aircraft cars demo) or dataset folders      default: cub aircraft cars
+#   DATASETS  registry names (cub aircraft cars nabirds dogs flowers pets demo) or dataset folders
+#                                                                             default: cub aircraft cars
 #   SEEDS     seeds                                                           default: 0 1 2
 #   AMPS      off, fp16 or bf16                                               default: off
 #   SWEEP     FLAG=V1,V2 items: any other fgic.ddp flag and its values (switches as compile=on,off); values outside
