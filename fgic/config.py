@@ -94,7 +94,7 @@ def dataset_name(data: str) -> str:
 
 
 def default_data_root() -> str:
-    """Where the registry names (cub, aircraft, cars, demo) live: $FGIC_DATA, else ./data."""
+    """Where the registry names (REGISTRY) live: $FGIC_DATA, else ./data."""
     return os.environ.get("FGIC_DATA", "data")
 
 
@@ -123,7 +123,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                            "names too (shown beside fgic's).")
     g = p.add_argument_group("data")
     g.add_argument("-d", "--data", "--data-path", metavar="NAME|PATH",
-                   help="cub, aircraft, cars or demo (a folder under --data-root), or a folder with train/ and test/")
+                   help=f"{', '.join(REGISTRY)} (a folder under --data-root), or a folder with train/ and test/")
     g.add_argument("--data-root", default=default_data_root(),
                    help="where registry names live (default: $FGIC_DATA or ./data)")
     g.add_argument("-w", "-j", "--workers", type=int, help="data loader workers per process (default: from the CPUs)")
@@ -232,8 +232,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset flags from the recipe (or demo) defaults, normalise --amp and apply the lr rule; checks the values."""
     if not args.data:
-        raise FgicError("-d/--data is required: a dataset name (cub, aircraft, cars, demo) or a folder with train/ "
-                        "and test/")
+        raise FgicError(f"-d/--data is required: a dataset name ({', '.join(REGISTRY)}) or a folder with train/ "
+                        f"and test/")
     if getattr(args, "recipe", None) is None:
         args.recipe = "seed"
     preset = dict(RECIPES[args.recipe])

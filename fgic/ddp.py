@@ -196,8 +196,7 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
                                     desc=f"epoch {epoch + 1}/{args.epochs}", start_step=first_step,
                                     totals=progress.totals_of(dist.rank, dist.world_size),
                                     stop=lambda step: step % every == 0 and stop.agree(dist.max),
-                                    later_steps=(args.epochs - epoch - 1) * train_loader.sampler.num_samples //
-                                    run.per_process_batch)
+                                    later_steps=(args.epochs - epoch - 1) * steps_per_epoch)
         if tr["stopped_at"] is not None:  # a stop signal: checkpoint this step boundary and leave
             stopped = checkpoint.Progress(epoch, tr["stopped_at"], dist.gather(tr["totals"]), progress.best,
                                           best_ema=progress.best_ema)
@@ -228,8 +227,9 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
         dist.barrier()  # the others wait for rank 0's saves here, patiently, not in the next epoch's collectives
         say(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {tr['train_loss']:.3f} acc "
             f"{tr['train_acc']:.2f}%  |  test loss {te['test_loss']:.3f} acc {te['test_acc']:.2f}% top5 "
-            f"{te['test_top5']:.2f}% ({te['test_correct']}/{te['test_total']})  |  {record['epoch_seconds']:.1f} s, "
-            f"{tr['train_images_per_second']:.0f} img/s", flush=True)
+            f"{te['test_top5']:.2f}% ({te['test_correct']}/{te['test_total']})"
+            f"{f'  |  EMA acc {ema_acc:.2f}%' if (ema_acc := record.get('ema_test_acc')) is not None else ''}"
+            f"  |  {record['epoch_seconds']:.1f} s, {tr['train_images_per_second']:.0f} img/s", flush=True)
         # A signal during the evaluation or the saves (a large test set, a slow file system) is acted on here, with
         # the checkpoint just written, not after the next epoch's first step: Slurm's SIGKILL follows its SIGTERM
         # after KillWait (30 s by default; 5 s on the test cluster, where a CI run lost a cancelled job's stop to it).
@@ -251,9 +251,10 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
 
 
 def preempted(dist: Dist, stop: StopRequest, log: RunLog, where: str) -> int:
-    """After the stop checkpoint: say so, requeue a Slurm job (rank 0), and leave with EXIT_PREEMPTED, all ranks
-    together once rank 0 is done: torchrun and `srun --kill-on-bad-exit` end the other processes when one exits 75,
-    and rank 0 could then be killed mid-checkpoint or mid-requeue."""
+    """After the stop checkpoint: say so, requeue a Slurm job (rank 0; not after Ctrl-C), and leave with the stop's
+    exit code (EXIT_PREEMPTED, 130 after Ctrl-C), all ranks together once rank 0 is done: torchrun and `srun
+    --kill-on-bad-exit` end the other processes when one exits, and rank 0 could then be killed mid-checkpoint or
+    mid-requeue."""
     if dist.is_main:
         print(f"fgic: stopped by {signal.Signals(stop.signum).name} at {where}; checkpoint written, resume with the "
               f"same command; {log.dir}", file=sys.stderr, flush=True)

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     fgic_argv = without(fgic_argv, ("-d", "--data", "--data-path", "-s", "--seed", "-a", "--amp"))  # the grid's
     args.datasets = args.datasets or ([full.data] if full.data else None)
     if not args.datasets:
-        raise FgicError("--datasets: name at least one dataset (cub, aircraft, cars, demo or a folder), or give -d")
+        raise FgicError(f"--datasets: name at least one dataset ({', '.join(config.REGISTRY)} or a folder), or give -d")
     args.seeds = args.seeds or [full.seed]
     # -a auto is resolved here, where the run folders are named: bf16 for GPU jobs (a GPU without it says so in one
     # line at the job's start), off for CPU jobs

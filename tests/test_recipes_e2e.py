@@ -29,6 +29,7 @@ def runs(tiny_data, tmp_path_factory):
         res = run_fgic(["-d", str(tiny_data), *flags, *ALL_ON, "--output-dir", str(folder)], nproc=world)
         assert res.returncode == 0, res.stdout + res.stderr
         out[key] = folder / "tiny" / NAME
+        (out[key] / "stdout.txt").write_text(res.stdout)
     return out
 
 
@@ -60,6 +61,8 @@ def test_the_ema_model_is_recorded_saved_and_evaluated(tiny_data, runs, tmp_path
     records = read_jsonl(run / "metrics.jsonl")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["ema_final_test_acc"] == records[-1]["ema_test_acc"]
+    epoch_lines = [line for line in (run / "stdout.txt").read_text().splitlines() if line.startswith("epoch ")]
+    assert [f"EMA acc {r['ema_test_acc']:.2f}%" in line for r, line in zip(records, epoch_lines)] == [True, True]
     assert summary["ema_best_test_acc"] == max(r["ema_test_acc"] for r in records)
     best_ema = torch.load(run / "best_ema.pt", weights_only=True)
     assert best_ema.keys() == torch.load(run / "best.pt", weights_only=True).keys()
