@@ -63,7 +63,10 @@ class AllReduceBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2D input (N, C, ...), got {input.dim()}D input")
 
     def _distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
+        """Whether to synchronise: over more than one rank, or over a process group named even if it has one rank
+        (the combination then changes nothing but the arithmetic's path)."""
+        return dist.is_available() and dist.is_initialized() and (
+            self.process_group is not None or dist.get_world_size() > 1)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training:  # running statistics: nothing to synchronise
