@@ -151,8 +151,9 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
     cuda = dist.device.type == "cuda"
     # --compile compiles the model with its loss, DDP's wrapper included: dynamo's DDPOptimizer then splits the graph
     # at DDP's bucket boundaries, so each bucket's all-reduce starts while the backward goes on (compiling the inner
-    # model would hand DDP every gradient at the end of one backward graph). Its crash on N processes came from a
-    # float constant in the graph, left by a host read in fgic's SyncBatchNorm (gone), not from the splitter.
+    # model would hand DDP every gradient at the end of one backward graph). Its crash on N processes ("'float' object
+    # has no attribute 'target'") came from AllReduceBatchNorm's .item(): the graph after that break held round() of
+    # a float constant, which the splitter took for a node. The BatchNorm reads nothing to the host now.
     step_model = engine.WithLoss(model, criterion) if args.compile else model
     ddp_model = (DistributedDataParallel(step_model, device_ids=[dist.device.index] if cuda else None,
                                          gradient_as_bucket_view=True) if dist.distributed else step_model)
