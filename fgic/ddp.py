@@ -167,8 +167,14 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
     # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a copy beside them (the same
     # arithmetic; one gradient's worth of memory less: regnet_y_128gf 9.1 -> 8.0 GiB a process on the CPU)
     cuda = dist.device.type == "cuda"
-    ddp_model = (DistributedDataParallel(model, device_ids=[dist.device.index] if cuda else None,
-                                         gradient_as_bucket_view=True) if dist.distributed else model)
+    # --compile compiles the model with its loss, DDP's wrapper included: dynamo's DDPOptimizer then splits the graph
+    # at DDP's bucket boundaries, so each bucket's all-reduce starts while the backward goes on (compiling the inner
+    # model would hand DDP every gradient at the end of one backward graph). Its crash on N processes ("'float' object
+    # has no attribute 'target'") came from AllReduceBatchNorm's .item(): the graph after that break held round() of
+    # a float constant, which the splitter took for a node. The BatchNorm reads nothing to the host now.
+    step_model = engine.WithLoss(model, criterion) if args.compile else model
+    ddp_model = (DistributedDataParallel(step_model, device_ids=[dist.device.index] if cuda else None,
+                                         gradient_as_bucket_view=True) if dist.distributed else step_model)
     if args.compile:
         ddp_model = torch.compile(ddp_model)
     every = STOP_CHECK_EVERY if cuda else 1

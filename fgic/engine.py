@@ -7,6 +7,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fgic import augment, drop
 from fgic.dist import Dist
@@ -91,14 +92,42 @@ class DeviceBatches:
         return tensors
 
 
+class WithLoss(nn.Module):
+    """A model and its loss as one module, `(images, labels) -> (loss, logits)`: what --compile compiles (under DDP
+    too), so that the loss is traced into the model's graph and its backward."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module):
+        super().__init__()
+        self.model, self.criterion = model, criterion
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        out = logits(self.model(images))
+        return self.criterion(out, labels), out
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile's and DDP's wrappers."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
 def train_step(model: nn.Module, images, labels, optimizer, scaler, criterion, device: torch.device, amp: str,
                clip_grad_norm: float | None = None, keys: torch.Tensor | None = None):
-    """Forward, backward and optimizer step of one batch; returns (loss, logits), still on the device. `labels` are
-    class indices or, mixed, class probabilities; `keys` the samples' drop keys, for a model with stochastic depth or
-    dropout. Clipping acts on the gradient DDP has reduced, unscaled."""
+    """Forward, backward and optimizer step of one batch; returns (loss, logits), still on the device. `model` is a
+    model or a WithLoss (then `criterion` is its own). `labels` are class indices or, mixed, class probabilities;
+    `keys` the samples' drop keys, for a model with stochastic depth or dropout. Clipping acts on the gradient DDP has
+    reduced, unscaled."""
     with autocast(device, amp), drop.keyed(model, keys):
-        out = logits(model(images))
-        loss = criterion(out, labels)
+        if isinstance(unwrapped(model), WithLoss):
+            loss, out = model(images, labels)
+        else:
+            out = logits(model(images))
+            loss = criterion(out, labels)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if clip_grad_norm is not None:

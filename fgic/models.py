@@ -265,14 +265,15 @@ def load_file(model: nn.Module, path: str, heads: list[str]) -> None:
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device, distributed: bool, same_code: bool = False) -> nn.Module:
-    """BatchNorm statistics over the global batch when several processes train: torch's SyncBatchNorm on CUDA,
-    fgic's AllReduceBatchNorm (float64 statistics) on the CPU. With `same_code` (--deterministic) a single CPU
-    process uses AllReduceBatchNorm too, so that 1 and N processes differ only in how float32 gradient sums are
-    grouped: torch's native CPU BatchNorm rounds differently, and ReLU networks amplify that into visibly
-    different weights within a few steps. It costs speed (resnet50 at 448 px: 25 s per step of 8 instead of 14)."""
+    """BatchNorm statistics over the global batch when several processes train: fgic's AllReduceBatchNorm (one
+    collective per layer, no host sync, compiles whole; float64 statistics on the CPU). With `same_code`
+    (--deterministic) a single CPU process uses AllReduceBatchNorm too, so that 1 and N processes differ only in how
+    float32 gradient sums are grouped: torch's native CPU BatchNorm rounds differently, and ReLU networks amplify that
+    into visibly different weights within a few steps. It costs speed (resnet50 at 448 px: 25 s per step of 8 instead
+    of 14). A single GPU keeps torch's BatchNorm (cuDNN)."""
     if device.type == "cuda":
-        return convert_sync_batchnorm(model, "cuda") if distributed else model
-    return convert_sync_batchnorm(model, device.type) if distributed or same_code else model
+        return convert_sync_batchnorm(model) if distributed else model
+    return convert_sync_batchnorm(model) if distributed or same_code else model
 
 
 def logits(output) -> torch.Tensor:

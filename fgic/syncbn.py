@@ -1,4 +1,5 @@
-"""Cross-process synchronized BatchNorm that works on any backend (gloo on CPU included)."""
+"""Cross-process synchronized BatchNorm for any backend (gloo on the CPU, NCCL on GPUs): one collective per layer
+forward and one backward, no host sync, traceable by torch.compile."""
 
 from __future__ import annotations
 
@@ -9,46 +10,45 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fgic.errors import FgicError
 
+# torch's functional collectives as ops (torch >= 2.3): eager runs them as they are, and dynamo traces them into the
+# graph (dist.all_gather_into_tensor there is a graph break). wait_tensor waits on the device's stream, not the host.
+_c10d = torch.ops._c10d_functional
 
-class _AllReduceSum(torch.autograd.Function):
-    """Differentiable all-reduce(SUM).
 
-    Every rank's output is the global sum, so every rank's input contributes to every
-    rank's loss: the gradient w.r.t. the local input is the sum of all ranks' output
-    gradients, i.e. the backward is an all-reduce(SUM) as well.
-    """
+class _AllGather(torch.autograd.Function):
+    """Every rank's (K,) vector stacked into (world, K). Every rank's output feeds every rank's loss, so the
+    gradient w.r.t. the local vector is the sum over ranks of their output gradients' row of this rank: one
+    all-reduce of the (world, K) gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group=None) -> torch.Tensor:
-        ctx.group = group
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
+    def forward(ctx, x: torch.Tensor, group_name: str, rank: int, world: int) -> torch.Tensor:
+        ctx.group_name, ctx.rank = group_name, rank
+        out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), world, group_name))
+        return out.view(world, -1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        grad = _c10d.wait_tensor(_c10d.all_reduce(grad.contiguous(), "sum", ctx.group_name))
+        return grad[ctx.rank], None, None, None
 
 
-def _identity(x: torch.Tensor, group=None) -> torch.Tensor:
-    return x
-
-
-def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum ``x`` over all ranks of ``group`` (default: world), differentiably."""
-    return _AllReduceSum.apply(x, group)
+def all_gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
+    """The (K,) vector ``x`` of every rank of ``group`` (default: world) as the rows of a (world, K) tensor,
+    differentiably."""
+    group = group or dist.group.WORLD
+    return _AllGather.apply(x, group.group_name, dist.get_rank(group), dist.get_world_size(group))
 
 
 class AllReduceBatchNorm(_BatchNorm):
     """BatchNorm over (N, C, ...) inputs whose training statistics span all ranks.
 
-    Same semantics as ``torch.nn.SyncBatchNorm`` (and as ``nn.BatchNorm*d`` run on the
-    concatenated global batch), built from plain ``dist.all_reduce`` calls so it runs on
-    any backend. In eval mode it is exactly ``nn.BatchNorm*d``; training on one process runs
-    the same arithmetic without the all-reduces. Parameters and buffers are those of
-    ``_BatchNorm``, so state_dicts are interchangeable with ``nn.BatchNorm*d``.
+    Same semantics as ``torch.nn.SyncBatchNorm`` (and as ``nn.BatchNorm*d`` run on the concatenated global batch),
+    without its host syncs and graph breaks (pytorch#161302): each rank gathers every rank's count, sum and sum of
+    squared deviations from its own mean (one all_gather of 2C + 1 values per layer) and combines them with Chan's
+    formula, which cancels nothing (a sum of squares about zero would); the backward is one all-reduce. Ranks may
+    hold different batch sizes, an empty one included. In eval mode it is exactly ``nn.BatchNorm*d``; training on one
+    process runs the same arithmetic without the combination. Parameters and buffers are those of ``_BatchNorm``, so
+    state_dicts are interchangeable with ``nn.BatchNorm*d``.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -63,14 +63,14 @@ class AllReduceBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2D input (N, C, ...), got {input.dim()}D input")
 
     def _distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
+        """Whether to synchronise: over more than one rank, or over a process group named even if it has one rank
+        (the combination then changes nothing but the arithmetic's path)."""
+        return dist.is_available() and dist.is_initialized() and (
+            self.process_group is not None or dist.get_world_size() > 1)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training:  # running statistics: nothing to synchronise
             return super().forward(input)
-        # One process runs the same arithmetic with the reductions skipped, so 1 and N processes differ only in
-        # how float sums are grouped.
-        reduce = all_reduce_sum if self._distributed() else _identity
         self._check_input_dim(input)
         c = input.shape[1]
         if c != self.num_features:
@@ -82,18 +82,19 @@ class AllReduceBatchNorm(_BatchNorm):
         # the first layers' gradients (measured on resnet18 with real images). Elsewhere at least float32.
         x = input.double() if input.device.type == "cpu" else input.to(torch.promote_types(input.dtype, torch.float32))
 
-        # Pass 1: global mean. The local element count rides along in the same all-reduce
-        # (ranks may hold different batch sizes, e.g. an empty or short last batch).
-        count = x.new_full((1,), input.numel() // c)
-        stats = reduce(torch.cat([x.sum(dims), count]), self.process_group)
-        n = round(stats[c].item())
-        if n <= 1:
-            raise ValueError("Expected more than 1 value per channel when training, "
-                             f"got global count {n} (local input size {tuple(input.shape)})")
-        mean = stats[:c] / n
-        # Pass 2: global biased variance from centered values (numerically stable).
+        count = input.numel() // c  # known from the shape: no host sync
+        total = x.sum(dims)
+        mean = total / max(count, 1)
         xc = x - mean.view(shape)
-        var = reduce((xc * xc).sum(dims), self.process_group) / n
+        m2 = (xc * xc).sum(dims)  # squared deviations from the mean, local so far
+        n = count
+        if self._distributed():
+            n, mean, m2 = self._combine(total, m2, count)
+            xc = x - mean.view(shape)
+        if count <= 1 and n <= 1:  # a global count is read (a host sync) only where the local one is this small
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got global count {int(n)} (local input size {tuple(input.shape)})")
+        var = m2 / n  # biased
 
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
@@ -105,15 +106,29 @@ class AllReduceBatchNorm(_BatchNorm):
         # Running statistics: same update rule as _BatchNorm, unbiased var over the GLOBAL count.
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-            else:
-                factor = self.momentum
             with torch.no_grad():
                 rm, rv = self.running_mean, self.running_var
-                rm.mul_(1 - factor).add_(mean.detach().to(rm.dtype), alpha=factor)
-                rv.mul_(1 - factor).add_((var.detach() * (n / (n - 1))).to(rv.dtype), alpha=factor)
+                new_mean, new_var = mean.detach().to(rm.dtype), (var.detach() * (n / (n - 1))).to(rv.dtype)
+                if self.momentum is None:  # cumulative moving average; a tensor factor (float() syncs the host)
+                    factor = 1.0 / self.num_batches_tracked
+                    rm.mul_(1 - factor).add_(new_mean * factor)
+                    rv.mul_(1 - factor).add_(new_var * factor)
+                else:
+                    rm.mul_(1 - self.momentum).add_(new_mean, alpha=self.momentum)
+                    rv.mul_(1 - self.momentum).add_(new_var, alpha=self.momentum)
         return out.to(input.dtype)
+
+    def _combine(self, total: torch.Tensor, m2: torch.Tensor, count: int):
+        """(global count, mean, sum of squared deviations) from this rank's sum, m2 and count and every other
+        rank's: Chan et al.'s pairwise formula, M2 = sum_r M2_r + sum_r n_r (mean_r - mean)^2, all ranks at once."""
+        c = total.numel()
+        rows = all_gather_rows(torch.cat([total, m2, total.new_full((1,), count)]), self.process_group)
+        counts = rows[:, 2 * c:]                       # (world, 1)
+        n = counts.sum()
+        mean = rows[:, :c].sum(0) / n
+        means = rows[:, :c] / counts.clamp(min=1)      # an empty rank's sum is 0 and its weight 0
+        m2 = rows[:, c:2 * c].sum(0) + (counts * (means - mean) ** 2).sum(0)
+        return n, mean, m2
 
 
 class AllReduceBatchNormAct(AllReduceBatchNorm):
@@ -133,30 +148,23 @@ def norm_act(module: nn.Module) -> bool:
     return type(module) not in TORCH_BATCHNORMS and hasattr(module, "act") and hasattr(module, "drop")
 
 
-def convert_sync_batchnorm(module: nn.Module, device_type: str, process_group=None) -> nn.Module:
-    """Make every BatchNorm in ``module`` synchronize its batch statistics across ranks.
-
-    ``device_type == "cuda"`` uses ``nn.SyncBatchNorm`` (timm's converter where timm's BatchNormAct2d is in the
-    model); any other device type gets ``AllReduceBatchNorm`` (``AllReduceBatchNormAct``). Parameters and buffers
-    are shared with the originals and train/eval mode is kept. Like torch's converter, children are replaced in
-    place and the (possibly new) root module is returned.
+def convert_sync_batchnorm(module: nn.Module, device_type: str | None = None, process_group=None) -> nn.Module:
+    """Make every BatchNorm in ``module`` synchronize its batch statistics across ranks: ``AllReduceBatchNorm``
+    (``AllReduceBatchNormAct`` for timm's BatchNormAct2d) on every device type, CUDA included, where torch's
+    SyncBatchNorm syncs the host in each layer (``device_type`` is no longer consulted). Parameters and buffers are
+    shared with the originals and train/eval mode is kept. Like torch's converter, children are replaced in place
+    and the (possibly new) root module is returned.
     """
     norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and not isinstance(m, AllReduceBatchNorm)]
     unknown = [type(m).__name__ for m in norms if type(m) not in TORCH_BATCHNORMS and not norm_act(m)]
     if unknown:  # a subclass's own forward would be lost
         raise FgicError(f"{unknown[0]}: a BatchNorm subclass fgic cannot synchronise across processes; train it on "
                         f"one process or pick another --arch")
-    if device_type == "cuda" and any(map(norm_act, norms)):
-        # timm's modules come from a model timm built, so timm is installed; its converter keeps their activations
-        from timm.layers import convert_sync_batchnorm as timm_convert  # noqa: PLC0415
-        return timm_convert(module, process_group)
-    if device_type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
     return all_reduce_norms(module, process_group)
 
 
 def all_reduce_norms(module: nn.Module, process_group=None) -> nn.Module:
-    """The CPU (any backend) conversion of convert_sync_batchnorm."""
+    """The conversion of convert_sync_batchnorm, unchecked."""
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, AllReduceBatchNorm):
         kind = AllReduceBatchNormAct if norm_act(module) else AllReduceBatchNorm

@@ -1,7 +1,9 @@
-"""fgic.syncbn: N gloo processes on CPU must reproduce plain BatchNorm on the global batch."""
+"""fgic.syncbn: N gloo processes on CPU must reproduce plain BatchNorm on the global batch, eager and compiled, with
+one collective per layer forward and one backward."""
 
 import datetime
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fgic import syncbn
 from fgic.syncbn import AllReduceBatchNorm, convert_sync_batchnorm
 
 N, STEPS, TOL = 7, 2, 1e-12  # global batch (7 splits unevenly over 2 or 3 ranks), train steps
@@ -39,12 +42,13 @@ def _data():
     return x, proj
 
 
-def _run(net, x, proj) -> dict:
-    """STEPS train forward/backward passes (param grads accumulate), then one eval pass."""
+def _run(net, x, proj, step=None) -> dict:
+    """STEPS train forward/backward passes (param grads accumulate) through `step` (default: net, else e.g. its
+    compiled form), then one eval pass."""
     outs, xgrads = [], []
     for xs, ps in zip(x, proj):
         xs = xs.clone().requires_grad_()
-        out = net(xs)
+        out = (step or net)(xs)
         (out * ps).sum().backward()
         outs.append(out.detach())
         xgrads.append(xs.grad)
@@ -63,14 +67,18 @@ def _worker(rank: int, world: int, port: int, outdir) -> None:
         x, proj = _data()
         idx = torch.tensor_split(torch.arange(N), world)[rank]  # contiguous slice of the batch
         res = {}
-        for sync in (True, False):
+        for kind in ("sync", "plain", "compiled"):
             net = _make_net()
-            if sync:
-                net = convert_sync_batchnorm(net, "cpu")
-            r = _run(net, x[:, idx], proj[:, idx])
+            if kind != "plain":
+                net = convert_sync_batchnorm(net)
+            # fullgraph: a graph break (a host read such as .item(), an eager collective) fails the compile. aot_eager:
+            # dynamo and AOT autograd trace forward and backward, without inductor's code generation (minutes here)
+            step = torch.compile(net, backend="aot_eager", fullgraph=True) if kind == "compiled" else None
+            r = _run(net, x[:, idx], proj[:, idx], step)
             for g in r["grads"].values():  # global loss = sum of local losses
                 dist.all_reduce(g)
-            res["sync" if sync else "plain"] = r
+            res[kind] = r
+        res["collectives"] = _collectives(x[0, idx])
 
         # Only rank 0 holds data: empty local batches must work, and a global count of 1 must raise.
         z = torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -85,6 +93,29 @@ def _worker(rank: int, world: int, port: int, outdir) -> None:
         torch.save(res, outdir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _collectives(x) -> dict:
+    """The functional collectives one BatchNorm layer's training forward and backward issue."""
+    calls = {"forward": [], "backward": []}
+    phase = "forward"
+
+    def counted(name):
+        def op(*args):
+            calls[phase].append(name)
+            return getattr(torch.ops._c10d_functional, name)(*args)
+        return op
+    real = syncbn._c10d
+    syncbn._c10d = SimpleNamespace(wait_tensor=real.wait_tensor, **{n: counted(n) for n in
+                                                                    ("all_gather_into_tensor", "all_reduce")})
+    try:
+        x = x.clone().requires_grad_()
+        out = convert_sync_batchnorm(nn.BatchNorm2d(3).double())(x)
+        phase = "backward"
+        out.pow(2).sum().backward()
+    finally:
+        syncbn._c10d = real
+    return calls
 
 
 def _free_port() -> int:
@@ -130,6 +161,21 @@ def test_matches_global_batchnorm(ranks, reference):
     bad = {k: v for k, v in diffs.items() if not v <= TOL}
     assert not bad, bad
     assert all(int(r["sync"]["state"][f"{i}.num_batches_tracked"]) == STEPS for r in ranks for i in (1, 4))
+
+
+@pytest.mark.e2e
+def test_compiled_matches_global_batchnorm_in_one_graph(ranks, reference):
+    """torch.compile(fullgraph=True) of the converted net traces it whole (no graph break, the collectives in the
+    graph, forward and backward) and gives the eager statistics and gradients."""
+    diffs = _diffs(ranks, reference, "compiled")
+    bad = {k: v for k, v in diffs.items() if not v <= TOL}
+    assert not bad, bad
+
+
+@pytest.mark.e2e
+def test_one_collective_per_layer_each_way(ranks):
+    for r in ranks:
+        assert r["collectives"] == {"forward": ["all_gather_into_tensor"], "backward": ["all_reduce"]}
 
 
 @pytest.mark.e2e
@@ -222,4 +268,4 @@ def test_convert_standalone_and_cuda():
     assert (out.eps, out.momentum, out.affine, out.track_running_stats) == (1e-3, None, False, True)
     assert out.running_mean is bn.running_mean
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
-    assert isinstance(convert_sync_batchnorm(model, "cuda")[1], nn.SyncBatchNorm)
+    assert type(convert_sync_batchnorm(model, "cuda")[1]) is AllReduceBatchNorm  # torch's syncs the host per layer
