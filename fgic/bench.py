@@ -167,7 +167,7 @@ def train_cmd(a) -> dict:
     extra = data.DataSpec.of(flags).extra
     opt = optim.build(model, device, flags, steps_per_epoch=a.warmup + a.steps)  # fgic.ddp's
     criterion = nn.CrossEntropyLoss(label_smoothing=flags.label_smoothing)
-    step_model = torch.compile(model) if a.compile else model
+    step_model = torch.compile(engine.WithLoss(model, criterion)) if a.compile else model  # as fgic.ddp compiles
     pin = device.type == "cuda"
 
     if a.synthetic:
@@ -224,12 +224,12 @@ def train_cmd(a) -> dict:
     print(f"data: {what}")
     rows = [(f"training (forward + backward + {step_name(flags)})", rate)]
     if a.reference:
-        rows.append((f"reference: plain PyTorch step ({REFERENCE}{', compiled' if a.compile else ''})",
+        rows.append((f"reference: plain PyTorch step{', compiled' if a.compile else ''} (below)",
                      result["reference_images_per_second"]))
     _table(rows)
     if a.reference:
         print(f"ratio fgic / reference: {result['reference_ratio']:.2f}x   (the same device, input and batch, "
-              f"{a.steps} steps each, timed one after the other)")
+              f"{a.steps} steps each, timed one after the other; the reference: {REFERENCE})")
     frac = f"{100 * result['fraction_of_peak']:.1f}% of the {peak:g} TFLOP/s ceiling ({peak_from})" if peak else \
         "no FLOP ceiling known for this device (--peak-tflops sets one)"
     print(f"model FLOPs per step {flops / 1e12:.2f} TFLOP (counted), achieved {achieved / 1e12:.1f} TFLOP/s = {frac}")

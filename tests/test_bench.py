@@ -73,6 +73,7 @@ def test_train_beside_a_plain_pytorch_step(tmp_path, capsys):
     assert "reference: plain PyTorch step" in text and f"ratio fgic / reference: {r['reference_ratio']:.2f}x" in text
 
 
+@pytest.mark.e2e  # in-process, but seconds of work (the quick loop stays under a minute)
 @pytest.mark.parametrize("arch", ["resnet50", "convnext_tiny", "efficientnet_v2_s", "vit_b_16"])
 def test_a_steps_flops_are_three_forwards(arch):
     """Forward and the two gradients (input, weight) are three passes over the same multiply-adds. torch's own

@@ -143,6 +143,7 @@ def test_the_masks_and_outputs_are_the_old_implementations_bits(monkeypatch, mod
     assert torch.equal(y != 0, reference != 0)
 
 
+@pytest.mark.e2e  # in-process, but seconds of work (the quick loop stays under a minute)
 def test_compiled_masks_on_the_cpu_are_eagers_blocks():
     """torch.compile makes the masks in one piece, eager on the CPU in blocks: the same bits. Swin's attention, keyed
     by a forward hook, traces with its dropout (aot_eager: dynamo's graph, no C++ build)."""
@@ -230,6 +231,7 @@ def with_dropout_on_meta(arch: str, rate: float) -> nn.Module | None:
     return model.train()
 
 
+@pytest.mark.e2e  # in-process, but seconds of work (the quick loop stays under a minute)
 def test_no_training_forward_with_dropout_draws_from_torchs_generator():
     """Every torchvision arch that takes --dropout: a training forward with keys uses no random operator, so no
     dropout escaped KeyedDrop (torchvision's Swin attention applies its output dropout with F.dropout)."""

@@ -104,6 +104,7 @@ def imagenet_file(arch: str, state: dict) -> None:
     torch.save(state, path)
 
 
+@pytest.mark.e2e  # in-process, but seconds of work (the quick loop stays under a minute)
 def test_vit_imagenet_weights_get_position_embeddings_for_the_crop(torch_home, tmp_path, capsys):
     torch.manual_seed(0)
     reference = tvm.vit_b_32(weights=None).state_dict()  # 224 px: 7x7 patches of 32
@@ -173,6 +174,7 @@ def test_weights_file_whole_model_or_backbone(tmp_path):
         models.build("resnet18", 5, str(tmp_path / "other.pt"))
 
 
+@pytest.mark.e2e  # in-process, but seconds of work (the quick loop stays under a minute)
 def test_a_vit_file_of_another_width_is_refused_in_one_line(tmp_path):
     torch.save(tvm.vit_b_32(weights=None).state_dict(), tmp_path / "vit_b.pt")  # 768 wide, 224 px
     with pytest.raises(FgicError, match=r"vit_b\.pt: class_token has shape \(1, 1, 768\), VisionTransformer "

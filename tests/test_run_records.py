@@ -61,6 +61,7 @@ def test_an_error_every_rank_finds_is_printed_once(data8, tmp_path, flag, messag
     assert not re.search(r'File ".*/fgic/', res.stderr), res.stderr
 
 
+@pytest.mark.e2e  # in-process, but seconds of work (the quick loop stays under a minute)
 def test_an_epochs_record_is_on_disk_before_its_checkpoint(tiny_data, tmp_path, monkeypatch):
     """metrics.jsonl and train_log.csv are fsynced before the epoch's checkpoint is renamed into place (before, the
     record sat in the page cache: a node crash could keep the checkpoint and lose the record). In-process, the file

@@ -157,6 +157,7 @@ def test_online_without_an_api_key_one_warning_line(tmp_path, wandb, monkeypatch
     assert "`wandb login`" in err and "WANDB_MODE=offline" in err
 
 
+@pytest.mark.e2e  # in-process, but seconds of work (the quick loop stays under a minute)
 def test_an_unreachable_server_one_warning_line_after_init_timeout(tmp_path, wandb, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_BASE_URL", closed_port())
@@ -214,6 +215,7 @@ w.finish(preempted=True)
 """
 
 
+@pytest.mark.e2e  # in-process, but seconds of work (the quick loop stays under a minute)
 def test_wandb_core_gone_at_a_sigterm_is_one_warning_line_and_the_flushed_epochs_stay(tmp_path, files):
     if not os.path.isdir("/proc/self/task"):
         pytest.skip("finds wandb-core in /proc")
