@@ -21,7 +21,7 @@ STEPS = ["env", "make-data", "train-resnet50", "pytest", "train-families", "trai
 
 
 def check(*args, cwd=REPO, timeout=120, **env) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHON", "GPU_CHECK_BUDGET_S")}
+    clean = {k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHON", "GPU_CHECK_BUDGET_S", "GPU_CHECK_STEPS")}
     return subprocess.run(["bash", str(CHECK), *args], cwd=cwd, env={**clean, **env}, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -85,6 +85,20 @@ def test_a_step_past_its_limit_is_stopped_and_reported(tmp_path):
     assert (f"| env | timeout | {seconds} | {limit} | limit cut from 60 s to the {limit} s left of the budget; "
             f"stopped after its {limit} s limit |") in summary
     assert "| train-original | not run | 0 | 60 | env did not pass |" in summary
+
+
+def test_gpu_check_steps_runs_only_the_steps_named(tmp_path):
+    """GPU_CHECK_STEPS splits the check over two remote commands: the steps not named are reported as not run."""
+    fake = tmp_path / "python3"  # env passes, the report falls back to bash, any other command just says it ran
+    fake.write_text('#!/bin/bash\nif [[ $2 == env ]]; then echo {} > "$3"; exit 0; fi\n'
+                    '[[ $2 == report ]] && exit 1\necho "ran $*"\n')
+    fake.chmod(0o755)
+    res = check(str(tmp_path / "r"), PYTHON=str(fake), GPU_CHECK_STEPS="make-data train-cache", TMPDIR=str(tmp_path))
+    summary = (tmp_path / "r" / "summary.md").read_text()
+    assert "| make-data | pass |" in summary and "| train-cache | pass |" in summary, res.stdout
+    for name in ("train-resnet50", "pytest", "train-families", "loader", "train-original"):
+        assert f"| {name} | not run | 0 |" in summary and "not in GPU_CHECK_STEPS" in summary
+    assert res.returncode == 1
 
 
 def test_report_reads_the_benchmarks_and_pytest_results(tmp_path):

@@ -12,8 +12,10 @@
 #
 # Exit status: 0 every step passed; 1 a step failed, timed out or was not run; 2 bad arguments; 3 no usable Python,
 # torch or CUDA GPU (one line on stderr says which; the summary is written all the same).
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 540: the steps' total, 30 s left for the
-# start and the reports), GPU_CHECK_KEEP=1 keeps the scratch folder (generated JPEGs and the image cache).
+# Environment: GPU_CHECK_STEPS (the steps to run after env, e.g. "pytest" or "make-data train-cache" to split the
+# check over two remote commands; default all), PYTHON (default python3), GPU_CHECK_BUDGET_S (default 540: the
+# steps' total, 30 s left for the start and the reports), GPU_CHECK_KEEP=1 keeps the scratch folder (generated JPEGs
+# and the image cache).
 set -uo pipefail  # no -e: a failing step is recorded, the rest still run
 
 usage() { sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
@@ -240,7 +242,9 @@ fi
 
 for name in "${STEPS[@]:1}"; do
     need=${NEEDS[$name]:-}
-    if [[ -n $need && ${OUTCOME[$need]:-} != pass ]]; then
+    if [[ -n ${GPU_CHECK_STEPS:-} && " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+        record "$name" "not run" "" 0 "${LIMIT[$name]}" "not in GPU_CHECK_STEPS"
+    elif [[ -n $need && ${OUTCOME[$need]:-} != pass ]]; then
         record "$name" "not run" "" 0 "${LIMIT[$name]}" "$need did not pass"
         say "$name: not run ($need did not pass)"
     elif run_step "$name"; then
