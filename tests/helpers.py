@@ -125,3 +125,18 @@ def available_gb() -> float:
         return math.inf
     fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines())
     return int(fields["MemAvailable"].split()[0]) / 2**20
+
+
+def interrupt_prepare_after(monkeypatch, placed: int) -> None:
+    """fgic.prepare raises KeyboardInterrupt after placing `placed` images: a conversion stopped mid-way."""
+    from fgic import prepare
+
+    real_place, calls = prepare.place, []
+
+    def place_then_die(src, target, mode):
+        if len(calls) == placed:
+            raise KeyboardInterrupt
+        calls.append(src)
+        return real_place(src, target, mode)
+
+    monkeypatch.setattr(prepare, "place", place_then_die)

@@ -19,7 +19,7 @@ from torchvision.datasets import ImageFolder
 from fgic import data, images, prepare
 from fgic.errors import FgicError, run_cli
 from fgic.prepare import Expected
-from tests.helpers import fgic_env
+from tests.helpers import fgic_env, interrupt_prepare_after
 
 
 def write_image(path: Path, seed: int, mode: str = "RGB") -> Path:
@@ -123,15 +123,7 @@ def test_rerun_is_a_no_op(tmp_path, capsys):
 def test_interrupted_prepare_is_not_taken_for_a_finished_one(tmp_path, monkeypatch, capsys):
     cub = make_cub(tmp_path / "src")
     dst = tmp_path / "data" / "cub"
-    real_place, calls = prepare.place, []
-
-    def place_then_die(src, target, mode):
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        calls.append(src)
-        return real_place(src, target, mode)
-
-    monkeypatch.setattr(prepare, "place", place_then_die)
+    interrupt_prepare_after(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare("cub", cub, dst, expected=CUB_SIZES)
     assert not dst.exists() and list(dst.parent.iterdir()) == []  # nothing at DST, the partial folder removed

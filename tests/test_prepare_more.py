@@ -16,7 +16,7 @@ from fgic import data, prepare
 from fgic.errors import FgicError
 from fgic.prepare import Expected
 from fgic.releases import FLOWERS
-from tests.helpers import optional, run_fgic, tiny_args
+from tests.helpers import interrupt_prepare_after, optional, run_fgic, tiny_args
 from tests.test_prepare import in_cli, placed, same_file, snapshot, write_image
 
 # --- NABirds ------------------------------------------------------------------------------------------------------
@@ -228,15 +228,7 @@ def test_pets_comment_lines_are_skipped_and_a_breed_split_across_ids_is_refused(
 def test_pets_interrupted_prepare_restarts_cleanly(tmp_path, monkeypatch, capsys):
     pets = make_pets(tmp_path / "src")
     root = tmp_path / "data"
-    real_place, calls = prepare.place, []
-
-    def place_then_die(src, target, mode):
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        calls.append(src)
-        return real_place(src, target, mode)
-
-    monkeypatch.setattr(prepare, "place", place_then_die)
+    interrupt_prepare_after(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare("pets", pets, root / "pets", expected=PETS_SIZES)
     assert list(root.iterdir()) == []  # neither DST nor the half-built folder
