@@ -2,14 +2,14 @@
 combination as its fgic.ddp argv and run folder, all checked before anything runs. launch.submitit plans with it, and
 slurm/sweep.sh through its command line:
 
-    python -m fgic.sweep count|list|task I|failed I CODE LOG --datasets D... --seeds S... --amps A...
-        [--sweep FLAG=V1,V2]... [--no-check] -- FGIC_ARGS
+    python -m fgic.sweep count|list|run --datasets D... --seeds S... --amps A... [--sweep FLAG=V1,V2]...
+        [--runs DIR] [--no-check] -- FGIC_ARGS
 
-count prints the number of combinations, list one line per combination, task I the number, the I-th's run label,
-then its argv, one per line (what sweep.sh reads with mapfile: one call, since each imports torch, 3 s); failed I
-CODE LOG writes its record for fgic.report. Every command first checks every combination (exit 2 and one line);
---no-check (inside a job) leaves out the data and arch checks, so that a dataset gone since the submission fails
-that run alone, with its record.
+count prints the number of combinations, list one line per combination; run, inside an array task's srun step,
+trains the combination of SLURM_ARRAY_TASK_ID and keeps its failure record for fgic.report (`run`). Every command
+first checks every combination (exit 2 and one line); --no-check (inside a job) leaves out the data and arch checks,
+so that a dataset gone since the submission fails that run alone, with its record. The runs folder is FGIC_ARGS'
+--output-dir, else --runs (sweep.sh's RUNS), else ./runs.
 """
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
-from fgic import config
+from fgic import config, requeue, signals
 from fgic.errors import FgicError, run_cli
 
 # Swept by the launchers' own lists, or fixed for the whole sweep.
@@ -163,17 +166,77 @@ def check_run(run: argparse.Namespace, checked: set) -> str:
     return name
 
 
+def with_runs(fgic_argv: list[str], runs: str | None) -> list[str]:
+    """FGIC_ARGS and the sweep's runs folder: their own --output-dir (any spelling fgic.ddp takes), else `runs`,
+    else ./runs. Both, naming two folders, are refused: one of them would be dropped silently."""
+    parser = config.get_args_parser()
+    parser.set_defaults(output_dir=None)
+
+    def refuse(message: str):
+        raise FgicError(f"the flags for every run: {message}")
+
+    parser.error = refuse
+    given = parser.parse_known_args(["-d", "x", *fgic_argv])[0].output_dir
+    if given is None:
+        return [*fgic_argv, "--output-dir", runs or "runs"]
+    if runs is not None and Path(runs) != Path(given):
+        raise FgicError(f"--output-dir {given} (in FGIC_ARGS) and --runs {runs} (RUNS) name two runs folders; "
+                        f"give one of them")
+    return fgic_argv
+
+
+def array_task(combos: list[Combination], env=os.environ) -> int:
+    """This array task's index, once the job array is checked against the sweep: a mismatch is an error in every
+    task, not a silent skip."""
+    n = len(combos)
+    low, high, count = (env.get(f"SLURM_ARRAY_TASK_{k}") for k in ("MIN", "MAX", "COUNT"))
+    if not env.get("SLURM_ARRAY_TASK_ID") or (low, high, count) != ("0", str(n - 1), str(n)):
+        raise FgicError(f"the job array is {low or '?'}-{high or '?'} but the sweep has {n} combinations; submit with "
+                        f"sbatch --array=0-{n - 1} slurm/sweep.sh, or run bash slurm/sweep.sh to have it choose")
+    return int(env["SLURM_ARRAY_TASK_ID"])
+
+
+def run(combos: list[Combination], env=os.environ) -> int:
+    """The array task's combination, inside its srun step (sweep.sh execs srun on this, as train.sbatch does, so
+    that a plain scancel's SIGTERM to the batch step cannot end the step before the training has stopped): train it
+    with launch.torchrun, then remove its failure record on success, or write one (on the first node) when it failed
+    and Slurm is not ending the job. Exit 75 is a stop to resume; torchrun turns it into 1 with several processes,
+    and then `scontrol show job` shows COMPLETING (measured on Slurm 22.05 right after `scontrol requeue`; a cancel
+    too). The stop signals are held here (signals.hold): Slurm sends them to every process of the step, and this
+    one must outlive the training; the training unblocks them in its own processes."""
+    i = array_task(combos, env)
+    combo = combos[i]
+    print(f"fgic sweep: task {i} of {len(combos)}: {' '.join(combo.argv)} (job {env.get('SLURM_JOB_ID')}, restart "
+          f"{env.get('SLURM_RESTART_COUNT', 0)}, {datetime.now().astimezone().isoformat(timespec='seconds')})",
+          flush=True)
+    signals.hold(env)
+    code = subprocess.call([sys.executable, "-m", "launch.torchrun", *combo.argv])
+    code = code if code >= 0 else 128 - code  # killed by a signal: the shell's 128+N
+    if code == signals.EXIT_PREEMPTED or env.get("SLURM_PROCID", "0") != "0":
+        return code
+    if code == 0:
+        failure_path(combo).unlink(missing_ok=True)
+        return 0
+    job = requeue.job_id(env)
+    info = (requeue.show(job) if job else None) or ""
+    if requeue.ending(info):
+        print(f"fgic.sweep: exit code {code} while Slurm ends job {job} ({requeue.ending(info)}: requeued or "
+              f"cancelled); no failure record", file=sys.stderr, flush=True)
+        return code
+    log = re.search(r"^\s*StdOut=(.*)$", info, re.M)
+    write_failure(combo, code, log.group(1).strip() if log else "")
+    return code
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("fgic.sweep", description="a sweep's combinations (slurm/sweep.sh calls this)")
-    p.add_argument("command", choices=("count", "list", "task", "failed"))
-    p.add_argument("index", nargs="?", type=int, help="task, failed: the combination (SLURM_ARRAY_TASK_ID)")
-    p.add_argument("code", nargs="?", type=int, help="failed: its exit code")
-    p.add_argument("log", nargs="?", default="", help="failed: its log file")
+    p.add_argument("command", choices=("count", "list", "run"), help="run: an array task's combination (sweep.sh)")
     p.add_argument("--no-check", dest="check", action="store_false", help="inside a job: no data or arch checks")
     p.add_argument("--datasets", nargs="+", required=True)
     p.add_argument("--seeds", nargs="+", type=int, required=True)
     p.add_argument("--amps", nargs="+", required=True)
     p.add_argument("--sweep", action="append", default=[], metavar="FLAG=V1,V2")
+    p.add_argument("--runs", help="the runs folder unless FGIC_ARGS name one (default ./runs)")
     return p
 
 
@@ -181,28 +244,29 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cut = argv.index("--") if "--" in argv else len(argv)  # after --: fgic.ddp's flags for every run
     args = get_args_parser().parse_args(argv[:cut])
-    combos = plan(args.datasets, args.seeds, args.amps, args.sweep, argv[cut + 1:], check=args.check)
+    combos = plan(args.datasets, args.seeds, args.amps, args.sweep, with_runs(argv[cut + 1:], args.runs),
+                  check=args.check)
     if args.command == "count":
         print(len(combos))
     elif args.command == "list":
         for i, c in enumerate(combos):
             print(f"{i}: fgic.ddp {' '.join(c.argv)}  ->  {c.run_dir}")
-    elif args.index is None or (args.command == "failed" and not 0 <= args.index < len(combos)):
-        raise FgicError(f"{args.command} {args.index}: give an index from 0 to {len(combos) - 1}")
-    elif args.command == "task":  # the count first: sweep.sh checks its job array against it
-        picked = combos[args.index] if 0 <= args.index < len(combos) else None
-        print("\n".join([str(len(combos)), *([picked.label, *picked.argv] if picked else [])]))
     else:
-        write_failure(combos[args.index], args.code, args.log)
+        return run(combos)
     return 0
 
 
+def failure_path(combo: Combination) -> Path:
+    """OUTPUT_DIR/failed/LABEL.json, the record fgic.report lists (its docstring)."""
+    return combo.run_dir.parent.parent / "failed" / f"{combo.label}.json"
+
+
 def write_failure(combo: Combination, code: int, log: str) -> Path:
-    """OUTPUT_DIR/failed/LABEL.json, the record fgic.report lists (its docstring): args are the run's flags beyond
-    its dataset, seed, AMP mode and runs folder."""
+    """The combination's failure record: args are the run's flags beyond its dataset, seed, AMP mode and runs
+    folder."""
     given = {"-d", "--data", "-s", "--seed", "-a", "--amp", "--output-dir"}
     args = [a for i, a in enumerate(combo.argv) if a not in given and (i == 0 or combo.argv[i - 1] not in given)]
-    path = combo.run_dir.parent.parent / "failed" / f"{combo.label}.json"
+    path = failure_path(combo)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"dataset": combo.dataset, "seed": combo.seed, "amp": combo.amp, "args": args, "exit_code": code,
               "log": log}

@@ -13,12 +13,14 @@
 #   SWEEP     FLAG=V1,V2 items: any other fgic.ddp flag and its values (switches as compile=on,off); values outside
 #             the run name's arch, amp and seed go into its note: runs/cub/resnet50-off-s0-lr0.05
 #   FGIC_ARGS more fgic.ddp flags for every run, e.g. "--epochs 64 --arch resnet101"
-#   RUNS      the runs folder (fgic.ddp --output-dir)                         default: runs
+#   RUNS      the runs folder, unless FGIC_ARGS give --output-dir             default: runs
 #   MAX_PARALLEL  array tasks running at once (Slurm's --array=...%N)         default: no cap
-#   PYTHON    the interpreter                                                 default: python3
-# A combination that fails (exit code other than 0, or 75 for "preempted, requeued") leaves
-# RUNS/failed/DATASET-RUN_NAME.json for the report; a later success removes it. The grid, its order and the run
-# folders' names are fgic.sweep's (launch.submitit's too).
+#   PYTHON    the interpreter of fgic's environment      default: the checkout's .venv/bin/python if any, else python3
+# Run with bash, the script passes PYTHON on to the jobs it submits; a job submitted with sbatch looks for .venv in
+# the folder it was submitted from. A combination that fails (exit code other than 0, or a stop that Slurm requeues
+# or cancels) leaves RUNS/failed/DATASET-RUN_NAME.json for the report; a later success removes it. The grid, its
+# order and the run folders' names are fgic.sweep's (launch.submitit's too); `python -m fgic.sweep run` trains a
+# task's combination and keeps its record.
 #
 # For your site, change (or override on the sbatch command line, or with SBATCH_PARTITION / SBATCH_ACCOUNT):
 #   --partition and --account (add them below), --gpus-per-node and --cpus-per-task to your nodes, and --time to
@@ -43,15 +45,23 @@ read -ra amps <<<"${AMPS:-off}"
 # an "unbound variable" error, so they are expanded as ${a[@]+"${a[@]}"} (nothing when empty)
 read -ra extra <<<"${FGIC_ARGS:-}"
 read -ra axes <<<"${SWEEP:-}"
-runs="${RUNS:-runs}"
-python="${PYTHON:-python3}"
 if [ "${#datasets[@]}" -eq 0 ] || [ "${#seeds[@]}" -eq 0 ] || [ "${#amps[@]}" -eq 0 ]; then
     echo "sweep.sh: error: DATASETS, SEEDS and AMPS must each name at least one value" >&2
     exit 2
 fi
+# Inside a job $0 is Slurm's copy of the script: the checkout is the folder the job was submitted from.
+python="${PYTHON:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}/.venv/bin/python}"
+[ -n "${PYTHON:-}" ] || [ -x "$python" ] || python=python3
+if ! "$python" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torch") is None)' 2>/dev/null; then
+    echo "sweep.sh: error: $(command -v "$python" || echo "$python") cannot import torch; set PYTHON to the" \
+         "python of fgic's environment, e.g. PYTHON=/path/to/fgic/.venv/bin/python" >&2
+    exit 2
+fi
+export PYTHON="$python"  # for the jobs sbatch submits (it passes the environment on)
 grid=(--datasets ${datasets[@]+"${datasets[@]}"} --seeds ${seeds[@]+"${seeds[@]}"} --amps ${amps[@]+"${amps[@]}"})
 for axis in ${axes[@]+"${axes[@]}"}; do grid+=(--sweep "$axis"); done
-grid+=(-- ${extra[@]+"${extra[@]}"} --output-dir "$runs")
+if [ -n "${RUNS:-}" ]; then grid+=(--runs "$RUNS"); fi
+grid+=(-- ${extra[@]+"${extra[@]}"})
 
 if [ -z "${SLURM_JOB_ID:-}" ]; then  # run with bash: check every combination, then submit an array of the right size
     n=$("$python" -m fgic.sweep count ${grid[@]+"${grid[@]}"}) || exit 2  # fgic.sweep said why, in one line
@@ -62,37 +72,12 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then  # run with bash: check every combination, t
     fi
     exec sbatch --array="0-$((n - 1))${MAX_PARALLEL:+%$MAX_PARALLEL}" "$@" "$0"
 fi
-# The number of combinations, this task's run label and its argv, a line each. --no-check: a dataset gone since the
-# submission fails this task alone, with its record.
-mapfile -t task < <("$python" -m fgic.sweep task "${SLURM_ARRAY_TASK_ID:-0}" --no-check ${grid[@]+"${grid[@]}"})
-n="${task[0]:-}"
-if [ -z "$n" ]; then
-    echo "sweep.sh: error: python -m fgic.sweep gave no combinations (see above)" >&2
-    exit 2
-fi
-if [ -z "${SLURM_ARRAY_TASK_ID:-}" ] || [ "${SLURM_ARRAY_TASK_COUNT:-0}" -ne "$n" ] \
-        || [ "${SLURM_ARRAY_TASK_MIN:-0}" -ne 0 ] || [ "${SLURM_ARRAY_TASK_MAX:-0}" -ne "$((n - 1))" ]; then
-    echo "sweep.sh: error: the job array is ${SLURM_ARRAY_TASK_MIN:-?}-${SLURM_ARRAY_TASK_MAX:-?} but" \
-         "the sweep has $n combinations; submit with sbatch --array=0-$((n - 1)) slurm/sweep.sh," \
-         "or run bash slurm/sweep.sh to have it choose" >&2
-    exit 2
-fi
-i="$SLURM_ARRAY_TASK_ID"
-label="${task[1]}"
-argv=()
-for ((k = 2; k < ${#task[@]}; k++)); do argv+=("${task[k]}"); done
-echo "fgic sweep: task $i of $n:" ${argv[*]+"${argv[*]}"} "(job ${SLURM_JOB_ID}, restart ${SLURM_RESTART_COUNT:-0}, $(date -Is))"
 
 # Since Slurm 22.05 srun does not take the job's --cpus-per-task; where Slurm binds tasks to CPUs, the launcher
 # (and every process and loader worker it starts) would get one CPU.
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi
-failed="$runs/failed/$label.json"
-srun --kill-on-bad-exit=1 "$python" -m launch.torchrun ${argv[@]+"${argv[@]}"}
-rc=$?
-if [ "$rc" -eq 0 ]; then
-    rm -f -- "$failed"
-elif [ "$rc" -ne 75 ]; then
-    log="$(scontrol show job "${SLURM_ARRAY_JOB_ID}_${i}" 2>/dev/null | sed -n 's/^ *StdOut=//p' | head -n 1)"
-    "$python" -m fgic.sweep failed "$i" "$rc" "$log" --no-check ${grid[@]+"${grid[@]}"}
-fi
-exit "$rc"
+# exec, as in train.sbatch: srun is the batch step, so a plain scancel's SIGTERM cannot end it (and srun, the relay
+# of the step's output) while the training writes its stop checkpoint. fgic.sweep run checks the job array against
+# the sweep, trains this task's combination and writes or removes its failure record; --no-check: a dataset gone
+# since the submission fails this task alone, with its record.
+exec srun --kill-on-bad-exit=1 "$python" -m fgic.sweep run --no-check ${grid[@]+"${grid[@]}"}

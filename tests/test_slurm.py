@@ -124,20 +124,24 @@ def lab(tmp_path_factory):
     slow_exit.chmod(0o755)
     slow = dict(FGIC_TEST_STEP_SLEEP_S="2", PATH=f"{slow_exit.parent}:{env['PATH']}")
     procs = {
-        # a swept flag whose second value fails at run time (a missing dataset is refused before sbatch)
+        # a swept flag whose second value fails at run time (a missing dataset is refused before sbatch); the runs
+        # folder given in FGIC_ARGS
         "sweep": start(["bash", SWEEP, "--wait", *CPU_JOB], DATASETS=f"{alpha} {beta}", SEEDS="0 1",
-                       SWEEP=f"weights=none,{garbled}", MAX_PARALLEL="4", FGIC_ARGS=" ".join(tiny_args()),
-                       RUNS=str(root / "sweep")),
+                       SWEEP=f"weights=none,{garbled}", MAX_PARALLEL="4",
+                       FGIC_ARGS=shlex.join([*tiny_args(), "--output-dir", str(root / "sweep")])),
         "train2": start(["sbatch", "--wait", "--gpus-per-node=2", "--cpus-per-task=1", TRAIN, "-d", alpha,
                          *tiny_args(), "--output-dir", root / "train2"]),
         "submitit": start([sys.executable, "-m", "launch.submitit", "--datasets", alpha, "--sweep", "lr=0.1,0.05",
                            "--cluster", "slurm", "--timeout", "10", "--wait", *tiny_args(),
                            "--output-dir", root / "submitit"], PYTHONPATH=str(REPO)),
-        # GPU-shaped: 2 processes under torchrun on the 2 (fake) GPUs, or 2 srun tasks; loader workers alive
-        **{f"gpu2_{sig}": start(["sbatch", "--wait", "--gpus-per-node=2", "--cpus-per-task=1", TRAIN, "-d", alpha,
-                                 *tiny_args(**LONG), *LOADERS, *(WANDB if f"gpu2_{sig}" in WANDB_JOBS else ()),
-                                 "--output-dir", root / f"gpu2_{sig}"], **slow)
-           for sig in SIGNALS},
+        # GPU-shaped: 2 processes under torchrun on the 2 (fake) GPUs, or 2 srun tasks; loader workers alive. On 2
+        # GPUs, USR2 stops a train.sbatch job and TERM a one-combination sweep.sh job (torchrun's exit code 1 then, not
+        # a failure)
+        "gpu2_usr2": start(["sbatch", "--wait", "--gpus-per-node=2", "--cpus-per-task=1", TRAIN, "-d", alpha,
+                            *tiny_args(**LONG), *LOADERS, *WANDB, "--output-dir", root / "gpu2_usr2"], **slow),
+        "gpu2_term": start(["bash", SWEEP, "--wait", "--gpus-per-node=2", "--cpus-per-task=1"], DATASETS=str(alpha),
+                           SEEDS="2020", FGIC_ARGS=shlex.join([*tiny_args(**LONG), *LOADERS, "--output-dir",
+                                                                str(root / "gpu2_term")]), **slow),
         **{f"srun2_{sig}": start(["sbatch", "--wait", "--ntasks-per-node=2", "--cpus-per-task=1", "--requeue",
                                   "--open-mode=append", "--output=fgic-%j.out", "--wrap", shlex.join(
                                       ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=1", sys.executable, "-m",
@@ -296,15 +300,19 @@ def test_time_limit_warning_requeues_and_ends_as_an_uninterrupted_run(lab):
 @pytest.mark.parametrize("layout", ["gpu2", "srun2"])
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_two_process_job_preempted_by_a_signal_to_its_whole_step_ends_as_an_uninterrupted_run(lab, layout, sig):
-    """slurm/train.sbatch on 2 GPUs (launch.torchrun: 2 processes under torchrun), or 2 srun tasks of fgic.ddp, with
-    loader workers; `scancel --signal` reaches every process of the step, torchrun and the loader workers included.
-    Every rank stops at one step, rank 0 checkpoints and requeues the job (the others wait for it: the step's
-    --kill-on-bad-exit or torchrun would end rank 0 as soon as one exits), and the restart resumes bitwise."""
+    """slurm/train.sbatch (USR2) or slurm/sweep.sh (TERM) on 2 GPUs (launch.torchrun: 2 processes under torchrun), or
+    2 srun tasks of fgic.ddp, with loader workers; `scancel --signal` reaches every process of the step, torchrun and
+    the loader workers included. Every rank stops at one step, rank 0 checkpoints and requeues the job (the others
+    wait for it: the step's --kill-on-bad-exit or torchrun would end rank 0 as soon as one exits), and the restart
+    resumes bitwise."""
     name = f"{layout}_{sig}"
     lab.drivers[name].check()
     out = lab.finish(name)
-    log = (lab.root / f"fgic-{lab.jobs[name]}.out").read_text()
+    swept = name == "gpu2_term"
+    log = (lab.root / (f"fgic-sweep-{lab.jobs[name]}_0.out" if swept else f"fgic-{lab.jobs[name]}.out")).read_text()
     assert lab.procs[name].returncode == 0, f"{out}\n{log}"
+    if swept:  # no failure record for the stop, though torchrun ended with 1 (before: sweep.sh wrote one)
+        assert f"(job {lab.jobs[name]}, restart 1," in log and not (lab.root / name / "failed").exists(), log
     assert f"fgic: stopped by SIG{sig.upper()}" in log and "requeued Slurm job" in log, log
     assert "fgic: resuming" in log and "killed by signal" not in log and "death signal" not in log, log
     config = json.loads((lab.root / name / "alpha" / RUN / "config.json").read_text())

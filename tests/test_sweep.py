@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,20 +80,68 @@ def test_a_dataset_missing_is_refused_unless_inside_a_job(tiny_data, tmp_path):
     assert names(sweep.plan(datasets, [0], ["off"], [], [], check=False)) == ["resnet50-off-s0"] * 2
 
 
-def test_task_and_failed_give_sweep_sh_its_lines_and_record(tiny_data, tmp_path, capsys):
-    grid = ["--datasets", str(tiny_data), "--seeds", "3", "--amps", "off", "--sweep", "lr=0.1,0.2", "--no-check",
-            "--", "--epochs", "2", "--output-dir", str(tmp_path)]
-    assert sweep.main(["task", "1", *grid]) == 0
-    count, label, *argv = capsys.readouterr().out.splitlines()
-    assert (count, label) == ("2", "tiny-resnet50-off-s3-lr0.2")
-    assert argv == ["--epochs", "2", "--output-dir", str(tmp_path), "-d", str(tiny_data), "--seed", "3", "--amp", "off",
-                    "--lr", "0.2", "-n", "lr0.2"]
-    assert sweep.main(["failed", "1", "2", "/logs/x.out", *grid]) == 0
-    record = json.loads((tmp_path / "failed" / f"{label}.json").read_text())
-    assert record == {"dataset": str(tiny_data), "seed": 3, "amp": "off", "args": ["--epochs", "2", "--lr", "0.2",
-                      "-n", "lr0.2"], "exit_code": 2, "log": "/logs/x.out"}
-    with pytest.raises(FgicError, match="failed 5: give an index from 0 to 1"):
-        sweep.main(["failed", "5", "2", "", *grid])
+@pytest.mark.parametrize("given,runs,folder", [
+    ([], None, "runs"), ([], "/r", "/r"), (["--output-dir", "/o"], None, "/o"), (["--output-dir=/o"], None, "/o"),
+    (["--output", "/o"], None, "/o"), (["--output-dir", "/o"], "/o", "/o"), (["--output-dir", "o"], "./o", "o")])
+def test_the_runs_folder_is_fgic_args_output_dir_else_runs(given, runs, folder):
+    combo, = sweep.plan(["demo"], [0], ["off"], [], sweep.with_runs(["--epochs", "2", *given], runs), check=False)
+    assert combo.run_dir == Path(folder) / "demo" / "resnet18-off-s0"
+    assert sum(a.startswith("--output") for a in combo.argv) == 1
+
+
+def test_fgic_args_output_dir_and_another_runs_folder_are_refused():
+    with pytest.raises(FgicError, match=re.escape("--output-dir /o (in FGIC_ARGS) and --runs /r (RUNS) name two runs "
+                                                  "folders; give one of them")):
+        sweep.with_runs(["--output-dir", "/o"], "/r")
+
+
+ARRAY = {"SLURM_JOB_ID": "7", "SLURM_ARRAY_JOB_ID": "6", "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "0",
+         "SLURM_ARRAY_TASK_MAX": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_PROCID": "0"}
+
+
+@pytest.fixture
+def task(tmp_path, monkeypatch):
+    """`run` on the second of 2 combinations, with the training's exit code and `scontrol show job` stood in for:
+    sets `code` and `state`, returns run's exit code."""
+    combos = sweep.plan(["demo"], [3], ["off"], ["lr=0.1,0.2"], ["--output-dir", str(tmp_path)], check=False)
+    calls, given = [], {"code": 0, "state": "RUNNING"}
+    monkeypatch.setattr(sweep.subprocess, "call", lambda cmd: calls.append(cmd) or given["code"])
+    monkeypatch.setattr(sweep.requeue, "show", lambda job: f"JobId={job} JobState={given['state']}\n   StdOut=/l/x.out")
+    monkeypatch.setattr(sweep.signals, "hold", lambda env: None)  # not in this process's signal mask
+
+    def go(code, state="RUNNING", **env):
+        given.update(code=code, state=state)
+        return sweep.run(combos, {**ARRAY, **env})
+
+    go.calls, go.record = calls, tmp_path / "failed" / "demo-resnet18-off-s3-lr0.2.json"
+    return go
+
+
+def test_run_trains_its_combination_and_records_a_failure_not_a_stop(task, capsys):
+    assert task(2) == 2
+    assert task.calls == [[sys.executable, "-m", "launch.torchrun", "--output-dir", str(task.record.parents[1]),
+                           "-d", "demo", "--seed", "3", "--amp", "off", "--lr", "0.2", "-n", "lr0.2"]]
+    assert capsys.readouterr().out.startswith("fgic sweep: task 1 of 2: --output-dir ")
+    assert json.loads(task.record.read_text()) == {"dataset": "demo", "seed": 3, "amp": "off",
+                                                   "args": ["--lr", "0.2", "-n", "lr0.2"], "exit_code": 2,
+                                                   "log": "/l/x.out"}
+    assert task(0) == 0 and not task.record.exists()  # a success clears it
+    assert task(75) == 75 and not task.record.exists()  # one process stopped
+    assert task(1, "COMPLETING") == 1 and not task.record.exists()  # torchrun's 1 after a requeue or a cancel
+    assert "exit code 1 while Slurm ends job 6_1 (COMPLETING: requeued or cancelled); no failure record" in \
+        capsys.readouterr().err
+    assert task(-9) == 137 and json.loads(task.record.read_text())["exit_code"] == 137  # killed, the job running
+    assert task(0, SLURM_PROCID="1") == 0 and task.record.exists()  # the record is the first node's
+    assert task(1, SLURM_PROCID="1") == 1
+
+
+@pytest.mark.parametrize("low,high,count", [("0", "2", "3"), ("1", "1", "1"), ("0", "1", "3")])
+def test_run_refuses_a_job_array_that_is_not_the_sweeps(task, low, high, count):
+    env = {"SLURM_ARRAY_TASK_MIN": low, "SLURM_ARRAY_TASK_MAX": high, "SLURM_ARRAY_TASK_COUNT": count}
+    with pytest.raises(FgicError, match=re.escape("but the sweep has 2 combinations; submit with sbatch --array=0-1 "
+                                                  "slurm/sweep.sh, or run bash slurm/sweep.sh to have it choose")):
+        task(0, **env)
+    assert not task.calls
 
 
 def test_a_sweep_with_wandb_puts_its_runs_in_one_group_of_its_own(tiny_data):
