@@ -33,9 +33,15 @@ LAB_GB = 8  # the lab's ~12 jobs at once hold up to ~8 GB for minutes
 TRAIN, SWEEP = str(REPO / "slurm" / "train.sbatch"), str(REPO / "slurm" / "sweep.sh")
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the templates ask for GPUs; these jobs train on the CPU
 RUN = "resnet18-off-s2020"  # tiny_args()'s run name
-LONG = dict(epochs=12)  # the preempted runs: with FGIC_TEST_STEP_SLEEP_S=2, 4 s or more an epoch on any machine,
-# so the time-limit warning (at most 30 s after the limit is cut, after epoch 1) lands mid-training
+LONG = dict(epochs=12)  # the preempted runs: with FGIC_TEST_STEP_SLEEP_S=2, 4 s or more an epoch on any machine
 WAIT_S = 600
+# Runs that cannot end before the test has acted on them, however late its thread gets to it (a CI run under load
+# started the drivers 100 s after the jobs, behind slower submissions, and both jobs had finished): the cancelled run
+# (3 stop checks an epoch at FGIC_TEST_STEP_SLEEP_S=1: 50 min or more), and the time-limit job's first attempt (35
+# stop checks, 700 s or more, past the test's WAIT_S; its restart at full speed).
+ENDLESS = dict(epochs=1000)
+FIRST_ATTEMPT_STEP_S = 20
+TIME_LIMIT_MIN, WARN_S = 15, 300  # the time-limit job's: --time, and --signal=USR2@WARN_S (train.sbatch's own)
 SIGNALS = ("term", "usr2")  # the preemptions by signal (scancel --signal=...)
 LOADERS = ["--cache", "off", "--workers", "2"]  # loader worker processes, which the signals reach too
 WANDB = ["--wandb", "--wandb-project", "fgic-test"]  # offline (the lab's WANDB_MODE): W&B's files in the run folder
@@ -79,7 +85,8 @@ class Driver(threading.Thread):
         self.action, self.lab, self.name, self.error = action, lab, name, None
 
     def run(self):
-        try:
+        try:  # the job id read here, not after the submissions before it (sweep.sh's took 100 s under load)
+            self.lab.jobs[self.name] = self.lab.job_id(self.name)
             self.action(self.lab, self.name)
         except BaseException as exc:  # noqa: BLE001  (re-raised in the test's thread by check())
             self.error = exc
@@ -118,11 +125,23 @@ def lab(tmp_path_factory):
     # In Python: a shell waiting for its child unblocks SIGTERM (sigsuspend), which scontrol itself does not.
     slow_exit = root / "bin" / "scontrol"
     slow_exit.parent.mkdir()
-    slow_exit.write_text(f"#!{sys.executable}\nimport subprocess, sys, time\n"
-                         f"code = subprocess.call([{shutil.which('scontrol')!r}, *sys.argv[1:]])\n"
+    # With REQUEUE_TIME_LIMIT it first puts the job's limit back up, from inside the job (the time-limit job's
+    # restart must not get a warning of its own, whenever the test's thread runs).
+    scontrol = shutil.which("scontrol")
+    slow_exit.write_text(f"#!{sys.executable}\nimport os, subprocess, sys, time\n"
+                         f"if sys.argv[1:2] == ['requeue'] and os.environ.get('REQUEUE_TIME_LIMIT'):\n"
+                         f"    subprocess.run([{scontrol!r}, 'update', 'JobId=' + sys.argv[2],\n"
+                         f"                    'TimeLimit=' + os.environ['REQUEUE_TIME_LIMIT']], check=True)\n"
+                         f"code = subprocess.call([{scontrol!r}, *sys.argv[1:]])\n"
                          f"if sys.argv[1:2] == ['requeue']:\n    time.sleep(2)\nsys.exit(code)\n")
     slow_exit.chmod(0o755)
     slow = dict(FGIC_TEST_STEP_SLEEP_S="2", PATH=f"{slow_exit.parent}:{env['PATH']}")
+    # The time-limit job's interpreter: slow steps in its first attempt, none in its restart.
+    first_slow = slow_exit.parent / "python-first-attempt-slow"
+    first_slow.write_text(f'#!/bin/sh\nif [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ]; then\n'
+                          f'    export FGIC_TEST_STEP_SLEEP_S={FIRST_ATTEMPT_STEP_S}\n'
+                          f'else\n    unset FGIC_TEST_STEP_SLEEP_S\nfi\nexec {shlex.quote(sys.executable)} "$@"\n')
+    first_slow.chmod(0o755)
     procs = {
         # a swept flag whose second value fails at run time (a missing dataset is refused before sbatch); the runs
         # folder given in FGIC_ARGS
@@ -148,10 +167,11 @@ def lab(tmp_path_factory):
                                        "fgic.ddp", "-d", str(alpha), *tiny_args(**LONG), *LOADERS, "--output-dir",
                                        str(root / f"srun2_{sig}")])], **slow)
            for sig in SIGNALS},
-        "cancelled": start(["sbatch", "--wait", *CPU_JOB, TRAIN, "-d", alpha, *tiny_args(**LONG),
+        "cancelled": start(["sbatch", "--wait", *CPU_JOB, TRAIN, "-d", alpha, *tiny_args(**ENDLESS),
                             "--output-dir", root / "cancelled"], **{**slow, "FGIC_TEST_STEP_SLEEP_S": "1"}),
-        "timelimit": start(["sbatch", "--wait", *CPU_JOB, "--time=10", "--signal=USR2@60", TRAIN, "-d", alpha,
-                            *tiny_args(**LONG), *WANDB, "--output-dir", root / "timelimit"], **slow),
+        "timelimit": start(["sbatch", "--wait", *CPU_JOB, f"--time={TIME_LIMIT_MIN}", f"--signal=USR2@{WARN_S}", TRAIN,
+                            "-d", alpha, *tiny_args(**LONG), *WANDB, "--output-dir", root / "timelimit"],
+                           **slow, PYTHON=str(first_slow), REQUEUE_TIME_LIMIT=str(TIME_LIMIT_MIN)),
         "submitit_preempted": start([sys.executable, "-m", "launch.submitit", "--datasets", alpha, "--cluster", "slurm",
                                      "--timeout", "10", "--wait", *tiny_args(**LONG),
                                      "--output-dir", root / "submitit_preempted"], PYTHONPATH=str(REPO), **slow),
@@ -163,7 +183,6 @@ def lab(tmp_path_factory):
     preempted = [(f"{layout}_{sig}", preempt_by_scancel) for layout in ("gpu2", "srun2") for sig in SIGNALS]
     for name, action in (*preempted, ("timelimit", preempt_by_time_limit), ("submitit_preempted", preempt_by_scancel),
                          ("cancelled", cancel)):
-        lab.jobs[name] = lab.job_id(name)
         lab.drivers[name] = Driver(action, lab, name)
         lab.drivers[name].start()
     yield lab
@@ -262,7 +281,8 @@ def preempt_by_scancel(lab: Lab, name: str) -> None:
 
 def cancel(lab: Lab, name: str) -> None:
     """A plain scancel, early in an epoch's training: the stop then comes within a step, well inside the KillWait
-    (5 s here) after which Slurm kills the job (a signal during evaluation waits for the next epoch's first step)."""
+    (5 s here) after which Slurm kills the job (a signal during evaluation waits for the next epoch's first step).
+    The run (ENDLESS) cannot end before it."""
     metrics = first_epoch_done(lab, name) / "metrics.jsonl"
     done = len(read_jsonl(metrics))
     wait_for(lambda: len(read_jsonl(metrics)) > done, lab, name, "the end of an epoch")
@@ -271,27 +291,26 @@ def cancel(lab: Lab, name: str) -> None:
 
 
 def preempt_by_time_limit(lab: Lab, name: str) -> None:
-    """The job asks for USR2 60 s before its limit; once it trains, its limit is cut to 50 s from now, so the warning
-    comes at Slurm's next check (within 30 s), mid-training. The limit goes back up for the restart."""
+    """The job asks for USR2 WARN_S before its limit; once it has trained an epoch, its limit is cut to less than
+    WARN_S from now, so the warning comes at Slurm's next check (within 30 s), mid-training: the first attempt cannot
+    end sooner (FIRST_ATTEMPT_STEP_S), and it stops within a step, long before the limit. The job itself puts the
+    limit back up before it requeues itself (REQUEUE_TIME_LIMIT), so that its restart gets no warning."""
     job = lab.jobs[name]
     first_epoch_done(lab, name)
     info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
     h, m, sec = (int(x) for x in re.search(r"RunTime=(?:\d+-)?(\d+):(\d+):(\d+)", info).groups())
-    limit = h * 3600 + m * 60 + sec + 50  # 50 s left: less than the 60 s of --signal
-    subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit // 60}:{limit % 60:02d}"], check=True)
+    minutes = h * 60 + m + WARN_S // 60  # whole minutes (Slurm's unit): WARN_S - 60 to WARN_S seconds left
+    subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}"], check=True)
     log = lab.root / f"fgic-{job}.out"
     wait_for(lambda: "fgic: stopped by SIGUSR2" in log.read_text(), lab, name, "the time-limit warning")
-    # room for the restart; refused while the stopped job is still completing
-    wait_for(lambda: subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"],
-                                    capture_output=True).returncode == 0, lab, name, "the requeue")
 
 
 def test_time_limit_warning_requeues_and_ends_as_an_uninterrupted_run(lab):
     name = "timelimit"
     lab.drivers[name].check()
-    lab.finish(name)
-    assert lab.procs[name].returncode == 0
+    out = lab.finish(name)
     log = (lab.root / f"fgic-{lab.jobs[name]}.out").read_text()
+    assert lab.procs[name].returncode == 0, f"{out}\n{log}"
     assert "fgic: stopped by SIGUSR2" in log and "requeued Slurm job" in log and "(restart 1)" in log, log
     same_result(lab.root / name / "alpha" / RUN, reference(lab))
     one_wandb_run(lab.root / name / "alpha" / RUN)
