@@ -36,11 +36,12 @@ RUN = "resnet18-off-s2020"  # tiny_args()'s run name
 LONG = dict(epochs=12)  # the preempted runs: with FGIC_TEST_STEP_SLEEP_S=2, 4 s or more an epoch on any machine
 WAIT_S = 600
 # Runs that cannot end before the test has acted on them, however late its thread gets to it (a CI run under load
-# started the drivers 100 s after the jobs, behind slower submissions, and both jobs had finished): the cancelled run
-# (3 stop checks an epoch at FGIC_TEST_STEP_SLEEP_S=1: 50 min or more), and the time-limit job's first attempt (35
-# stop checks, 700 s or more, past the test's WAIT_S; its restart at full speed).
+# started the drivers 100 s after the jobs, behind slower submissions, and both jobs had finished). A tiny epoch has
+# 2 stop checks (after its first step, after the epoch but the last), each FGIC_TEST_STEP_SLEEP_S long: the cancelled
+# run 2000 s or more at 1 s; the time-limit job's first attempt 23 x 30 = 690 s or more, past the test's WAIT_S (its
+# restart at full speed).
 ENDLESS = dict(epochs=1000)
-FIRST_ATTEMPT_STEP_S = 20
+FIRST_ATTEMPT_STEP_S = 30
 TIME_LIMIT_MIN, WARN_S = 15, 300  # the time-limit job's: --time, and --signal=USR2@WARN_S (train.sbatch's own)
 SIGNALS = ("term", "usr2")  # the preemptions by signal (scancel --signal=...)
 LOADERS = ["--cache", "off", "--workers", "2"]  # loader worker processes, which the signals reach too
