@@ -86,7 +86,7 @@ class Driver(threading.Thread):
         self.action, self.lab, self.name, self.error = action, lab, name, None
 
     def run(self):
-        try:  # the job id read here, not after the submissions before it (sweep.sh's took 100 s under load)
+        try:  # the job id read here, not after the submissions before it (sweep.sh, launch.submitit: 100 s under load)
             self.lab.jobs[self.name] = self.lab.job_id(self.name)
             self.action(self.lab, self.name)
         except BaseException as exc:  # noqa: BLE001  (re-raised in the test's thread by check())
