@@ -203,6 +203,14 @@ def test_every_readme_command_is_run_or_has_a_reason():
     assert [c for c, _ in readme_commands()] == [c for c, _ in EXAMPLES], "README commands differ from EXAMPLES"
 
 
+def test_the_readme_activates_the_venv_before_its_bare_python():
+    """The set-up makes `.venv`; the later examples write `python`, `torchrun`, `wandb` (on a fresh Debian `python`
+    is no command at all: "python: command not found"): the README says to activate the venv before the first."""
+    text = (REPO / "README.md").read_text()
+    bare = [c for c, _ in readme_commands() if re.match(r"(\w+=\S+ )*(python|torchrun|wandb) ", c)]
+    assert "source .venv/bin/activate" in text[:text.index(bare[0])], f"`{bare[0]}`: which python?"
+
+
 def ddp_args(command: str):
     """The resolved fgic.ddp flags of a command as written (amp on the CPU, as the README's demo examples run)."""
     from fgic import config
