@@ -55,7 +55,9 @@ class Flag:
     """One fgic.ddp flag: argparse's arguments, whether it changes what a run computes, where its value comes from
     when left unset, and its help, in which {default} is that value (RECIPE's, else argparse's)."""
     names: tuple[str, ...]
-    result: bool  # changes what the run computes: a resume across a change is refused, fgic.report groups by it
+    # 0: a resume may change it. N: it changes what the run computes (a resume across a change is refused, fgic.report
+    # groups runs by it), and N is its place in MEANING: the report's columns and a refused resume's list.
+    meaning: int
     help: str
     recipe: Any = UNSET  # the seed recipe's value when left unset (argparse's default stays None: "unset")
     demo: Any = UNSET  # -d demo's value when left unset, over the recipe's
@@ -87,132 +89,132 @@ class Flag:
         return {**{k: v for k, v in given.items() if v is not None}, "help": self.help.format(default=self.unset)}
 
 
-# Every flag, in the help's order; `result` says whether a resume may change it. Flags of torchvision's classification
+# Every flag, in the help's order; `meaning` says whether a resume may change it. Flags of torchvision's classification
 # reference and timm's train.py are aliases of fgic's. The later ones are off in the seed's recipe (torchvision's
 # reference names and defaults).
 FLAGS = {
     "data": (
-        Flag(names=("-d", "--data", "--data-path"), metavar="NAME|PATH", result=False,  # MEANING has its dataset
+        Flag(names=("-d", "--data", "--data-path"), metavar="NAME|PATH", meaning=0,  # MEANING has its dataset
              help=f"{', '.join(REGISTRY)} (a folder under --data-root), or a folder with train/ and test/"),
-        Flag(names=("--data-root",), default=default_data_root, result=False,
+        Flag(names=("--data-root",), default=default_data_root, meaning=0,
              help="where registry names live (default: $FGIC_DATA or ./data)"),
-        Flag(names=("-w", "-j", "--workers"), type=int, result=False,  # None: from the CPUs of each process
+        Flag(names=("-w", "-j", "--workers"), type=int, meaning=0,  # None: from the CPUs of each process
              help="data loader workers per process (default: from the CPUs)"),
-        Flag(names=("--resize",), type=int, recipe=512, demo=72, result=True,
+        Flag(names=("--resize",), type=int, recipe=512, demo=72, meaning=9,
              help="resize to N x N before cropping (default {default})"),
-        Flag(names=("--crop", "--train-crop-size", "--img-size"), type=int, recipe=448, demo=64, result=True,
+        Flag(names=("--crop", "--train-crop-size", "--img-size"), type=int, recipe=448, demo=64, meaning=10,
              help="crop size, training and test (default {default})"),
-        Flag(names=("--padding",), type=int, recipe=8, demo=4, result=True,
+        Flag(names=("--padding",), type=int, recipe=8, demo=4, meaning=11,
              help="zero padding before the random crop (default {default})"),
-        Flag(names=("--check-images",), default="fast", choices=("fast", "full", "off"), result=False,
+        Flag(names=("--check-images",), default="fast", choices=("fast", "full", "off"), meaning=0,
              help="before training: fast (headers and end markers), full (decode every image) or off "
                   "(default {default})"),
-        Flag(names=("--skip-bad-images",), action="store_true", result=False,
+        Flag(names=("--skip-bad-images",), action="store_true", meaning=0,
              help="leave unreadable images out (with a count) instead of stopping"),
-        Flag(names=("--auto-augment", "--aa"), choices=AUTO_AUGMENT, recipe="none", later=True, result=True,
+        Flag(names=("--auto-augment", "--aa"), choices=AUTO_AUGMENT, recipe="none", later=True, meaning=25,
              help="per-image policy: TrivialAugment (ta_wide), RandAugment (ra), AugMix (default {default})"),
-        Flag(names=("--random-erase", "--reprob"), type=float, metavar="P", recipe=0.0, later=True, result=True,
+        Flag(names=("--random-erase", "--reprob"), type=float, metavar="P", recipe=0.0, later=True, meaning=26,
              help="random erasing probability (default {default:g})"),
-        Flag(names=("--mixup-alpha", "--mixup"), type=float, recipe=0.0, later=True, result=True,
+        Flag(names=("--mixup-alpha", "--mixup"), type=float, recipe=0.0, later=True, meaning=27,
              help="mixup's Beta(alpha, alpha); partners from the whole train set (default {default:g}: off)"),
-        Flag(names=("--cutmix-alpha", "--cutmix"), type=float, recipe=0.0, later=True, result=True,
+        Flag(names=("--cutmix-alpha", "--cutmix"), type=float, recipe=0.0, later=True, meaning=28,
              help="cutmix's Beta(alpha, alpha) (default {default:g}: off; with mixup, half the samples each)"),
-        Flag(names=("--cache",), default="auto", choices=("auto", "on", "off"), result=False,
+        Flag(names=("--cache",), default="auto", choices=("auto", "on", "off"), meaning=0,
              help="decode and resize each split once into a memory-mapped file shared by the node's processes: "
                   "auto (when it fits in memory), on or off (default {default})"),
-        Flag(names=("--cache-dir",), metavar="DIR", result=False,
+        Flag(names=("--cache-dir",), metavar="DIR", meaning=0,
              help="where the cache lives; node-local is best (default: $FGIC_CACHE or fgic-cache-UID in $TMPDIR or "
                   "/tmp)"),
     ),
     "model": (
-        Flag(names=("--arch", "--model"), recipe="resnet50", demo="resnet18", result=True,
+        Flag(names=("--arch", "--model"), recipe="resnet50", demo="resnet18", meaning=1,
              help="any torchvision classification model, or timm:NAME with timm installed (default {default})"),
-        Flag(names=("--pretrained",), dest="weights", action="store_const", const="imagenet", result=True,
+        Flag(names=("--pretrained",), dest="weights", action="store_const", const="imagenet", meaning=2,
              help="the same as --weights imagenet"),
-        Flag(names=("--weights",), metavar="imagenet|none|PATH", recipe="imagenet", demo="none", result=True,
+        Flag(names=("--weights",), metavar="imagenet|none|PATH", recipe="imagenet", demo="none", meaning=2,
              help="imagenet (torchvision's, from the torch cache; imagenet:NAME picks e.g. IMAGENET1K_V2; for timm: "
                   "the default tag from the Hugging Face cache, imagenet:TAG another), none, or a state_dict file "
                   "(default {default})"),
-        Flag(names=("--stochastic-depth", "--drop-path"), type=float, metavar="P", later=True, result=True,
+        Flag(names=("--stochastic-depth", "--drop-path"), type=float, metavar="P", later=True, meaning=29,
              help="stochastic depth rate of the deepest block (torchvision's stochastic_depth_prob, timm's "
                   "drop_path_rate; default: the arch's)"),  # None: the arch's own rate
-        Flag(names=("--dropout", "--drop"), type=float, metavar="P", later=True, result=True,
+        Flag(names=("--dropout", "--drop"), type=float, metavar="P", later=True, meaning=30,
              help="dropout rate (torchvision's dropout, timm's drop_rate; default: the arch's)"),
     ),
     "optimisation": (
-        Flag(names=("-b", "--batch-size"), type=int, recipe=64, demo=32, result=True,
+        Flag(names=("-b", "--batch-size"), type=int, recipe=64, demo=32, meaning=3,
              help="GLOBAL batch, split evenly over the processes (default {default})"),
-        Flag(names=("--epochs",), type=int, recipe=128, demo=8, result=True, help="epochs (default {default})"),
-        Flag(names=("--lr",), type=float, result=True,  # None: the lr rule (scaled_lr)
+        Flag(names=("--epochs",), type=int, recipe=128, demo=8, meaning=4, help="epochs (default {default})"),
+        Flag(names=("--lr",), type=float, meaning=5,  # None: the lr rule (scaled_lr)
              help=f"learning rate (default: global batch / 256 x {LR_PER_256:g})"),
-        Flag(names=("--momentum",), type=float, recipe=0.9, result=True, help="SGD momentum (default {default})"),
-        Flag(names=("--weight-decay", "--wd"), type=float, recipe=5e-4, result=True,
+        Flag(names=("--momentum",), type=float, recipe=0.9, meaning=6, help="SGD momentum (default {default})"),
+        Flag(names=("--weight-decay", "--wd"), type=float, recipe=5e-4, meaning=7,
              help="weight decay, SGD's or AdamW's (default {default:g}; a --recipe's own)"),
-        Flag(names=("--label-smoothing", "--smoothing"), type=float, recipe=0.1, result=True,
+        Flag(names=("--label-smoothing", "--smoothing"), type=float, recipe=0.1, meaning=8,
              help="label smoothing (default {default:g})"),
-        Flag(names=("--recipe",), choices=tuple(RECIPES), recipe="seed", later=True, result=True,
+        Flag(names=("--recipe",), choices=tuple(RECIPES), recipe="seed", later=True, meaning=14,
              help="fill the flags left unset from a named set: {default} (the default), tv-v2 or transformer (see "
                   "README 'Recipes')"),
-        Flag(names=("--opt",), choices=("sgd", "adamw"), recipe="sgd", later=True, result=True,
+        Flag(names=("--opt",), choices=("sgd", "adamw"), recipe="sgd", later=True, meaning=15,
              help="optimizer (default {default})"),
-        Flag(names=("--norm-weight-decay",), type=float, later=True, result=True,  # None: --weight-decay for all
+        Flag(names=("--norm-weight-decay",), type=float, later=True, meaning=16,  # None: --weight-decay for all
              help="weight decay of norm layers and biases (default: --weight-decay)"),
-        Flag(names=("--layer-decay",), type=float, later=True, result=True,
+        Flag(names=("--layer-decay",), type=float, later=True, meaning=17,
              help="layer-wise lr decay: block k of L gets lr x X^(L+1-k), the head lr (ViT, Swin, ConvNeXt, "
                   "EfficientNet, MobileNet, RegNet, ResNet, MaxViT, MNASNet, ShuffleNet, timm models; default off)"),
-        Flag(names=("--lr-warmup-epochs", "--warmup-epochs"), type=int, recipe=0, later=True, result=True,
+        Flag(names=("--lr-warmup-epochs", "--warmup-epochs"), type=int, recipe=0, later=True, meaning=18,
              help="epochs of lr warmup, per step, before the cosine (default {default})"),
         Flag(names=("--lr-warmup-method",), choices=("linear", "constant"), recipe="constant", later=True,
-             result=True, help="warmup shape (default {default})"),
-        Flag(names=("--lr-warmup-decay",), type=float, recipe=0.01, later=True, result=True,
+             meaning=19, help="warmup shape (default {default})"),
+        Flag(names=("--lr-warmup-decay",), type=float, recipe=0.01, later=True, meaning=20,
              help="warmup's first lr factor (default {default:g})"),
-        Flag(names=("--clip-grad-norm", "--clip-grad"), type=float, later=True, result=True,
+        Flag(names=("--clip-grad-norm", "--clip-grad"), type=float, later=True, meaning=21,
              help="clip the global gradient norm to X (default off)"),
-        Flag(names=("--model-ema",), action=argparse.BooleanOptionalAction, recipe=False, later=True, result=True,
+        Flag(names=("--model-ema",), action=argparse.BooleanOptionalAction, recipe=False, later=True, meaning=22,
              help="also keep and evaluate an exponential moving average of the weights"),
-        Flag(names=("--model-ema-decay",), type=float, recipe=0.99998, later=True, result=True,
+        Flag(names=("--model-ema-decay",), type=float, recipe=0.99998, later=True, meaning=23,
              help="EMA decay, adjusted for the global batch and --model-ema-steps as torchvision's "
                   "(default {default:g})"),
-        Flag(names=("--model-ema-steps",), type=int, recipe=32, later=True, result=True,
+        Flag(names=("--model-ema-steps",), type=int, recipe=32, later=True, meaning=24,
              help="steps between EMA updates (default {default})"),
         Flag(names=("-a", "--amp"), default="auto", nargs="?", const="fp16", metavar="auto|off|fp16|bf16",
-             result=True,
+             meaning=13,
              help="mixed precision (default {default}: bf16 on a GPU that has it, fp16 on one without, off on the "
                   "CPU; a bare --amp is fp16, as in torchvision's reference and timm; the seed's 0/1/2 are "
                   "accepted)"),
-        Flag(names=("-s", "--seed"), type=int, default=2020, result=True,
+        Flag(names=("-s", "--seed"), type=int, default=2020, meaning=12,
              help="seed of the weights, order and augmentation (default {default})"),
-        Flag(names=("--compile",), action=argparse.BooleanOptionalAction, default=False, result=False,
+        Flag(names=("--compile",), action=argparse.BooleanOptionalAction, default=False, meaning=0,
              help="torch.compile the model (slow start, faster steps on a GPU; default off)"),
-        Flag(names=("--sync-bn",), action="store_true", result=False,
+        Flag(names=("--sync-bn",), action="store_true", meaning=0,
              help="accepted for torchvision's reference: fgic always synchronises BatchNorm over the global batch "
                   "when several processes train"),
-        Flag(names=("--deterministic",), action="store_true", result=False,
+        Flag(names=("--deterministic",), action="store_true", meaning=0,
              help="deterministic algorithms and, on the CPU, the same BatchNorm code on 1 or N processes (slower; "
                   "for exact comparisons)"),
     ),
     "run": (
-        Flag(names=("-g", "--gpu"), result=False,
+        Flag(names=("-g", "--gpu"), meaning=0,
              help="GPU ids, e.g. 0 or 0,1,2,3 (several start one process each)"),
-        Flag(names=("--device",), default="auto", choices=("auto", "cpu", "cuda"), result=False,
+        Flag(names=("--device",), default="auto", choices=("auto", "cpu", "cuda"), meaning=0,
              help="default: cuda when available"),
-        Flag(names=("-n", "--note"), default="", result=False,  # fgic.report groups by it too
+        Flag(names=("-n", "--note"), default="", meaning=0,  # fgic.report groups by it too
              help="a word added to the run's name"),
-        Flag(names=("--output-dir", "--output"), default="runs", result=False,
+        Flag(names=("--output-dir", "--output"), default="runs", meaning=0,
              help="runs go to OUTPUT_DIR/DATASET/RUN_NAME (default ./{default})"),
-        Flag(names=("--resume",), default="auto", metavar="auto|none|PATH", result=False,
+        Flag(names=("--resume",), default="auto", metavar="auto|none|PATH", meaning=0,
              help="auto: continue the run folder's checkpoint.pt if any; none: start over; or a checkpoint"),
-        Flag(names=("--tensorboard",), action="store_true", result=False,
+        Flag(names=("--tensorboard",), action="store_true", meaning=0,
              help="also write TensorBoard scalars per epoch to RUN_DIR/tb (needs the tensorboard package)"),
-        Flag(names=("--wandb",), action="store_true", result=False,
+        Flag(names=("--wandb",), action="store_true", meaning=0,
              help="also log to Weights & Biases from rank 0, one W&B run per run folder across requeues (pip "
                   "install wandb; WANDB_MODE=offline, then `wandb sync`, works offline)"),
-        Flag(names=("--wandb-project",), default="fgic", result=False,
+        Flag(names=("--wandb-project",), default="fgic", meaning=0,
              help="the W&B project (default {default})"),
-        Flag(names=("--wandb-entity",), result=False, help="the W&B team or user (default: your W&B default)"),
-        Flag(names=("--wandb-group",), result=False,
+        Flag(names=("--wandb-entity",), meaning=0, help="the W&B team or user (default: your W&B default)"),
+        Flag(names=("--wandb-group",), meaning=0,
              help="the W&B group (default: none; a sweep's runs get the sweep's)"),
-        Flag(names=("--eval-only", "--test-only"), action="store_true", result=False,
+        Flag(names=("--eval-only", "--test-only"), action="store_true", meaning=0,
              help="evaluate --resume PATH or --weights PATH and write eval.json"),
     ),
 }
@@ -227,8 +229,9 @@ LATER = {f.key: f.unset for f in EVERY_FLAG if f.later}
 # Options that change what a run computes: resuming across a change of any of them is refused, and fgic.report
 # groups runs by them. The world size and the worker count are not among them: fgic gives the same result on any
 # layout, so a run may resume on another. The dataset and its class count stand for -d (the data may move).
-MEANING = ("dataset", "num_classes", *dict.fromkeys(f.key for f in EVERY_FLAG if f.result))
-INCIDENTAL = tuple(dict.fromkeys(f.key for f in EVERY_FLAG if not f.result))  # a resume may change these
+MEANING = ("dataset", "num_classes", *dict.fromkeys(f.key for f in sorted(EVERY_FLAG, key=lambda f: f.meaning)
+                                                   if f.meaning))
+INCIDENTAL = tuple(dict.fromkeys(f.key for f in EVERY_FLAG if not f.meaning))  # a resume may change these
 
 
 class Parser(argparse.ArgumentParser):

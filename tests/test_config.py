@@ -152,6 +152,8 @@ def test_every_flag_says_whether_it_changes_the_result():
     assert sorted(dests - set(config.MEANING) - set(config.INCIDENTAL)) == [], "flags neither list classifies"
     assert sorted(set(config.MEANING) & set(config.INCIDENTAL)) == []
     assert sorted(set(config.INCIDENTAL) - dests) == [] and set(config.MEANING) - dests == {"dataset", "num_classes"}
+    places = {(f.meaning, f.key) for f in config.EVERY_FLAG if f.meaning}  # --pretrained and --weights: one option
+    assert sorted(n for n, _ in places) == list(range(1, len(places) + 1)), "each option its own place in MEANING"
 
 
 def test_the_helps_defaults_are_the_values_an_unset_flag_takes():
