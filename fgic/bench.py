@@ -71,7 +71,7 @@ def recipe_flags(a) -> argparse.Namespace:
     """fgic.ddp's flags resolved for --recipe at the benchmark's sizes, arch and batch (the lr by its rule)."""
     argv = ["-d", "bench", "--recipe", a.recipe, "-b", str(a.batch_size), "--resize", str(a.resize), "--crop",
             str(a.crop), "--padding", str(a.padding), "--arch", getattr(a, "arch", RECIPE["arch"])]
-    return config.resolve(config.get_args_parser().parse_args(argv))
+    return config.parse(argv)
 
 
 def endless(loader):

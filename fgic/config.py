@@ -1,50 +1,19 @@
-"""Command-line flags of fgic.ddp and their resolution into one run config (recipe defaults, demo defaults, lr rule)."""
+"""Command-line flags of fgic.ddp and their resolution into one run config (recipe defaults, demo defaults, lr rule).
+
+Each flag is declared once, in FLAGS: the parser, the seed recipe's and the demo's values (RECIPE, DEMO), the values
+of runs that predate a flag (LATER) and what a resume must refuse to change (MEANING) are read from there."""
 from __future__ import annotations
 
 import argparse
 import difflib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fgic.errors import FgicError
 
-# Options added later, off in the seed's recipe (torchvision's reference names and defaults). A run that predates
-# them ran with these values: `completed` fills them into an older config.json or checkpoint.
-LATER = {
-    "recipe": "seed",
-    "opt": "sgd",
-    "norm_weight_decay": None,  # None: --weight-decay for every parameter
-    "layer_decay": None,
-    "lr_warmup_epochs": 0,
-    "lr_warmup_method": "constant",
-    "lr_warmup_decay": 0.01,
-    "clip_grad_norm": None,
-    "model_ema": False,
-    "model_ema_decay": 0.99998,
-    "model_ema_steps": 32,
-    "auto_augment": "none",
-    "random_erase": 0.0,
-    "mixup_alpha": 0.0,
-    "cutmix_alpha": 0.0,
-    "stochastic_depth": None,  # None: the arch's own rate
-    "dropout": None,
-}
-# The reference recipe. Flags left unset take these values (or DEMO's, for -d demo).
-RECIPE = {
-    "arch": "resnet50",
-    "weights": "imagenet",
-    "batch_size": 64,
-    "epochs": 128,
-    "resize": 512,
-    "crop": 448,
-    "padding": 8,
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "label_smoothing": 0.1,
-    "workers": None,  # None: chosen from the CPUs available to each process
-    **{k: v for k, v in LATER.items() if k != "recipe"},
-}
 LR_PER_256 = 0.1  # the seed's linear scaling rule: --lr = global batch / 256 x 0.1
 # --recipe NAME: values for the flags left unset, over the seed's (RECIPE) and the demo's. Sources in the README
 # ("Recipes"); "lr_per_256" replaces LR_PER_256 in the lr rule. What each preset leaves out of its source is said there.
@@ -64,28 +33,11 @@ RECIPES = {
                     "model_ema_decay": 0.998},
 }
 AUTO_AUGMENT = ("none", "ta_wide", "ra", "augmix")
-# -d demo: small enough to finish in a few minutes on a laptop CPU, from scratch (no download).
-DEMO = {
-    "arch": "resnet18",
-    "weights": "none",
-    "batch_size": 32,
-    "epochs": 8,
-    "resize": 72,
-    "crop": 64,
-    "padding": 4,
-}
 AMP_MODES = ("off", "fp16", "bf16")
-# Options that change what a run computes: resuming across a change of any of them is refused, and fgic.report
-# groups runs by them. The world size and the worker count are not among them: fgic gives the same result on any
-# layout, so a run may resume on another.
-MEANING = ("dataset", "num_classes", "arch", "weights", "batch_size", "epochs", "lr", "momentum", "weight_decay",
-           "label_smoothing", "resize", "crop", "padding", "seed", "amp", "recipe", "opt", "norm_weight_decay",
-           "layer_decay", "lr_warmup_epochs", "lr_warmup_method", "lr_warmup_decay", "clip_grad_norm", "model_ema",
-           "model_ema_decay", "model_ema_steps", "auto_augment", "random_erase", "mixup_alpha", "cutmix_alpha",
-           "stochastic_depth", "dropout")
 REGISTRY = ("cub", "aircraft", "cars", "nabirds", "dogs", "flowers", "pets", "demo")  # -d NAME: --data-root/NAME
 # The seed's -a took 0 (off), 1 (NVIDIA apex O1) and 2 (native fp16 AMP).
 _LEGACY_AMP = {"0": "off", "1": "fp16", "2": "fp16"}
+UNSET = object()  # a Flag without a recipe or demo value
 
 
 def dataset_name(data: str) -> str:
@@ -96,6 +48,190 @@ def dataset_name(data: str) -> str:
 def default_data_root() -> str:
     """Where the registry names (REGISTRY) live: $FGIC_DATA, else ./data."""
     return os.environ.get("FGIC_DATA", "data")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Flag:
+    """One fgic.ddp flag: argparse's arguments, whether it changes what a run computes, where its value comes from
+    when left unset, and its help, in which {default} is that value (RECIPE's, else argparse's)."""
+    names: tuple[str, ...]
+    # 0: a resume may change it. N: it changes what the run computes (a resume across a change is refused, fgic.report
+    # groups runs by it), and N is its place in MEANING: the report's columns and a refused resume's list.
+    meaning: int
+    help: str
+    recipe: Any = UNSET  # the seed recipe's value when left unset (argparse's default stays None: "unset")
+    demo: Any = UNSET  # -d demo's value when left unset, over the recipe's
+    later: bool = False  # added after the seed: a config without it ran with its recipe value (LATER)
+    default: Any = None  # argparse's; a callable is called when the parser is built
+    type: Any = None
+    choices: tuple | None = None
+    action: Any = None
+    metavar: str | None = None
+    nargs: str | None = None
+    const: Any = None
+    dest: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The attribute of the parsed flags (argparse's dest)."""
+        return self.dest or next(n for n in self.names if n.startswith("--"))[2:].replace("-", "_")
+
+    @property
+    def unset(self) -> Any:
+        """The value the flag takes when left unset (before -d demo, --recipe and the lr rule)."""
+        return self.default if self.recipe is UNSET else self.recipe
+
+    def arguments(self) -> dict:
+        """add_argument's keyword arguments."""
+        given = {k: getattr(self, k) for k in ("type", "choices", "action", "metavar", "nargs", "const", "dest")}
+        if self.default is not None:
+            given["default"] = self.default() if callable(self.default) else self.default
+        return {**{k: v for k, v in given.items() if v is not None}, "help": self.help.format(default=self.unset)}
+
+
+# Every flag, in the help's order; `meaning` says whether a resume may change it. Flags of torchvision's classification
+# reference and timm's train.py are aliases of fgic's. The later ones are off in the seed's recipe (torchvision's
+# reference names and defaults).
+FLAGS = {
+    "data": (
+        Flag(names=("-d", "--data", "--data-path"), metavar="NAME|PATH", meaning=0,  # MEANING has its dataset
+             help=f"{', '.join(REGISTRY)} (a folder under --data-root), or a folder with train/ and test/"),
+        Flag(names=("--data-root",), default=default_data_root, meaning=0,
+             help="where registry names live (default: $FGIC_DATA or ./data)"),
+        Flag(names=("-w", "-j", "--workers"), type=int, meaning=0,  # None: from the CPUs of each process
+             help="data loader workers per process (default: from the CPUs)"),
+        Flag(names=("--resize",), type=int, recipe=512, demo=72, meaning=9,
+             help="resize to N x N before cropping (default {default})"),
+        Flag(names=("--crop", "--train-crop-size", "--img-size"), type=int, recipe=448, demo=64, meaning=10,
+             help="crop size, training and test (default {default})"),
+        Flag(names=("--padding",), type=int, recipe=8, demo=4, meaning=11,
+             help="zero padding before the random crop (default {default})"),
+        Flag(names=("--check-images",), default="fast", choices=("fast", "full", "off"), meaning=0,
+             help="before training: fast (headers and end markers), full (decode every image) or off "
+                  "(default {default})"),
+        Flag(names=("--skip-bad-images",), action="store_true", meaning=0,
+             help="leave unreadable images out (with a count) instead of stopping"),
+        Flag(names=("--auto-augment", "--aa"), choices=AUTO_AUGMENT, recipe="none", later=True, meaning=25,
+             help="per-image policy: TrivialAugment (ta_wide), RandAugment (ra), AugMix (default {default})"),
+        Flag(names=("--random-erase", "--reprob"), type=float, metavar="P", recipe=0.0, later=True, meaning=26,
+             help="random erasing probability (default {default:g})"),
+        Flag(names=("--mixup-alpha", "--mixup"), type=float, recipe=0.0, later=True, meaning=27,
+             help="mixup's Beta(alpha, alpha); partners from the whole train set (default {default:g}: off)"),
+        Flag(names=("--cutmix-alpha", "--cutmix"), type=float, recipe=0.0, later=True, meaning=28,
+             help="cutmix's Beta(alpha, alpha) (default {default:g}: off; with mixup, half the samples each)"),
+        Flag(names=("--cache",), default="auto", choices=("auto", "on", "off"), meaning=0,
+             help="decode and resize each split once into a memory-mapped file shared by the node's processes: "
+                  "auto (when it fits in memory), on or off (default {default})"),
+        Flag(names=("--cache-dir",), metavar="DIR", meaning=0,
+             help="where the cache lives; node-local is best (default: $FGIC_CACHE or fgic-cache-UID in $TMPDIR or "
+                  "/tmp)"),
+    ),
+    "model": (
+        Flag(names=("--arch", "--model"), recipe="resnet50", demo="resnet18", meaning=1,
+             help="any torchvision classification model, or timm:NAME with timm installed (default {default})"),
+        Flag(names=("--pretrained",), dest="weights", action="store_const", const="imagenet", meaning=2,
+             help="the same as --weights imagenet"),
+        Flag(names=("--weights",), metavar="imagenet|none|PATH", recipe="imagenet", demo="none", meaning=2,
+             help="imagenet (torchvision's, from the torch cache; imagenet:NAME picks e.g. IMAGENET1K_V2; for timm: "
+                  "the default tag from the Hugging Face cache, imagenet:TAG another), none, or a state_dict file "
+                  "(default {default})"),
+        Flag(names=("--stochastic-depth", "--drop-path"), type=float, metavar="P", later=True, meaning=29,
+             help="stochastic depth rate of the deepest block (torchvision's stochastic_depth_prob, timm's "
+                  "drop_path_rate; default: the arch's)"),  # None: the arch's own rate
+        Flag(names=("--dropout", "--drop"), type=float, metavar="P", later=True, meaning=30,
+             help="dropout rate (torchvision's dropout, timm's drop_rate; default: the arch's)"),
+    ),
+    "optimisation": (
+        Flag(names=("-b", "--batch-size"), type=int, recipe=64, demo=32, meaning=3,
+             help="GLOBAL batch, split evenly over the processes (default {default})"),
+        Flag(names=("--epochs",), type=int, recipe=128, demo=8, meaning=4, help="epochs (default {default})"),
+        Flag(names=("--lr",), type=float, meaning=5,  # None: the lr rule (scaled_lr)
+             help=f"learning rate (default: global batch / 256 x {LR_PER_256:g})"),
+        Flag(names=("--momentum",), type=float, recipe=0.9, meaning=6, help="SGD momentum (default {default})"),
+        Flag(names=("--weight-decay", "--wd"), type=float, recipe=5e-4, meaning=7,
+             help="weight decay, SGD's or AdamW's (default {default:g}; a --recipe's own)"),
+        Flag(names=("--label-smoothing", "--smoothing"), type=float, recipe=0.1, meaning=8,
+             help="label smoothing (default {default:g})"),
+        Flag(names=("--recipe",), choices=tuple(RECIPES), recipe="seed", later=True, meaning=14,
+             help="fill the flags left unset from a named set: {default} (the default), tv-v2 or transformer (see "
+                  "README 'Recipes')"),
+        Flag(names=("--opt",), choices=("sgd", "adamw"), recipe="sgd", later=True, meaning=15,
+             help="optimizer (default {default})"),
+        Flag(names=("--norm-weight-decay",), type=float, later=True, meaning=16,  # None: --weight-decay for all
+             help="weight decay of norm layers and biases (default: --weight-decay)"),
+        Flag(names=("--layer-decay",), type=float, later=True, meaning=17,
+             help="layer-wise lr decay: block k of L gets lr x X^(L+1-k), the head lr (ViT, Swin, ConvNeXt, "
+                  "EfficientNet, MobileNet, RegNet, ResNet, MaxViT, MNASNet, ShuffleNet, timm models; default off)"),
+        Flag(names=("--lr-warmup-epochs", "--warmup-epochs"), type=int, recipe=0, later=True, meaning=18,
+             help="epochs of lr warmup, per step, before the cosine (default {default})"),
+        Flag(names=("--lr-warmup-method",), choices=("linear", "constant"), recipe="constant", later=True,
+             meaning=19, help="warmup shape (default {default})"),
+        Flag(names=("--lr-warmup-decay",), type=float, recipe=0.01, later=True, meaning=20,
+             help="warmup's first lr factor (default {default:g})"),
+        Flag(names=("--clip-grad-norm", "--clip-grad"), type=float, later=True, meaning=21,
+             help="clip the global gradient norm to X (default off)"),
+        Flag(names=("--model-ema",), action=argparse.BooleanOptionalAction, recipe=False, later=True, meaning=22,
+             help="also keep and evaluate an exponential moving average of the weights"),
+        Flag(names=("--model-ema-decay",), type=float, recipe=0.99998, later=True, meaning=23,
+             help="EMA decay, adjusted for the global batch and --model-ema-steps as torchvision's "
+                  "(default {default:g})"),
+        Flag(names=("--model-ema-steps",), type=int, recipe=32, later=True, meaning=24,
+             help="steps between EMA updates (default {default})"),
+        Flag(names=("-a", "--amp"), default="auto", nargs="?", const="fp16", metavar="auto|off|fp16|bf16",
+             meaning=13,
+             help="mixed precision (default {default}: bf16 on a GPU that has it, fp16 on one without, off on the "
+                  "CPU; a bare --amp is fp16, as in torchvision's reference and timm; the seed's 0/1/2 are "
+                  "accepted)"),
+        Flag(names=("-s", "--seed"), type=int, default=2020, meaning=12,
+             help="seed of the weights, order and augmentation (default {default})"),
+        Flag(names=("--compile",), action=argparse.BooleanOptionalAction, default=False, meaning=0,
+             help="torch.compile the model (slow start, faster steps on a GPU; default off)"),
+        Flag(names=("--sync-bn",), action="store_true", meaning=0,
+             help="accepted for torchvision's reference: fgic always synchronises BatchNorm over the global batch "
+                  "when several processes train"),
+        Flag(names=("--deterministic",), action="store_true", meaning=0,
+             help="deterministic algorithms and, on the CPU, the same BatchNorm code on 1 or N processes (slower; "
+                  "for exact comparisons)"),
+    ),
+    "run": (
+        Flag(names=("-g", "--gpu"), meaning=0,
+             help="GPU ids, e.g. 0 or 0,1,2,3 (several start one process each)"),
+        Flag(names=("--device",), default="auto", choices=("auto", "cpu", "cuda"), meaning=0,
+             help="default: cuda when available"),
+        Flag(names=("-n", "--note"), default="", meaning=0,  # fgic.report groups by it too
+             help="a word added to the run's name"),
+        Flag(names=("--output-dir", "--output"), default="runs", meaning=0,
+             help="runs go to OUTPUT_DIR/DATASET/RUN_NAME (default ./{default})"),
+        Flag(names=("--resume",), default="auto", metavar="auto|none|PATH", meaning=0,
+             help="auto: continue the run folder's checkpoint.pt if any; none: start over; or a checkpoint"),
+        Flag(names=("--tensorboard",), action="store_true", meaning=0,
+             help="also write TensorBoard scalars per epoch to RUN_DIR/tb (needs the tensorboard package)"),
+        Flag(names=("--wandb",), action="store_true", meaning=0,
+             help="also log to Weights & Biases from rank 0, one W&B run per run folder across requeues (pip "
+                  "install wandb; WANDB_MODE=offline, then `wandb sync`, works offline)"),
+        Flag(names=("--wandb-project",), default="fgic", meaning=0,
+             help="the W&B project (default {default})"),
+        Flag(names=("--wandb-entity",), meaning=0, help="the W&B team or user (default: your W&B default)"),
+        Flag(names=("--wandb-group",), meaning=0,
+             help="the W&B group (default: none; a sweep's runs get the sweep's)"),
+        Flag(names=("--eval-only", "--test-only"), action="store_true", meaning=0,
+             help="evaluate --resume PATH or --weights PATH and write eval.json"),
+    ),
+}
+EVERY_FLAG = tuple(flag for group in FLAGS.values() for flag in group)
+# The reference recipe. Flags left unset take these values (or DEMO's, for -d demo).
+RECIPE = {f.key: f.recipe for f in EVERY_FLAG if f.recipe is not UNSET}
+# -d demo: small enough to finish in a few minutes on a laptop CPU, from scratch (no download).
+DEMO = {f.key: f.demo for f in EVERY_FLAG if f.demo is not UNSET}
+# Options added later, off in the seed's recipe. A run that predates them ran with these values: `completed` fills
+# them into an older config.json or checkpoint.
+LATER = {f.key: f.unset for f in EVERY_FLAG if f.later}
+# Options that change what a run computes: resuming across a change of any of them is refused, and fgic.report
+# groups runs by them. The world size and the worker count are not among them: fgic gives the same result on any
+# layout, so a run may resume on another. The dataset and its class count stand for -d (the data may move).
+MEANING = ("dataset", "num_classes", *dict.fromkeys(f.key for f in sorted(EVERY_FLAG, key=lambda f: f.meaning)
+                                                   if f.meaning))
+INCIDENTAL = tuple(dict.fromkeys(f.key for f in EVERY_FLAG if not f.meaning))  # a resume may change these
 
 
 class Parser(argparse.ArgumentParser):
@@ -116,117 +252,21 @@ class Parser(argparse.ArgumentParser):
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    """The fgic.ddp parser; launchers reuse it with add_help=False as a parent."""
+    """The fgic.ddp parser, built from FLAGS; launchers reuse it with add_help=False as a parent."""
     p = Parser("fgic.ddp", add_help=add_help,
                description="Train or evaluate a fine-grained classifier with the reference recipe. Flags of "
                            "torchvision's classification reference and timm's train.py are accepted under their "
                            "names too (shown beside fgic's).")
-    g = p.add_argument_group("data")
-    g.add_argument("-d", "--data", "--data-path", metavar="NAME|PATH",
-                   help=f"{', '.join(REGISTRY)} (a folder under --data-root), or a folder with train/ and test/")
-    g.add_argument("--data-root", default=default_data_root(),
-                   help="where registry names live (default: $FGIC_DATA or ./data)")
-    g.add_argument("-w", "-j", "--workers", type=int, help="data loader workers per process (default: from the CPUs)")
-    g.add_argument("--resize", type=int, help=f"resize to N x N before cropping (default {RECIPE['resize']})")
-    g.add_argument("--crop", "--train-crop-size", "--img-size", type=int,
-                   help=f"crop size, training and test (default {RECIPE['crop']})")
-    g.add_argument("--padding", type=int, help=f"zero padding before the random crop (default {RECIPE['padding']})")
-    g.add_argument("--check-images", default="fast", choices=("fast", "full", "off"),
-                   help="before training: fast (headers and end markers), full (decode every image) or off "
-                        "(default fast)")
-    g.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (with a count) "
-                                                                  "instead of stopping")
-    g.add_argument("--auto-augment", "--aa", choices=AUTO_AUGMENT, help="per-image policy: TrivialAugment (ta_wide), "
-                                                                "RandAugment (ra), AugMix (default none)")
-    g.add_argument("--random-erase", "--reprob", type=float, metavar="P",
-                   help="random erasing probability (default 0)")
-    g.add_argument("--mixup-alpha", "--mixup", type=float,
-                   help="mixup's Beta(alpha, alpha); partners from the whole train set (default 0: off)")
-    g.add_argument("--cutmix-alpha", "--cutmix", type=float,
-                   help="cutmix's Beta(alpha, alpha) (default 0: off; with mixup, half the samples each)")
-    g.add_argument("--cache", default="auto", choices=("auto", "on", "off"),
-                   help="decode and resize each split once into a memory-mapped file shared by the node's processes: "
-                        "auto (when it fits in memory), on or off (default auto)")
-    g.add_argument("--cache-dir", metavar="DIR", help="where the cache lives; node-local is best (default: $FGIC_CACHE "
-                                                      "or fgic-cache-UID in $TMPDIR or /tmp)")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", "--model",
-                   help="any torchvision classification model, or timm:NAME with timm installed (default resnet50)")
-    g.add_argument("--pretrained", dest="weights", action="store_const", const="imagenet",
-                   help="the same as --weights imagenet")
-    g.add_argument("--weights", metavar="imagenet|none|PATH",
-                   help="imagenet (torchvision's, from the torch cache; imagenet:NAME picks e.g. IMAGENET1K_V2; for "
-                        "timm: the default tag from the Hugging Face cache, imagenet:TAG another), none, or a "
-                        "state_dict file (default imagenet)")
-    g.add_argument("--stochastic-depth", "--drop-path", type=float, metavar="P",
-                   help="stochastic depth rate of the deepest block (torchvision's stochastic_depth_prob, timm's "
-                        "drop_path_rate; default: the arch's)")
-    g.add_argument("--dropout", "--drop", type=float, metavar="P", help="dropout rate (torchvision's dropout, "
-                                                                         "timm's drop_rate; default: the arch's)")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("-b", "--batch-size", type=int, help="GLOBAL batch, split evenly over the processes (default 64)")
-    g.add_argument("--epochs", type=int, help="epochs (default 128)")
-    g.add_argument("--lr", type=float, help="learning rate (default: global batch / 256 x 0.1)")
-    g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    g.add_argument("--weight-decay", "--wd", type=float,
-                   help=f"weight decay, SGD's or AdamW's (default {RECIPE['weight_decay']:g}; a --recipe's own)")
-    g.add_argument("--label-smoothing", "--smoothing", type=float,
-                   help=f"label smoothing (default {RECIPE['label_smoothing']:g})")
-    g.add_argument("--recipe", choices=tuple(RECIPES), help="fill the flags left unset from a named set: seed (the "
-                                                           "default), tv-v2 or transformer (see README 'Recipes')")
-    g.add_argument("--opt", choices=("sgd", "adamw"), help="optimizer (default sgd)")
-    g.add_argument("--norm-weight-decay", type=float, help="weight decay of norm layers and biases (default: "
-                                                           "--weight-decay)")
-    g.add_argument("--layer-decay", type=float, help="layer-wise lr decay: block k of L gets lr x X^(L+1-k), the "
-                                                     "head lr (ViT, Swin, ConvNeXt, EfficientNet, MobileNet, RegNet, "
-                                                     "ResNet, MaxViT, MNASNet, ShuffleNet, timm models; default off)")
-    g.add_argument("--lr-warmup-epochs", "--warmup-epochs", type=int,
-                   help="epochs of lr warmup, per step, before the cosine (default 0)")
-    g.add_argument("--lr-warmup-method", choices=("linear", "constant"), help="warmup shape (default constant)")
-    g.add_argument("--lr-warmup-decay", type=float, help="warmup's first lr factor (default 0.01)")
-    g.add_argument("--clip-grad-norm", "--clip-grad", type=float,
-                   help="clip the global gradient norm to X (default off)")
-    g.add_argument("--model-ema", action=argparse.BooleanOptionalAction,
-                   help="also keep and evaluate an exponential moving average of the weights")
-    g.add_argument("--model-ema-decay", type=float, help="EMA decay, adjusted for the global batch and "
-                                                         "--model-ema-steps as torchvision's (default 0.99998)")
-    g.add_argument("--model-ema-steps", type=int, help="steps between EMA updates (default 32)")
-    g.add_argument("-a", "--amp", default="auto", nargs="?", const="fp16", metavar="auto|off|fp16|bf16",
-                   help="mixed precision (default auto: bf16 on a GPU that has it, fp16 on one without, off on the "
-                        "CPU; a bare --amp is fp16, as in torchvision's reference and timm; the seed's 0/1/2 are "
-                        "accepted)")
-    g.add_argument("-s", "--seed", type=int, default=2020,
-                   help="seed of the weights, order and augmentation (default 2020)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the model (slow start, faster steps on a GPU; default off)")
-    g.add_argument("--sync-bn", action="store_true",
-                   help="accepted for torchvision's reference: fgic always synchronises BatchNorm over the global "
-                        "batch when several processes train")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms and, on the CPU, the same BatchNorm code on 1 or N "
-                        "processes (slower; for exact comparisons)")
-
-    g = p.add_argument_group("run")
-    g.add_argument("-g", "--gpu", help="GPU ids, e.g. 0 or 0,1,2,3 (several start one process each)")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda when available")
-    g.add_argument("-n", "--note", default="", help="a word added to the run's name")
-    g.add_argument("--output-dir", "--output", default="runs",
-                   help="runs go to OUTPUT_DIR/DATASET/RUN_NAME (default ./runs)")
-    g.add_argument("--resume", default="auto", metavar="auto|none|PATH",
-                   help="auto: continue the run folder's checkpoint.pt if any; none: start over; or a checkpoint")
-    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars per epoch to "
-                                                              "RUN_DIR/tb (needs the tensorboard package)")
-    g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases from rank 0, one W&B run per run "
-                                                       "folder across requeues (pip install wandb; "
-                                                       "WANDB_MODE=offline, then `wandb sync`, works offline)")
-    g.add_argument("--wandb-project", default="fgic", help="the W&B project (default fgic)")
-    g.add_argument("--wandb-entity", help="the W&B team or user (default: your W&B default)")
-    g.add_argument("--wandb-group", help="the W&B group (default: none; a sweep's runs get the sweep's)")
-    g.add_argument("--eval-only", "--test-only", action="store_true",
-                   help="evaluate --resume PATH or --weights PATH and write eval.json")
+    for title, flags in FLAGS.items():
+        group = p.add_argument_group(title)
+        for flag in flags:
+            group.add_argument(*flag.names, **flag.arguments())
     return p
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """fgic.ddp's command line (sys.argv's when None), resolved and checked."""
+    return resolve(get_args_parser().parse_args(argv))
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -235,7 +275,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise FgicError(f"-d/--data is required: a dataset name ({', '.join(REGISTRY)}) or a folder with train/ "
                         f"and test/")
     if getattr(args, "recipe", None) is None:
-        args.recipe = "seed"
+        args.recipe = RECIPE["recipe"]
     preset = dict(RECIPES[args.recipe])
     per_256 = preset.pop("lr_per_256", LR_PER_256)
     defaults = {**RECIPE, **(DEMO if args.data == "demo" else {}), **preset}

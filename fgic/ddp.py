@@ -19,7 +19,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fgic import checkpoint, cluster, config, data, engine, models, optim, report, runlog
 from fgic.cluster import Launch
-from fgic.config import get_args_parser  # noqa: F401  (launchers import the parser from here)
 from fgic.dist import Dist, pick_device
 from fgic.errors import FgicError, run_cli
 from fgic.requeue import requeue
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 def resolve(argv: list[str]) -> Run:
     """The flags, the launch and the data, checked. These checks fail the same way on every process, so they come
     before the process group exists (and -g's ids before one process per GPU starts)."""
-    args = config.resolve(config.get_args_parser().parse_args(argv))
+    args = config.parse(argv)
     launch = cluster.detect()
     gpus = cluster.parse_gpus(args.gpu)
     device = pick_device(args.device, gpus, launch.local_rank)

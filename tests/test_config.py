@@ -1,3 +1,4 @@
+import dataclasses
 import re
 
 import pytest
@@ -8,7 +9,7 @@ from fgic.errors import FgicError
 
 
 def parse(*argv):
-    return config.resolve(config.get_args_parser().parse_args(list(argv)))
+    return config.parse(list(argv))
 
 
 def test_recipe_defaults():
@@ -142,3 +143,40 @@ def test_a_presets_value_that_does_not_fit_names_the_preset():
         parse("-d", "demo", "--recipe", "tv-v2", "--epochs", "2")
     with pytest.raises(FgicError, match=re.escape("--lr-warmup-epochs 3: must be fewer than --epochs 2")):
         parse("-d", "demo", "--lr-warmup-epochs", "3", "--epochs", "2")
+
+
+def test_every_flag_says_whether_it_changes_the_result():
+    """A flag left out of MEANING would let a resume continue silently across a change that matters: each of the
+    parser's flags is in MEANING (a resume refuses a change) or INCIDENTAL (it may change), not both."""
+    dests = {a.dest for a in config.get_args_parser()._actions if a.dest != "help"}
+    assert sorted(dests - set(config.MEANING) - set(config.INCIDENTAL)) == [], "flags neither list classifies"
+    assert sorted(set(config.MEANING) & set(config.INCIDENTAL)) == []
+    assert sorted(set(config.INCIDENTAL) - dests) == [] and set(config.MEANING) - dests == {"dataset", "num_classes"}
+    places = {(f.meaning, f.key) for f in config.EVERY_FLAG if f.meaning}  # --pretrained and --weights: one option
+    assert sorted(n for n, _ in places) == list(range(1, len(places) + 1)), "each option its own place in MEANING"
+
+
+def test_the_helps_defaults_are_the_values_an_unset_flag_takes():
+    """Each '(default VALUE' in the help is what the flag resolves to when left out (a help that says a number of its
+    own goes stale when the recipe changes)."""
+    unset = vars(parse("-d", "cub"))
+    checked = []
+    for action in config.get_args_parser()._actions:
+        said = re.search(r"\(default ([^\s;:),]+)", action.help or "")  # "(default: ...)" states a rule, not a value
+        if said:
+            value = unset[action.dest]
+            want = "off" if value is None or value is False else f"{value:g}" if isinstance(value, float) else value
+            assert said.group(1) in (str(want), f"./{want}"), (action.option_strings, said.group(1), value)
+            checked.append(action.dest)
+    assert {"batch_size", "epochs", "weight_decay", "momentum", "crop", "seed", "model_ema_decay"} <= set(checked)
+
+
+def test_a_flags_help_and_its_recipe_value_are_one_value():
+    flag = next(f for f in config.EVERY_FLAG if f.key == "batch_size")
+    assert "(default 96)" in dataclasses.replace(flag, recipe=96).arguments()["help"]
+
+
+def test_the_presets_name_only_flags():
+    keys = {f.key for f in config.EVERY_FLAG}
+    assert {name: sorted(set(p) - keys - {"lr_per_256"}) for name, p in config.RECIPES.items()} == \
+        {name: [] for name in config.RECIPES}

@@ -66,7 +66,7 @@ def test_evaluation_counts_each_class_exactly():
 
 def test_amp_auto_is_the_seeds_float32_on_the_cpu():
     """-a auto, the default: off on the CPU (its records and run folder names stay the seed's); explicit modes stay."""
-    args = config.resolve(config.get_args_parser().parse_args(["-d", "demo"]))
+    args = config.parse(["-d", "demo"])
     assert args.amp == "auto"
     cpu = torch.device("cpu")
     assert [engine.resolve_amp(a, cpu) for a in ("auto", "off", "bf16", "fp16")] == ["off", "off", "bf16", "fp16"]

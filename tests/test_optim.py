@@ -114,8 +114,7 @@ def test_a_layer_decay_that_would_freeze_a_deep_stem_is_refused_with_one_that_do
 
 
 def test_a_presets_layer_decay_that_would_freeze_says_where_it_comes_from():
-    args = config.resolve(config.get_args_parser().parse_args(["-d", "x", "--recipe", "transformer", "--arch",
-                                                               "resnet152", "--epochs", "9"]))
+    args = config.parse(["-d", "x", "--recipe", "transformer", "--arch", "resnet152", "--epochs", "9"])
     with pytest.raises(FgicError, match=r"gives the stem .* \(--layer-decay comes from --recipe transformer; pass it"):
         optim.build(built("resnet152"), torch.device("cpu"), args, 10)
 
@@ -177,7 +176,7 @@ def test_the_ema_restarts_during_the_warmup():
 
 
 def ema_args(**changes):
-    args = config.resolve(config.get_args_parser().parse_args(["-d", "cub", "--model-ema", "--epochs", "12"]))
+    args = config.parse(["-d", "cub", "--model-ema", "--epochs", "12"])
     for name, value in changes.items():
         setattr(args, name, value)
     return args

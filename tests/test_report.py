@@ -20,8 +20,7 @@ from tests.helpers import REPO, fgic_env, optional
 def make_run(root, dataset, seed, accs, epochs=None, finish=True, flags=(), ema=None):
     """A run folder as fgic.ddp leaves it: config.json from the real parser, one record per epoch in `accs` (test
     top-1), and summary.json when `finish`."""
-    args = config.resolve(config.get_args_parser().parse_args(
-        ["-d", dataset, "-s", str(seed), "--epochs", str(epochs or len(accs)), *flags]))
+    args = config.parse(["-d", dataset, "-s", str(seed), "--epochs", str(epochs or len(accs)), *flags])
     args.amp = engine.resolve_amp(args.amp, torch.device("cpu"))  # as fgic.ddp.resolve, on the CPU
     folder = root / dataset / config.run_name(args)
     log = RunLog(folder, is_main=True)

@@ -21,7 +21,7 @@ def test_datasets_seeds_and_amps_keep_the_run_names_of_fgic_ddp(tiny_data, tmp_p
     combos = sweep.plan([str(tiny_data)], [0, 1], ["off", "bf16"], [], ["--output-dir", str(tmp_path)])
     assert names(combos) == ["resnet50-off-s0", "resnet50-bf16-s0", "resnet50-off-s1", "resnet50-bf16-s1"]
     for c in combos:  # the folder fgic.ddp itself will write to, for the same argv
-        run = config.resolve(config.get_args_parser().parse_args(c.argv))
+        run = config.parse(c.argv)
         assert c.run_dir == config.run_dir(run, data.resolve(run.data, run.data_root)[0])
 
 
@@ -32,14 +32,14 @@ def test_any_flag_sweeps_into_its_own_run_folder(tiny_data):
     # the arch is in the name already; the others go into the note, after the user's; the last axis varies fastest
     assert names(combos)[:3] == ["resnet18-off-s0-try-lr0.05-batch-size32", "resnet18-off-s0-try-lr0.05-batch-size64",
                                  "vit_b_32-off-s0-try-lr0.05-batch-size32"]
-    run = config.resolve(config.get_args_parser().parse_args(combos[2].argv))
+    run = config.parse(combos[2].argv)
     assert (run.lr, run.arch, run.batch_size, run.note) == (0.05, "vit_b_32", 32, "try-lr0.05-batch-size32")
     assert combos[2].swept == {"lr": "0.05", "arch": "vit_b_32", "batch_size": "32"}
 
 
 def test_switches_sweep_as_on_and_off(tiny_data):
     combos = sweep.plan([str(tiny_data)], [0], ["off"], ["model-ema=on,off", "compile=on,off"], ["--recipe", "tv-v2"])
-    parsed = [config.resolve(config.get_args_parser().parse_args(c.argv)) for c in combos]
+    parsed = [config.parse(c.argv) for c in combos]
     # off says --no-model-ema and --no-compile, so that it overrides a recipe's or the common flags' on
     assert [(p.model_ema, p.compile) for p in parsed] == [(True, True), (True, False), (False, True), (False, False)]
     assert names(combos) == ["resnet50-off-tv-v2-s0-model-ema-compile", "resnet50-off-tv-v2-s0-model-ema",
