@@ -12,10 +12,12 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from fgic import augment, cache, images, signals
+from fgic.batch import collate
 from fgic.cacheload import CachedBatches, CachedImageFolder
 from fgic.config import REGISTRY, dataset_name
 from fgic.demo import ensure_demo
 from fgic.errors import FgicError
+from fgic.keyed import KeyedImages
 from fgic.samplers import ShardSampler, TrainSampler
 
 SPLITS = ("train", "test")
@@ -81,11 +83,9 @@ def check_layout(root: Path) -> list[str]:
     return classes["train"]
 
 
-class KeyedImageFolder(ImageFolder):
-    """ImageFolder returning uint8 CHW tensors. Training items are fetched by (epoch, index) keys and augmented from
-    (seed, epoch, index) (augment.Views); test items by index, resized and centre-cropped. Its classes and samples
-    are images.split_classes' and class_samples' (ImageFolder's own count hidden folders as classes and `._x.jpg` as
-    images)."""
+class KeyedImageFolder(KeyedImages, ImageFolder):
+    """KeyedImages decoded from the split's image files. Its classes and samples are images.split_classes' and
+    class_samples' (ImageFolder's own count hidden folders as classes and `._x.jpg` as images)."""
 
     def __init__(self, root: Path, train: bool, resize: int, crop: int, padding: int, seed: int,
                  extra: augment.Extra = augment.Extra()):
@@ -104,28 +104,14 @@ class KeyedImageFolder(ImageFolder):
     def image(self, index: int) -> torch.Tensor:
         return augment.resize(self.loader(self.samples[index][0]), self.size)
 
-    def label(self, index: int) -> int:
-        return self.samples[index][1]
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (None, key)
-        if self.train:
-            return self.views.item(self.image, self.label, len(self.samples), epoch, index)
-        return augment.center_crop(self.image(index), self.crop), self.label(index)
-
-    def to_device(self, batch, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """A loader batch -> (uint8 NCHW crops, labels[, drop keys[, partners' crops, their labels, mixing rows]]) on
-        `device` (training batches have the keys)."""
-        return tuple(t.to(device, non_blocking=True) for t in batch)
-
 
 class Loader(DataLoader):
-    """A DataLoader whose worker processes leave the stop signals to the training process (signals.ignore_stop):
-    they start with the signals blocked (fork and spawn pass the mask on, as does a forkserver started here) and
-    ignore them from their first step on."""
+    """A DataLoader of Batch items (batch.collate) whose worker processes leave the stop signals to the training
+    process (signals.ignore_stop): they start with the signals blocked (fork and spawn pass the mask on, as does a
+    forkserver started here) and ignore them from their first step on."""
 
     def __init__(self, dataset, **opts):
-        super().__init__(dataset, worker_init_fn=signals.ignore_stop, **opts)
+        super().__init__(dataset, worker_init_fn=signals.ignore_stop, collate_fn=collate, **opts)
 
     def __iter__(self):
         if self.num_workers:  # under spawn and forkserver, a lock starts multiprocessing's resource tracker, whose
