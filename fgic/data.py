@@ -106,12 +106,12 @@ class KeyedImageFolder(KeyedImages, ImageFolder):
 
 
 class Loader(DataLoader):
-    """A DataLoader of Batch items (batch.collate) whose worker processes leave the stop signals to the training
-    process (signals.ignore_stop): they start with the signals blocked (fork and spawn pass the mask on, as does a
-    forkserver started here) and ignore them from their first step on."""
+    """A DataLoader whose worker processes leave the stop signals to the training process (signals.ignore_stop):
+    they start with the signals blocked (fork and spawn pass the mask on, as does a forkserver started here) and
+    ignore them from their first step on."""
 
     def __init__(self, dataset, **opts):
-        super().__init__(dataset, worker_init_fn=signals.ignore_stop, collate_fn=collate, **opts)
+        super().__init__(dataset, worker_init_fn=signals.ignore_stop, **opts)
 
     def __iter__(self):
         if self.num_workers:  # under spawn and forkserver, a lock starts multiprocessing's resource tracker, whose
@@ -192,7 +192,8 @@ def build(spec: DataSpec, root: Path, world_size: int, rank: int, pin_memory: bo
                         f"in {root / 'train'}; use a smaller batch")
     train_set, test_set = use_cache(spec, root, (train_set, test_set), say=rank == 0)
     per_process = spec.batch_size // world_size
-    opts = dict(num_workers=spec.workers, pin_memory=pin_memory, persistent_workers=spec.workers > 0)
+    opts = dict(num_workers=spec.workers, pin_memory=pin_memory, persistent_workers=spec.workers > 0,
+                collate_fn=collate)  # Batch items -> a Batch
     sampler = TrainSampler(len(train_set), world_size, rank, spec.seed)
     if isinstance(train_set, CachedImageFolder) and train_set.device_crops:  # whole batches from the map by threads
         train_loader = CachedBatches(train_set, sampler, per_process, threads=max(spec.workers, 1), pin=pin_memory)
