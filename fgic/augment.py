@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
+from fgic.batch import Batch
 from fgic.drop import M32, mix32
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -182,9 +183,10 @@ class Views:
                         self.padding)
         return out if self.policy is None else apply_policy(self.policy, out, self.seed, epoch, index)
 
-    def item(self, image, label, n: int, epoch: int, index: int) -> tuple:
-        own = self.view(image(index), epoch, index), label(index), drop_key(self.seed, epoch, index)
+    def item(self, image, label, n: int, epoch: int, index: int) -> Batch:
+        own = Batch(self.view(image(index), epoch, index), label(index), drop_key(self.seed, epoch, index))
         if not self.extra.mixing:
             return own
         partner, row = mix_params(self.seed, epoch, index, n, self.crop, self.extra)
-        return (*own, self.view(image(partner), epoch, partner), label(partner), row)
+        return own._replace(partners=self.view(image(partner), epoch, partner), partner_labels=label(partner),
+                            mix_rows=row)

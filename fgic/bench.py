@@ -29,6 +29,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from fgic import augment, config, data, demo, drop, engine, images, models, optim
+from fgic.batch import Batch, collate
 from fgic.config import RECIPE
 from fgic.dist import pick_device
 from fgic.errors import FgicError, run_cli
@@ -39,11 +40,16 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B20
 
 
 class OriginalFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder with fgic's classes (hidden folders such as .ipynb_checkpoints are none)."""
+    """torchvision's ImageFolder with fgic's classes (hidden folders such as .ipynb_checkpoints are none), its items
+    Batch(image, label)."""
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         names = images.split_classes(directory)
         return names, {name: i for i, name in enumerate(names)}
+
+    def __getitem__(self, index: int) -> Batch:
+        image, label = super().__getitem__(index)
+        return Batch(image, label)
 
 
 def recipe_loader(root: Path, resize: int, crop: int, padding: int, batch: int, workers: int, pin: bool):
@@ -54,7 +60,7 @@ def recipe_loader(root: Path, resize: int, crop: int, padding: int, batch: int, 
     if len(ds) < batch:
         raise FgicError(f"-b/--batch-size {batch}: {root / 'train'} has only {len(ds)} images")
     return DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, pin_memory=pin,
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, collate_fn=collate)
 
 
 def fgic_loader(root: Path, resize: int, crop: int, padding: int, batch: int, workers: int, pin: bool,
@@ -88,7 +94,7 @@ def images_per_second(loader, batches: int, warmup: int) -> float:
         next(it)
     start, count = time.perf_counter(), 0
     for _ in range(batches):
-        count += len(next(it)[1])
+        count += len(next(it).labels)
     seconds = time.perf_counter() - start
     del it
     gc.collect()
@@ -118,9 +124,8 @@ def loader_cmd(a) -> dict:
     batch = next(iter(ours))
     start = time.perf_counter()
     for _ in range(3):
-        inputs = ours.dataset.to_device(batch, torch.device("cpu"))
-        augment.normalize(inputs[0])
-    cpu_prep = 3 * len(batch[1]) / (time.perf_counter() - start)
+        augment.normalize(ours.dataset.to_device(batch, torch.device("cpu")).images)
+    cpu_prep = 3 * len(batch.labels) / (time.perf_counter() - start)
     result = {"baseline_images_per_second": base_rate, "fgic_images_per_second": ours_rate,
               "ratio": ours_rate / base_rate, "workers": a.workers, "batch_size": a.batch_size,
               "batches_timed": a.batches, "warmup_batches": a.warmup, "resize": a.resize, "crop": a.crop,
@@ -173,8 +178,8 @@ def train_cmd(a) -> dict:
     if a.synthetic:
         x = augment.normalize(torch.randint(0, 256, (a.batch_size, 3, a.crop, a.crop), dtype=torch.uint8,
                                             device=device))
-        batch = (x.contiguous(memory_format=torch.channels_last) if pin else x,
-                 torch.randint(0, classes, (a.batch_size,), device=device))
+        batch = Batch(x.contiguous(memory_format=torch.channels_last) if pin else x,
+                      torch.randint(0, classes, (a.batch_size,), device=device))
         source = synthetic_mixed(batch, extra, a.crop, classes) if extra.mixing else itertools.repeat(batch)
         what = "synthetic batch already on the device" + (", mixed with itself rolled by one" if extra.mixing else "")
     elif a.pipeline == "fgic":
@@ -186,17 +191,17 @@ def train_cmd(a) -> dict:
                 f"{device.type}")
     else:
         loader = recipe_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin)
-        source = ((x.to(device, non_blocking=True).contiguous(
-            memory_format=torch.channels_last if pin else torch.contiguous_format), y.to(device, non_blocking=True))
-            for x, y in endless(loader))
+        layout = torch.channels_last if pin else torch.contiguous_format
+        source = (Batch(b.images.to(device, non_blocking=True).contiguous(memory_format=layout),
+                        b.labels.to(device, non_blocking=True)) for b in endless(loader))
         what = f"original: ImageFolder + PIL transforms, {a.workers} workers, float batches copied to the device"
 
     flops = step_flops(model, a, device, criterion)
     fixed = torch.tensor([augment.drop_key(0, 0, i) for i in range(a.batch_size)], device=device)
     def step():
-        images, labels, *keys = next(source)  # the loader's drop keys, or fixed ones for a source without
-        loss, _ = engine.train_step(step_model, images, labels, opt.optimizer, opt.scaler, criterion, device, a.amp,
-                                    opt.clip_grad_norm, keys[0] if keys else fixed)
+        batch = next(source)  # the loader's drop keys, or fixed ones for a source without
+        loss, _ = engine.train_step(step_model, batch.images, batch.labels, opt.optimizer, opt.scaler, criterion,
+                                    device, a.amp, opt.clip_grad_norm, fixed if batch.keys is None else batch.keys)
         opt.after_step()
         return loss
     seconds, loss = timed(step, a, device)
@@ -299,11 +304,12 @@ def step_name(flags: argparse.Namespace) -> str:
 
 def synthetic_mixed(batch, extra: augment.Extra, crop: int, classes: int):
     """The synthetic batch mixed, every step, with itself rolled by one by the mixing rows of samples 0..n-1."""
-    images, labels = batch
+    images, labels = batch.images, batch.labels
     rows = torch.stack([augment.mix_params(0, 0, i, len(labels), crop, extra)[1] for i in range(len(labels))])
     rows = rows.to(images.device)
     while True:
-        yield augment.mix(images, labels, images.roll(1, 0), labels.roll(1, 0), rows, classes)
+        mixed, targets = augment.mix(images, labels, images.roll(1, 0), labels.roll(1, 0), rows, classes)
+        yield Batch(mixed, targets)
 
 
 class _AllEpochs:
@@ -354,7 +360,7 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
 
 def prep_cost(loader, device, step_seconds: float) -> dict:
     """Device time of crop/flip/normalize per batch (from batches already on the device), and its share of a step."""
-    batches = [type(b)(*(t.to(device) for t in b)) for b, _ in zip(loader, range(3))]  # CachedBatches' Gathered
+    batches = [b.to(device) for b, _ in zip(loader, range(3))]  # CachedBatches': uncropped, with crop params
     ds = loader.dataset
 
     def prep(b):

@@ -6,41 +6,27 @@ import itertools
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from fgic import augment
+from fgic.batch import Batch
+from fgic.keyed import KeyedImages
 
 
-class Gathered(NamedTuple):
-    """A CachedBatches batch: uint8 resized images, labels, drop keys, (top, left, flip) crop params."""
-    images: torch.Tensor
-    labels: torch.Tensor
-    keys: torch.Tensor
-    params: torch.Tensor
-
-
-class CachedImageFolder(torch.utils.data.Dataset):
+class CachedImageFolder(KeyedImages):
     """A KeyedImageFolder's samples served from the decoded-image cache (fgic.cache), with the same items.
 
-    Training batches come from CachedBatches: the resized uint8 images, the labels and each sample's (top, left, flip)
-    from augment.sample_params; `to_device` crops and flips them where the batch trains (one gather on a GPU).
-    Items (`dataset[key]`, the test split's loader) are made on the host, exactly as KeyedImageFolder's; so are the
-    training items when augment.Extra adds per-image policies or mixing (its torch generator is not thread-safe, and
-    a partner doubles the reads), served by loader worker processes then."""
+    Training batches come from CachedBatches: the resized uint8 images, the labels, drop keys and each sample's
+    (top, left, flip) from augment.sample_params; `to_device` crops and flips them where the batch trains (one gather
+    on a GPU). Items (`dataset[key]`, the test split's loader) are made on the host, exactly as KeyedImageFolder's; so
+    are the training items when augment.Extra adds per-image policies or mixing (its torch generator is not
+    thread-safe, and a partner doubles the reads), served by loader worker processes then."""
 
-    def __init__(self, folder, array: np.ndarray):
-        self.root, self.samples, self.targets = folder.root, folder.samples, folder.targets
-        self.classes = folder.classes
-        self.train, self.size, self.crop, self.padding, self.seed = (folder.train, folder.size, folder.crop,
-                                                                     folder.padding, folder.seed)
-        self.views = folder.views
+    def __init__(self, folder: KeyedImages, array: np.ndarray):
+        vars(self).update(vars(folder))  # its samples (bad images left out), classes, sizes, seed and views
         self.path, self.array = array.filename, array
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getstate__(self):  # loader workers map the file themselves; the pages are never pickled
         return {**self.__dict__, "array": None}
@@ -58,32 +44,14 @@ class CachedImageFolder(torch.utils.data.Dataset):
     def image(self, index: int) -> torch.Tensor:
         return torch.from_numpy(np.array(self.rows()[index]))
 
-    def label(self, index: int) -> int:
-        return self.samples[index][1]
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (None, key)
-        if self.train:
-            return self.views.item(self.image, self.label, len(self.samples), epoch, index)
-        return augment.center_crop(self.image(index), self.crop), self.label(index)
-
     def params(self, keys) -> torch.Tensor:
         """(top, left, flip) of each (epoch, index) key, as an int16 (B, 3) tensor."""
         return torch.tensor([augment.sample_params(self.seed, e, i, self.size, self.crop, self.padding)
                              for e, i in keys], dtype=torch.int16)
 
-    def to_device(self, batch, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """A loader batch -> (uint8 NCHW crops, labels[, drop keys[, mixing's partners]]) on `device`: CachedBatches'
-        batches (Gathered) are cropped and flipped there."""
-        if not isinstance(batch, Gathered):  # items, made already
-            return tuple(t.to(device, non_blocking=True) for t in batch)
-        images = augment.crop_flip_batch(batch.images.to(device, non_blocking=True),
-                                         batch.params.to(device, non_blocking=True), self.crop, self.padding)
-        return images, batch.labels.to(device, non_blocking=True), batch.keys.to(device, non_blocking=True)
-
 
 class CachedBatches:
-    """Training batches (Gathered: uint8 resized images, labels, drop keys, crop/flip params) gathered whole from the
+    """Training batches (Batch: uint8 resized images, labels, drop keys, crop/flip params) gathered whole from the
     cache's memory map by `threads` threads (numpy copies release the GIL), `depth` batches ahead of the consumer: no
     worker processes, no per-item collation, and one host copy per image. In place of a DataLoader: it has `dataset`,
     `sampler` (a TrainSampler; its set_epoch applies) and len(). `epochs()` chains epochs with one producer.
@@ -175,5 +143,6 @@ class CachedBatches:
         list(pool.map(copy, [range(t, len(index), self.threads) for t in range(self.threads)]))
         labels, params = torch.tensor([self.dataset.samples[i][1] for i in index]), self.dataset.params(keys)
         drops = torch.tensor([augment.drop_key(self.dataset.seed, e, i) for e, i in keys])
-        small = [t.pin_memory() for t in (labels, drops, params)] if self.pin else (labels, drops, params)
-        return Gathered(images, *small)
+        if self.pin:
+            labels, drops, params = (t.pin_memory() for t in (labels, drops, params))
+        return Batch(images, labels, drops, params=params)

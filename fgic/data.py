@@ -12,10 +12,12 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from fgic import augment, cache, images, signals
+from fgic.batch import collate
 from fgic.cacheload import CachedBatches, CachedImageFolder
 from fgic.config import REGISTRY, dataset_name
 from fgic.demo import ensure_demo
 from fgic.errors import FgicError
+from fgic.keyed import KeyedImages
 from fgic.samplers import ShardSampler, TrainSampler
 
 SPLITS = ("train", "test")
@@ -81,11 +83,9 @@ def check_layout(root: Path) -> list[str]:
     return classes["train"]
 
 
-class KeyedImageFolder(ImageFolder):
-    """ImageFolder returning uint8 CHW tensors. Training items are fetched by (epoch, index) keys and augmented from
-    (seed, epoch, index) (augment.Views); test items by index, resized and centre-cropped. Its classes and samples
-    are images.split_classes' and class_samples' (ImageFolder's own count hidden folders as classes and `._x.jpg` as
-    images)."""
+class KeyedImageFolder(KeyedImages, ImageFolder):
+    """KeyedImages decoded from the split's image files. Its classes and samples are images.split_classes' and
+    class_samples' (ImageFolder's own count hidden folders as classes and `._x.jpg` as images)."""
 
     def __init__(self, root: Path, train: bool, resize: int, crop: int, padding: int, seed: int,
                  extra: augment.Extra = augment.Extra()):
@@ -103,20 +103,6 @@ class KeyedImageFolder(ImageFolder):
 
     def image(self, index: int) -> torch.Tensor:
         return augment.resize(self.loader(self.samples[index][0]), self.size)
-
-    def label(self, index: int) -> int:
-        return self.samples[index][1]
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (None, key)
-        if self.train:
-            return self.views.item(self.image, self.label, len(self.samples), epoch, index)
-        return augment.center_crop(self.image(index), self.crop), self.label(index)
-
-    def to_device(self, batch, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """A loader batch -> (uint8 NCHW crops, labels[, drop keys[, partners' crops, their labels, mixing rows]]) on
-        `device` (training batches have the keys)."""
-        return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
 class Loader(DataLoader):
@@ -206,7 +192,8 @@ def build(spec: DataSpec, root: Path, world_size: int, rank: int, pin_memory: bo
                         f"in {root / 'train'}; use a smaller batch")
     train_set, test_set = use_cache(spec, root, (train_set, test_set), say=rank == 0)
     per_process = spec.batch_size // world_size
-    opts = dict(num_workers=spec.workers, pin_memory=pin_memory, persistent_workers=spec.workers > 0)
+    opts = dict(num_workers=spec.workers, pin_memory=pin_memory, persistent_workers=spec.workers > 0,
+                collate_fn=collate)  # Batch items -> a Batch
     sampler = TrainSampler(len(train_set), world_size, rank, spec.seed)
     if isinstance(train_set, CachedImageFolder) and train_set.device_crops:  # whole batches from the map by threads
         train_loader = CachedBatches(train_set, sampler, per_process, threads=max(spec.workers, 1), pin=pin_memory)

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fgic import augment, drop
+from fgic.batch import Batch
 from fgic.dist import Dist
 from fgic.errors import FgicError
 from fgic.models import logits
@@ -38,23 +39,21 @@ def check_amp(amp: str, device: torch.device) -> None:
         raise FgicError(f"-a/--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use -a fp16")
 
 
-def inputs(loader, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A loader batch -> (normalised float images, labels, drop keys) on the device: the dataset moves and crops it
-    there (the host moves uint8 bytes only), and mixes each image with its partner (the targets are then class
+def inputs(loader, batch: Batch, device: torch.device) -> Batch:
+    """A loader batch -> Batch(normalised float images, labels, drop keys) on the device: the dataset moves and crops
+    it there (the host moves uint8 bytes only), and mixes each image with its partner (the labels are then class
     probabilities); channels_last on a GPU. Test batches have no drop keys (None)."""
-    images, labels, *rest = loader.dataset.to_device(batch, device)
-    keys, partner = (rest[0], rest[1:]) if rest else (None, ())
-    images = augment.normalize(images)
-    if partner:
-        partners, partner_labels, rows = partner
-        images, labels = augment.mix(images, labels, augment.normalize(partners), partner_labels, rows,
-                                     len(loader.dataset.classes))
+    moved = loader.dataset.to_device(batch, device)
+    images, labels = augment.normalize(moved.images), moved.labels
+    if moved.partners is not None:
+        images, labels = augment.mix(images, labels, augment.normalize(moved.partners), moved.partner_labels,
+                                     moved.mix_rows, len(loader.dataset.classes))
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # the CPU: as uncached
-    return images.contiguous(memory_format=layout), labels, keys
+    return Batch(images.contiguous(memory_format=layout), labels, moved.keys)
 
 
 class DeviceBatches:
-    """A loader's batches as (normalised images, labels, drop keys) on the device (see `inputs`). On a GPU the next
+    """A loader's batches as Batch(normalised images, labels, drop keys) on the device (see `inputs`). On a GPU the next
     batch is copied, cropped and normalised on a side stream while the current one trains, so the step never waits
     for it."""
 
@@ -83,13 +82,13 @@ class DeviceBatches:
             yield self._hand_over(pending, main)
 
     @staticmethod
-    def _hand_over(pending, main):
-        tensors, done = pending
+    def _hand_over(pending, main) -> Batch:
+        batch, done = pending
         main.wait_event(done)
-        for t in tensors:
+        for t in batch:
             if t is not None:
                 t.record_stream(main)  # made on the side stream, used on the main one
-        return tensors
+        return batch
 
 
 class WithLoss(nn.Module):
@@ -155,7 +154,8 @@ def train_one_epoch(model: nn.Module, loader, opt, criterion, dist: Dist, amp: s
     bar = progress(DeviceBatches(loader, device), dist.is_main, desc, later_steps, loader.batch_size * dist.world_size)
     step = start_step
     shown = start
-    for step, (images, labels, keys) in enumerate(bar, start=start_step + 1):
+    for step, batch in enumerate(bar, start=start_step + 1):
+        images, labels, keys = batch.images, batch.labels, batch.keys
         loss, out = train_step(model, images, labels, opt.optimizer, opt.scaler, criterion, device, amp,
                                opt.clip_grad_norm, keys)
         opt.after_step()
@@ -192,7 +192,8 @@ def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_clas
     totals = torch.zeros(3 + 2 * n, dtype=torch.float64, device=device)
     # loss sum, top-1 correct, top-k correct, then per-class correct and per-class total
     cells = []  # with `confusion`: true * n + predicted of each test image of this process
-    for images, labels, _ in progress(DeviceBatches(loader, device), dist.is_main, desc):
+    for batch in progress(DeviceBatches(loader, device), dist.is_main, desc):
+        images, labels = batch.images, batch.labels
         with autocast(device, amp):
             out = logits(model(images))
         loss = nn.functional.cross_entropy(out.float(), labels, reduction="sum",

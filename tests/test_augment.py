@@ -26,7 +26,8 @@ def item(v, pictures, epoch, index):
 def test_the_default_view_is_the_seed_recipes_crop_and_flip():
     pictures = images()
     for index in range(10):
-        got, label, key = item(views(augment.Extra()), pictures, 3, index)
+        got = item(views(augment.Extra()), pictures, 3, index)
+        got, label, key = got.images, got.labels, got.keys
         want = augment.crop_flip(pictures[index], augment.sample_params(7, 3, index, 20, 16, 2), 16, 2)
         assert torch.equal(got, want) and label == index % 5 and key == augment.drop_key(7, 3, index)
 
@@ -35,17 +36,17 @@ def test_the_default_view_is_the_seed_recipes_crop_and_flip():
 def test_policies_follow_the_key_not_the_global_generator(policy):
     pictures, v = images(), views(augment.Extra(auto_augment=policy, random_erase=0.5))
     torch.manual_seed(1)
-    first = [item(v, pictures, 0, i)[0] for i in range(8)]
+    first = [item(v, pictures, 0, i).images for i in range(8)]
     state = torch.get_rng_state()
     torch.manual_seed(99)  # another global state, and another order of the keys: the same views
-    again = [item(v, pictures, 0, i)[0] for i in reversed(range(8))][::-1]
+    again = [item(v, pictures, 0, i).images for i in reversed(range(8))][::-1]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     torch.manual_seed(1)
     [item(v, pictures, 0, i) for i in range(8)]
     assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left as it was
-    plain = [item(views(augment.Extra()), pictures, 0, i)[0] for i in range(8)]
+    plain = [item(views(augment.Extra()), pictures, 0, i).images for i in range(8)]
     assert sum(not torch.equal(a, b) for a, b in zip(first, plain)) >= 6  # the policy does act
-    assert not torch.equal(item(v, pictures, 1, 0)[0], first[0])  # another epoch, another draw
+    assert not torch.equal(item(v, pictures, 1, 0).images, first[0])  # another epoch, another draw
 
 
 def test_mixing_rows_partners_and_switch():
@@ -86,13 +87,15 @@ def test_one_and_three_processes_see_the_same_mixed_batches(tiny_data):
     cpu = torch.device("cpu")
     drops = [augment.drop_key(5, e, i) for e, i in one.sampler]
     for n, (whole, *parts) in enumerate(zip(one, *ranks, strict=True)):
-        assert len(whole) == 6 and whole[5].shape == (6, 6)  # images, labels, drop keys, partners, their labels, rows
-        assert whole[2].tolist() == drops[6 * n:6 * n + 6]
-        for i, t in enumerate(whole):
-            assert torch.equal(t, torch.stack([p[i][j] for j in range(2) for p in parts]))
-        x, y, keys = engine.inputs(one, whole, cpu)
+        assert whole.mix_rows.shape == (6, 6) and whole.params is None
+        assert whole.keys.tolist() == drops[6 * n:6 * n + 6]
+        for field in ("images", "labels", "keys", "partners", "partner_labels", "mix_rows"):
+            got = [getattr(p, field)[j] for j in range(2) for p in parts]
+            assert torch.equal(getattr(whole, field), torch.stack(got))
+        trains = engine.inputs(one, whole, cpu)
+        x, y = trains.images, trains.labels
         assert x.dtype == torch.float32 and y.shape == (6, 3) and torch.allclose(y.sum(1), torch.ones(6))
-        assert torch.equal(keys, whole[2])
+        assert torch.equal(trains.keys, whole.keys)
 
 
 def test_the_sampler_keys_reach_the_views(tiny_data):

@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from fgic import augment, cache, data, images
+from fgic.batch import collate
 from fgic.cacheload import CachedBatches
 from fgic.demo import make_tiny
 from fgic.errors import FgicError
@@ -223,14 +224,15 @@ def test_cached_batches_equal_uncached_bitwise(ds, tmp_path, crop, padding):
         for loader in (cached[2], plain[2]):
             loader.sampler.set_epoch(epoch)
         for a, b in zip(cached[2], plain[2], strict=True):
-            (xa, ya, ka), (xb, yb, kb) = cached[2].dataset.to_device(a, cpu), plain[2].dataset.to_device(b, cpu)
-            assert xa.dtype == torch.uint8 and xa.shape == (4, 3, crop, crop)
-            assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ka, kb)
+            da, db = cached[2].dataset.to_device(a, cpu), plain[2].dataset.to_device(b, cpu)
+            assert da.images.dtype == torch.uint8 and da.images.shape == (4, 3, crop, crop)
+            assert torch.equal(da.images, db.images) and torch.equal(da.labels, db.labels)
+            assert torch.equal(da.keys, db.keys) and da.params is db.params is da.partners is db.partners is None
             flips.update(a.params[:, 2].tolist())
             del a  # a cached batch's buffer is reused once the next ones are taken
     assert flips == {0, 1}  # both flips were exercised
     for a, b in zip(cached[3], plain[3], strict=True):  # test split: centre crops
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.keys is b.keys is None
 
 
 @pytest.mark.parametrize("extra", [dict(auto_augment="ta_wide", random_erase=0.5, mixup_alpha=0.2, cutmix_alpha=1.0),
@@ -246,8 +248,8 @@ def test_cached_batches_equal_uncached_with_the_augmentations(ds, tmp_path, extr
             loader.sampler.set_epoch(epoch)
         for a, b in zip(cached[2], plain[2], strict=True):
             a, b = cached[2].dataset.to_device(a, cpu), plain[2].dataset.to_device(b, cpu)
-            assert len(a) == (6 if "mixup_alpha" in extra else 3) and a[0].shape == (4, 3, 32, 32)
-            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+            assert (a.partners is not None) == ("mixup_alpha" in extra) and a.images.shape == (4, 3, 32, 32)
+            assert all(x is y is None or torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_the_gpus_batched_crop_equals_per_image_crops():
@@ -273,18 +275,20 @@ def test_batches_from_threads_and_workers(ds, tmp_path):
     train_set, test_set, loader, test_loader = data.build(args_for(cache_dir=str(tmp_path / "c")), ds, 1, 0, False)
     assert isinstance(loader, CachedBatches) and len(loader) == 2
     sampler = TrainSampler(len(train_set), 1, 0, 3)
-    one = [tuple(t.clone() for t in b) for b in CachedBatches(train_set, sampler, 4, threads=1, pin=False)]
-    three = [tuple(t.clone() for t in b) for b in CachedBatches(train_set, sampler, 4, threads=3, pin=False, depth=1)]
+    one = [b._replace(images=b.images.clone()) for b in CachedBatches(train_set, sampler, 4, threads=1, pin=False)]
+    three = [b._replace(images=b.images.clone())
+             for b in CachedBatches(train_set, sampler, 4, threads=3, pin=False, depth=1)]
     assert len(one) == len(three) == 2
-    assert all(torch.equal(x, y) for a, b in zip(one, three) for x, y in zip(a, b))
+    assert all(x is y is None or torch.equal(x, y) for a, b in zip(one, three) for x, y in zip(a, b))
     first = next(iter(CachedBatches(train_set, sampler, 4, threads=2, pin=False)))  # left early: no hang, no thread
-    assert torch.equal(first[0], one[0][0])
+    assert torch.equal(first.images, one[0].images)
     assert not [t for t in threading.enumerate() if t.name.startswith("fgic-")]
-    items = list(DataLoader(test_set, 4, num_workers=2))  # the test split through loader workers
-    assert torch.equal(torch.cat([x for x, _ in items]), torch.stack([test_set[i][0] for i in range(len(test_set))]))
+    items = list(DataLoader(test_set, 4, num_workers=2, collate_fn=collate))  # the test split through loader workers
+    assert torch.equal(torch.cat([b.images for b in items]), torch.stack([test_set[i].images
+                                                                          for i in range(len(test_set))]))
     copy = pickle.loads(pickle.dumps(train_set))  # what a spawned worker gets: the file's name, not its pages
     assert copy.array is None and len(pickle.dumps(train_set)) < 10_000
-    assert torch.equal(copy[(0, 3)][0], train_set[(0, 3)][0])
+    assert torch.equal(copy[(0, 3)].images, train_set[(0, 3)].images)
 
 
 def test_auto_decides_from_the_memory(monkeypatch, tmp_path):

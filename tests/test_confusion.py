@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fgic import engine
+from fgic.batch import Batch
 from fgic.cluster import Launch
 from fgic.dist import Dist
 
@@ -18,7 +19,7 @@ CPU = torch.device("cpu")
 
 
 class Batches(list):
-    """(uint8 images, labels) batches standing in for a loader."""
+    """Batch(uint8 images, labels) batches standing in for a loader."""
     dataset = SimpleNamespace(to_device=lambda batch, device: batch)
 
 
@@ -33,7 +34,7 @@ def evaluated(n: int, batches: int, dist: Dist | None = None):
     torch.manual_seed(n)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, n))
     nn.init.normal_(model[1].bias, std=0.1 if n < 100 else 10.0)  # many classes: spread the predictions out
-    loader = Batches((torch.randint(0, 256, (5, 3, 2, 2), dtype=torch.uint8), torch.randint(0, n, (5,)))
+    loader = Batches(Batch(torch.randint(0, 256, (5, 3, 2, 2), dtype=torch.uint8), torch.randint(0, n, (5,)))
                      for _ in range(batches))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = engine.evaluate(model, loader, nn.CrossEntropyLoss(), dist or Dist(Launch("single"), CPU), "off", n,
@@ -42,7 +43,8 @@ def evaluated(n: int, batches: int, dist: Dist | None = None):
     cells = Counter()
     with torch.inference_mode():
         for batch in loader:
-            images, labels, _ = engine.inputs(loader, batch, CPU)
+            batch = engine.inputs(loader, batch, CPU)
+            images, labels = batch.images, batch.labels
             cells.update(zip(labels.tolist(), model(images).argmax(1).tolist()))
     return out, cells, grown
 

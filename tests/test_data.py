@@ -75,12 +75,14 @@ def test_normalize_matches_torchvision():
 def test_dataset_items_follow_their_keys(tmp_path):
     root = make_tiny(tmp_path / "d", (3, 3), (2, 2))
     train = data.KeyedImageFolder(root / "train", True, 36, 32, 4, seed=1)
-    x, y, key = train[(0, 4)]
+    item = train[(0, 4)]
+    x, y, key = item.images, item.labels, item.keys
     assert x.dtype == torch.uint8 and x.shape == (3, 32, 32) and y == 1 and key == augment.drop_key(1, 0, 4)
-    assert torch.equal(x, train[(0, 4)][0])
-    assert any(not torch.equal(x, train[(e, 4)][0]) for e in range(1, 6))  # a new epoch, a new crop/flip
+    assert item.partners is item.partner_labels is item.mix_rows is item.params is None
+    assert torch.equal(x, train[(0, 4)].images)
+    assert any(not torch.equal(x, train[(e, 4)].images) for e in range(1, 6))  # a new epoch, a new crop/flip
     test = data.KeyedImageFolder(root / "test", False, 36, 32, 4, seed=1)
-    assert test[0][0].shape == (3, 32, 32) and torch.equal(test[0][0], test[0][0])
+    assert test[0].images.shape == (3, 32, 32) and torch.equal(test[0].images, test[0].images) and test[0].keys is None
 
 
 def test_layout_checks_name_the_folder(tmp_path):

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from fgic import config, engine, optim
+from fgic.batch import Batch
 from fgic.cluster import Launch
 from fgic.dist import Dist
 
@@ -41,7 +42,7 @@ def test_a_skipped_first_fp16_step_leaves_no_momentum_for_the_fused_kernel():
 
 
 class Batches(list):
-    """(uint8 images, labels) batches standing in for a loader."""
+    """Batch(uint8 images, labels) batches standing in for a loader."""
     dataset = SimpleNamespace(to_device=lambda batch, device: batch)
 
 
@@ -49,14 +50,15 @@ def test_evaluation_counts_each_class_exactly():
     """The per-class tallies (index_add_, no host sync on a GPU) against a plain count of the same predictions."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 7))
-    data = [(torch.randint(0, 256, (5, 3, 2, 2), dtype=torch.uint8), torch.randint(0, 7, (5,))) for _ in range(4)]
+    data = [Batch(torch.randint(0, 256, (5, 3, 2, 2), dtype=torch.uint8), torch.randint(0, 7, (5,))) for _ in range(4)]
     loader = Batches(data)
     out = engine.evaluate(model, loader, nn.CrossEntropyLoss(), Dist(Launch("single"), torch.device("cpu")), "off", 7)
     correct, total = [0] * 7, [0] * 7
     with torch.inference_mode():
         for batch in loader:
-            images, labels, keys = engine.inputs(loader, batch, torch.device("cpu"))
-            assert keys is None  # test batches
+            batch = engine.inputs(loader, batch, torch.device("cpu"))
+            images, labels = batch.images, batch.labels
+            assert batch.keys is None  # test batches
             for label, pred in zip(labels.tolist(), model(images).argmax(1).tolist()):
                 total[label] += 1
                 correct[label] += pred == label

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from fgic import augment, bench, data, drop, engine, models, optim, syncbn
+from fgic.batch import collate
 from fgic.cluster import Launch
 from fgic.dist import Dist
 from tests.helpers import read_jsonl, run_fgic, same_result, tiny_args
@@ -120,14 +121,16 @@ def test_cached_gpu_batches_equal_the_cpu_path_bit_for_bit(tiny_data):
             train.sampler.set_epoch(epoch)
         batches = [list(engine.DeviceBatches(train, dev)) for (_, dev), (_, _, train, _) in loaders.items()]
         assert [len(b) for b in batches] == [4, 4, 4, 4]
-        for (x, y, k), *others in zip(*batches):
+        for first, *others in zip(*batches):
+            x = first.images
             assert x.is_cuda and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
-            for x2, y2, k2 in others:
-                assert all(torch.equal(a.cpu(), b.cpu()) for a, b in ((x, x2), (y, y2), (k, k2)))
+            for other in others:
+                assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(first, other, strict=True) if a is not None)
     tests = [list(engine.DeviceBatches(test, dev)) for (_, dev), (_, _, _, test) in loaders.items()]
     assert len(tests[0]) == 17  # 101 images in batches of 6
-    for (x, y, _), *others in zip(*tests, strict=True):
-        assert all(torch.equal(x.cpu(), x2.cpu()) and torch.equal(y.cpu(), y2.cpu()) for x2, y2, _ in others)
+    for first, *others in zip(*tests, strict=True):
+        assert all(torch.equal(first.images.cpu(), o.images.cpu()) and torch.equal(first.labels.cpu(), o.labels.cpu())
+                   for o in others)
 
 
 def _count_syncs(fn):
@@ -183,7 +186,8 @@ def test_no_host_sync_per_evaluation_batch(tiny_data, cache):
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     counts = []
     for batches in (1, 2, 4):  # the first (not compared) initialises cuDNN and the allocators
-        loader = DataLoader(test_set, batch_size=6, sampler=range(6 * batches), num_workers=2, pin_memory=True)
+        loader = DataLoader(test_set, batch_size=6, sampler=range(6 * batches), num_workers=2, pin_memory=True,
+                            collate_fn=collate)
         out, n = _count_syncs(lambda: engine.evaluate(model, loader, criterion, dist, "bf16", 3))
         assert out["test_total"] == sum(out["class_total"]) == 6 * batches
         counts.append(n)
