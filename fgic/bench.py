@@ -195,9 +195,8 @@ def train_cmd(a) -> dict:
     fixed = torch.tensor([augment.drop_key(0, 0, i) for i in range(a.batch_size)], device=device)
     def step():
         images, labels, *keys = next(source)  # the loader's drop keys, or fixed ones for a source without
-        loss, _ = engine.train_step(step_model, images, labels, opt.optimizer, opt.scaler, criterion, device, a.amp,
-                                    opt.clip_grad_norm, keys[0] if keys else fixed)
-        opt.after_step()
+        loss, _ = engine.forward(step_model, images, labels, criterion, device, a.amp, keys[0] if keys else fixed)
+        opt.step(loss)
         return loss
     seconds, loss = timed(step, a, device)
     if hasattr(source, "close"):
