@@ -104,7 +104,6 @@ def train(run: Run, dist: Dist, stop: StopRequest, hooks: testhooks.Hooks = test
     """The recipe: set-up, resume (or --eval-only's score), the epochs, the summary."""
     args, run_dir, cfg = run.args, run.run_dir, run.config()
     say = print if dist.is_main else (lambda *a, **k: None)
-    cuda = dist.device.type == "cuda"
     seed_everything(args.seed, args.deterministic)
     # What to continue or score, and where the results go: the run folder, or beside --eval-only's --weights FILE.
     ckpt_path, out_dir = dist.agree(lambda: eval_target(args, run_dir) if args.eval_only else
@@ -114,7 +113,8 @@ def train(run: Run, dist: Dist, stop: StopRequest, hooks: testhooks.Hooks = test
     # Set-up: the model (--eval-only's checkpoint replaces all its weights), the data, the optimization.
     model = build_model(run, dist, "none" if args.eval_only and ckpt_path else args.weights, hooks)
     train_set, test_set, train_loader, test_loader = dist.agree(  # scan, cache: the slowest node is waited for
-        lambda: data.build(data.DataSpec.of(args), run.root, dist.world_size, dist.rank, pin_memory=cuda))
+        lambda: data.build(data.DataSpec.of(args), run.root, dist.world_size, dist.rank,
+                           pin_memory=dist.device.type == "cuda"))
     steps_per_epoch = len(train_loader)  # now, before set_epoch's skip shortens the loader (until the next set_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     opt = dist.agree(lambda: optim.build(model, dist.device, args, steps_per_epoch))  # --layer-decay's arch check
@@ -132,6 +132,7 @@ def train(run: Run, dist: Dist, stop: StopRequest, hooks: testhooks.Hooks = test
     dist.agree(lambda: log.start(cfg, progress.epoch))  # a damaged metrics.jsonl stops every rank with one line
     # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a copy beside them (the same
     # arithmetic; one gradient's worth of memory less: regnet_y_128gf 9.1 -> 8.0 GiB a process on the CPU)
+    cuda = dist.device.type == "cuda"
     # --compile compiles the model with its loss, DDP's wrapper included: dynamo's DDPOptimizer then splits the graph
     # at DDP's bucket boundaries, so each bucket's all-reduce starts while the backward goes on (compiling the inner
     # model would hand DDP every gradient at the end of one backward graph). Its crash on N processes ("'float' object
