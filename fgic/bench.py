@@ -200,9 +200,9 @@ def train_cmd(a) -> dict:
     fixed = torch.tensor([augment.drop_key(0, 0, i) for i in range(a.batch_size)], device=device)
     def step():
         batch = next(source)  # the loader's drop keys, or fixed ones for a source without
-        loss, _ = engine.train_step(step_model, batch.images, batch.labels, opt.optimizer, opt.scaler, criterion,
-                                    device, a.amp, opt.clip_grad_norm, fixed if batch.keys is None else batch.keys)
-        opt.after_step()
+        loss, _ = engine.forward(step_model, batch.images, batch.labels, criterion, device, a.amp,
+                                 fixed if batch.keys is None else batch.keys)
+        opt.step(loss)
         return loss
     seconds, loss = timed(step, a, device)
     if hasattr(source, "close"):

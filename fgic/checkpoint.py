@@ -5,24 +5,24 @@ import errno
 import os
 import random
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fgic import testhooks
 from fgic.config import MEANING, completed
 from fgic.errors import FgicError
 from fgic.runlog import CHECKPOINT
 from fgic.weights import safe_load
 
 
-def save_atomic(obj, path: str | os.PathLike, trial: bool = False) -> None:
+def save_atomic(obj, path: str | os.PathLike, trial: bool = False, hooks: testhooks.Hooks = testhooks.NONE) -> None:
     """torch.save to a temporary file in the same folder, fsync, then os.replace: a kill at any moment leaves either
     the previous file or the new one, never a torn one. A full disk or quota is one line (FgicError) naming the file
     and the room the write needs. `trial`: the temporary file is written and removed (whether the write fits, before
-    the work that it would save is done)."""
+    the work that it would save is done). `hooks`: fgic.testhooks' (a stalled overwrite)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -32,8 +32,7 @@ def save_atomic(obj, path: str | os.PathLike, trial: bool = False) -> None:
             os.fsync(f.fileno())
         if trial:
             return
-        if os.environ.get("FGIC_TEST_STALL_SAVE_S") and path.name == CHECKPOINT and path.exists():
-            time.sleep(float(os.environ["FGIC_TEST_STALL_SAVE_S"]))  # test hook: a slow overwrite, to kill it
+        hooks.stall_overwrite(path)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # torch.save: RuntimeError "unexpected pos", the OSError its context
         full = _full(exc)
@@ -137,6 +136,16 @@ class Progress:
         if len(self.totals) == world_size:
             return self.totals[rank]
         return [sum(col) for col in zip(*self.totals)] if rank == 0 else None
+
+    def after_epoch(self, epoch: int, acc: float, ema_acc: float | None,
+                    wall_seconds: float) -> tuple[Progress, list[str]]:
+        """Where the run stands once epoch `epoch` (from 1) has scored `acc` (its EMA model `ema_acc`, None without
+        one), and which bests, "best" and "best_ema", that epoch now is: a higher accuracy than the best so far (a
+        tie keeps the earlier epoch)."""
+        bests = {"best": self.best, "best_ema": self.best_ema}
+        new = {name: {"acc": a, "epoch": epoch} for name, a in (("best", acc), ("best_ema", ema_acc))
+               if a is not None and a > bests[name]["acc"]}
+        return Progress(epoch, 0, [], wall_seconds=wall_seconds, **{**bests, **new}), list(new)
 
 
 def state(model, opt, progress: Progress, config: dict) -> dict:

@@ -8,7 +8,8 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgic import checkpoint, cluster, config, data, engine, models, optim, report, runlog
+from fgic import checkpoint, cluster, config, data, engine, models, optim, report, runlog, testhooks
 from fgic.cluster import Launch
 from fgic.dist import Dist, pick_device
 from fgic.errors import FgicError, run_cli
@@ -58,11 +59,12 @@ class Run:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    stop = StopRequest().install()  # from the start: a warning during set-up is acted on at the first step
+    hooks = testhooks.Hooks.read()
+    stop = StopRequest(hooks).install()  # from the start: a warning during set-up is acted on at the first step
     run = resolve(argv)
     dist = Dist.start(run.launch, run.device)
     try:
-        return train(run, dist, stop)
+        return train(run, dist, stop, hooks)
     finally:
         dist.close()
 
@@ -97,71 +99,35 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)  # a few CUDA backward kernels have no such variant
 
 
-def train(run: Run, dist: Dist, stop: StopRequest) -> int:
+def train(run: Run, dist: Dist, stop: StopRequest, hooks: testhooks.Hooks = testhooks.NONE) -> int:
+    """The recipe: set-up, resume (or --eval-only's score), the epochs, the summary."""
     args, run_dir, cfg = run.args, run.run_dir, run.config()
     say = print if dist.is_main else (lambda *a, **k: None)
     seed_everything(args.seed, args.deterministic)
     # What to continue or score, and where the results go: the run folder, or beside --eval-only's --weights FILE.
     ckpt_path, out_dir = dist.agree(lambda: eval_target(args, run_dir) if args.eval_only else
                                     (checkpoint.select(args.resume, run_dir), run_dir))
-    wandb = (dict(project=args.wandb_project, entity=args.wandb_entity, group=args.wandb_group,
-                  name=f"{run.dataset}/{run_dir.name}") if args.wandb else None)
-    log = RunLog(out_dir, dist.is_main, tensorboard=args.tensorboard, wandb=wandb)
-    # an unwritable folder is said before any set-up work; the folder itself appears once the checks have passed
-    dist.agree(lambda: log.make_dir("--output-dir" if out_dir == run_dir else "--eval-only --weights"))
+    log = open_log(run, dist, out_dir)
 
-    # Model: same seed on every rank gives the same initial weights (DDP broadcasts rank 0's anyway).
-    keyed = not os.environ.get("FGIC_TEST_TORCH_DROP")  # test hook: torch's per-process masks, to measure them
-    weights = "none" if args.eval_only and ckpt_path else args.weights  # the checkpoint replaces them all
-    model = dist.agree(lambda: models.build(args.arch, len(run.classes), weights, crop=args.crop,
-                                            keyed_drop=keyed, stochastic_depth=args.stochastic_depth,
-                                            dropout=args.dropout))
-    model = models.sync_batchnorm(model, dist.device, dist.distributed, same_code=args.deterministic).to(dist.device)
-    if dist.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        engine.check_amp(args.amp, dist.device)
+    # Set-up: the model (--eval-only's checkpoint replaces all its weights), the data, the optimization.
+    model = build_model(run, dist, "none" if args.eval_only and ckpt_path else args.weights, hooks)
     train_set, test_set, train_loader, test_loader = dist.agree(  # scan, cache: the slowest node is waited for
         lambda: data.build(data.DataSpec.of(args), run.root, dist.world_size, dist.rank,
                            pin_memory=dist.device.type == "cuda"))
+    steps_per_epoch = len(train_loader)  # now, before set_epoch's skip shortens the loader (until the next set_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    opt = dist.agree(lambda: optim.build(model, dist.device, args, len(train_loader)))  # --layer-decay's arch check
+    opt = dist.agree(lambda: optim.build(model, dist.device, args, steps_per_epoch))  # --layer-decay's arch check
+    if args.eval_only:
+        return evaluate_only(run, dist, model, opt, ckpt_path, test_loader, criterion, log)
 
     # Resume: the run folder's checkpoint (auto), a named one, or none.
-    progress = checkpoint.Progress()
-    ema = False  # --eval-only scores the checkpoint's EMA model
-    if ckpt_path is not None:
-        ckpt = dist.agree(lambda: checkpoint.load(ckpt_path))
-        if args.eval_only:
-            dist.agree(lambda: load_model(model, ckpt, ckpt_path, args.arch, len(run.classes)))
-            if opt.ema is not None:
-                dist.agree(lambda: load_ema(opt, ckpt, ckpt_path))
-                ema = True
-        else:
-            progress = checkpoint.restore(ckpt, ckpt_path, cfg, model, opt)
-            opt.steps = progress.epoch * len(train_loader) + progress.step
-        del ckpt
-    if args.eval_only:
-        return evaluate_only(run, dist, opt.ema.module if ema else model, test_loader, criterion, log,
-                             f"{ckpt_path} (EMA)" if ema else str(ckpt_path or args.weights))
+    progress = resume(dist, ckpt_path, cfg, model, opt, steps_per_epoch)
     if progress.epoch >= args.epochs:
         say(f"fgic: {run_dir} already finished its {args.epochs} epochs; nothing to do (--resume none starts over, "
             f"moving this run aside to {run_dir.name}.old-N)")
         return 0
-    if ckpt_path is None:
-        moved = dist.agree(log.set_aside)
-        if moved is not None:
-            say(f"fgic: starting over: the earlier run in {run_dir} moved to {moved}")
-    elif args.resume == "none":
-        say(f"fgic: notice: --resume none, but this is restart {os.environ.get('SLURM_RESTART_COUNT')} of Slurm job "
-            f"{os.environ.get('SLURM_JOB_ID')} and {ckpt_path} is its own: resuming it at epoch {progress.epoch + 1}, "
-            f"step {progress.step} (the job's first start began the run over)")
-    else:
-        say(f"fgic: resuming {ckpt_path} at epoch {progress.epoch + 1}, step {progress.step}")
-
-    say(f"fgic: run folder {run_dir}")
-    say(f"fgic: {run.dataset} {len(train_set)} train / {len(test_set)} test images, {len(run.classes)} classes; "
-        f"{args.arch} on {dist.world_size} x {dist.device.type}, batch {args.batch_size} "
-        f"({run.per_process_batch} per process), lr {args.lr:g}, amp {args.amp}")
+    moved = dist.agree(log.set_aside) if ckpt_path is None else None
+    say(*start_lines(run, dist, ckpt_path, progress, moved, len(train_set), len(test_set)), sep="\n")
     dist.agree(lambda: log.start(cfg, progress.epoch))  # a damaged metrics.jsonl stops every rank with one line
     # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a copy beside them (the same
     # arithmetic; one gradient's worth of memory less: regnet_y_128gf 9.1 -> 8.0 GiB a process on the CPU)
@@ -178,20 +144,10 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
         ddp_model = torch.compile(ddp_model)
     every = STOP_CHECK_EVERY if cuda else 1
     started = time.perf_counter() - progress.wall_seconds  # the run's wall time counts its earlier sessions
+    saves = Checkpoints(dist, run_dir, cfg, model, opt, hooks)
+    saves.write(progress, "the trial checkpoint write", trial=True)  # a full disk is said now, not after an epoch
 
-    def save(prog: checkpoint.Progress, best_models=(), trial: bool = False) -> None:
-        """Rank 0 writes the best models ((state_dict, file name) pairs), then the checkpoint; every rank runs it in
-        dist.agree, so a full disk stops all of them with rank 0's one line."""
-        if dist.is_main:
-            for state_dict, name in best_models:
-                checkpoint.save_atomic(state_dict(), run_dir / name)
-            prog.wall_seconds = time.perf_counter() - started
-            checkpoint.save_atomic(checkpoint.state(model, opt, prog, cfg), run_dir / runlog.CHECKPOINT, trial=trial)
-
-    # A trial write of the real state: a full disk or quota is said now, not after an epoch of training (statvfs
-    # would not show a quota)
-    dist.agree(lambda: save(progress, trial=True), during="the trial checkpoint write")
-    steps_per_epoch = len(train_loader)  # now, before set_epoch's skip shortens the loader (until the next set_epoch)
+    # The epochs: train, score the model (and its EMA), record, checkpoint; a stop signal leaves with a checkpoint.
     for epoch in range(progress.epoch, args.epochs):
         t0 = time.perf_counter()
         first_step = progress.step if epoch == progress.epoch else 0
@@ -202,57 +158,149 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
                                     totals=progress.totals_of(dist.rank, dist.world_size),
                                     stop=lambda step: step % every == 0 and stop.agree(dist.max),
                                     later_steps=(args.epochs - epoch - 1) * steps_per_epoch)
-        if tr["stopped_at"] is not None:  # a stop signal: checkpoint this step boundary and leave
-            stopped = checkpoint.Progress(epoch, tr["stopped_at"], dist.gather(tr["totals"]), progress.best,
-                                          best_ema=progress.best_ema)
-            dist.agree(lambda: save(stopped), during="the checkpoint write")
-            return preempted(dist, stop, log, f"epoch {epoch + 1}, step {tr['stopped_at']}")
+        if tr.stopped_at is not None:  # a stop signal: checkpoint this step boundary and leave
+            saves.write(replace(progress, epoch=epoch, step=tr.stopped_at, totals=dist.gather(tr.totals),
+                                wall_seconds=time.perf_counter() - started), "the checkpoint write")
+            return preempted(dist, stop, log, f"epoch {epoch + 1}, step {tr.stopped_at}")
         opt.after_epoch()
         te = engine.evaluate(model, test_loader, criterion, dist, args.amp, len(run.classes))
-        record = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"],
-                  "test_loss": te["test_loss"], "test_acc": te["test_acc"], "test_top5": te["test_top5"],
-                  "test_correct": te["test_correct"], "test_total": te["test_total"],
-                  "epoch_seconds": time.perf_counter() - t0,
-                  "train_images_per_second": tr["train_images_per_second"]}
-        best, best_ema, best_models = progress.best, progress.best_ema, []
-        if te["test_acc"] > best["acc"]:
-            best = {"acc": te["test_acc"], "epoch": epoch + 1}
-            best_models.append((model.state_dict, runlog.BEST))
-        if opt.ema is not None:
-            ema = engine.evaluate(opt.ema.module, test_loader, criterion, dist, args.amp, len(run.classes), "test ema")
-            record.update(ema_test_loss=ema["test_loss"], ema_test_acc=ema["test_acc"], ema_test_top5=ema["test_top5"],
-                          ema_test_correct=ema["test_correct"])
-            if ema["test_acc"] > best_ema["acc"]:
-                best_ema = {"acc": ema["test_acc"], "epoch": epoch + 1}
-                best_models.append((opt.ema.module.state_dict, runlog.BEST_EMA))
+        seconds = time.perf_counter() - t0
+        ema = (engine.evaluate(opt.ema.module, test_loader, criterion, dist, args.amp, len(run.classes), "test ema")
+               if opt.ema is not None else None)
+        record = epoch_record(epoch + 1, lr, seconds, tr.metrics, te, ema)
         log.epoch(record)
-        progress = checkpoint.Progress(epoch + 1, 0, [], best, best_ema=best_ema)
-        dist.agree(lambda: save(progress, best_models), during="the checkpoint writes")
+        progress, bests = progress.after_epoch(epoch + 1, te["acc"], ema and ema["acc"], time.perf_counter() - started)
+        saves.write(progress, "the checkpoint writes", bests)
         log.checkpointed(record)
         dist.barrier()  # the others wait for rank 0's saves here, patiently, not in the next epoch's collectives
-        say(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {tr['train_loss']:.3f} acc "
-            f"{tr['train_acc']:.2f}%  |  test loss {te['test_loss']:.3f} acc {te['test_acc']:.2f}% top5 "
-            f"{te['test_top5']:.2f}% ({te['test_correct']}/{te['test_total']})"
-            f"{f'  |  EMA acc {ema_acc:.2f}%' if (ema_acc := record.get('ema_test_acc')) is not None else ''}"
-            f"  |  {record['epoch_seconds']:.1f} s, {tr['train_images_per_second']:.0f} img/s", flush=True)
+        say(epoch_line(record, args.epochs), flush=True)
         # A signal during the evaluation or the saves (a large test set, a slow file system) is acted on here, with
         # the checkpoint just written, not after the next epoch's first step: Slurm's SIGKILL follows its SIGTERM
         # after KillWait (30 s by default; 5 s on the test cluster, where a CI run lost a cancelled job's stop to it).
         if epoch + 1 < args.epochs and stop.agree(dist.max):
             return preempted(dist, stop, log, f"the end of epoch {epoch + 1}")
 
-    summary = {"final_test_acc": record["test_acc"], "best_test_acc": progress.best["acc"],
-               "best_epoch": progress.best["epoch"], "epochs": args.epochs, "test_total": record["test_total"],
-               "world_size": dist.world_size, "wall_seconds": progress.wall_seconds}
-    if opt.ema is not None:
-        summary.update(ema_final_test_acc=record["ema_test_acc"], ema_best_test_acc=progress.best_ema["acc"],
-                       ema_best_epoch=progress.best_ema["epoch"])
+    summary = run_summary(record, progress, args.epochs, dist.world_size)
     log.summary(summary)
     log.close()
     say(f"fgic: done. final top-1 {summary['final_test_acc']:.2f}% (last epoch); best {summary['best_test_acc']:.2f}% "
         f"at epoch {summary['best_epoch']} (selected on the test set); {run_dir}")
     del ddp_model  # before the process group goes (see Dist.close)
     return 0
+
+
+def resume(dist: Dist, ckpt_path: Path | None, cfg: dict, model: nn.Module, opt: optim.Optimization,
+           steps_per_epoch: int) -> checkpoint.Progress:
+    """The checkpoint at `ckpt_path` loaded into the model and `opt` once checked against this run's `cfg`, and where
+    it stands; a fresh start without one."""
+    if ckpt_path is None:
+        return checkpoint.Progress()
+    progress = checkpoint.restore(dist.agree(lambda: checkpoint.load(ckpt_path)), ckpt_path, cfg, model, opt)
+    opt.steps = progress.epoch * steps_per_epoch + progress.step
+    return progress
+
+
+def open_log(run: Run, dist: Dist, out_dir: Path) -> RunLog:
+    """The run's records in `out_dir`, with TensorBoard and W&B as the flags say. An unwritable folder is said before
+    any set-up work; the folder itself appears once the checks have passed."""
+    args = run.args
+    wandb = (dict(project=args.wandb_project, entity=args.wandb_entity, group=args.wandb_group,
+                  name=f"{run.dataset}/{run.run_dir.name}") if args.wandb else None)
+    log = RunLog(out_dir, dist.is_main, tensorboard=args.tensorboard, wandb=wandb)
+    dist.agree(lambda: log.make_dir("--output-dir" if out_dir == run.run_dir else "--eval-only --weights"))
+    return log
+
+
+def build_model(run: Run, dist: Dist, weights: str, hooks: testhooks.Hooks) -> nn.Module:
+    """The model on this process's device, -a checked there. The same seed on every rank gives the same initial
+    weights (DDP broadcasts rank 0's anyway)."""
+    args = run.args
+    model = dist.agree(lambda: models.build(args.arch, len(run.classes), weights, crop=args.crop,
+                                            keyed_drop=not hooks.torch_drop, stochastic_depth=args.stochastic_depth,
+                                            dropout=args.dropout))
+    model = models.sync_batchnorm(model, dist.device, dist.distributed, same_code=args.deterministic).to(dist.device)
+    if dist.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        engine.check_amp(args.amp, dist.device)
+    return model
+
+
+def start_lines(run: Run, dist: Dist, ckpt_path: Path | None, progress: checkpoint.Progress, moved: Path | None,
+                train_images: int, test_images: int) -> list[str]:
+    """What a run says as it starts training: where it starts (over, an earlier run moved aside to `moved`; or resumed
+    from `ckpt_path`), its folder, and what it trains on what."""
+    args, run_dir = run.args, run.run_dir
+    where = [f"fgic: starting over: the earlier run in {run_dir} moved to {moved}"] if moved is not None else []
+    if ckpt_path is not None and args.resume == "none":
+        where = [f"fgic: notice: --resume none, but this is restart {os.environ.get('SLURM_RESTART_COUNT')} of Slurm "
+                 f"job {os.environ.get('SLURM_JOB_ID')} and {ckpt_path} is its own: resuming it at epoch "
+                 f"{progress.epoch + 1}, step {progress.step} (the job's first start began the run over)"]
+    elif ckpt_path is not None:
+        where = [f"fgic: resuming {ckpt_path} at epoch {progress.epoch + 1}, step {progress.step}"]
+    return [*where, f"fgic: run folder {run_dir}",
+            f"fgic: {run.dataset} {train_images} train / {test_images} test images, {len(run.classes)} classes; "
+            f"{args.arch} on {dist.world_size} x {dist.device.type}, batch {args.batch_size} "
+            f"({run.per_process_batch} per process), lr {args.lr:g}, amp {args.amp}"]
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """A run's checkpoint.pt and best models, written by rank 0. Every rank calls `write` (in dist.agree), so that a
+    full disk stops all of them with rank 0's one line."""
+    dist: Dist
+    run_dir: Path
+    config: dict
+    model: nn.Module
+    opt: optim.Optimization
+    hooks: testhooks.Hooks
+
+    def write(self, progress: checkpoint.Progress, during: str, bests: Iterable[str] = (), trial: bool = False) -> None:
+        """The best models named in `bests` ("best": the model, "best_ema": its EMA), then the checkpoint of
+        `progress`. `trial`: a trial write of the real state (checkpoint.save_atomic), so that a full disk or quota
+        is said before an epoch of training, not after it (statvfs would not show a quota)."""
+        def save() -> None:
+            if not self.dist.is_main:
+                return
+            for best in bests:
+                module, name = (self.model, runlog.BEST) if best == "best" else (self.opt.ema.module, runlog.BEST_EMA)
+                checkpoint.save_atomic(module.state_dict(), self.run_dir / name)
+            checkpoint.save_atomic(checkpoint.state(self.model, self.opt, progress, self.config),
+                                   self.run_dir / runlog.CHECKPOINT, trial=trial, hooks=self.hooks)
+        self.dist.agree(save, during=during)
+
+
+def named(prefix: str, metrics: dict, *keys: str) -> dict:
+    """`keys` of engine's unprefixed `metrics`, in that order, named as the records name them: prefix + key."""
+    return {f"{prefix}{k}": metrics[k] for k in keys}
+
+
+def epoch_record(epoch: int, lr: float, seconds: float, train: dict, test: dict, ema: dict | None) -> dict:
+    """metrics.jsonl's record of an epoch (from 1): the one place engine's metrics get their names (train_, test_,
+    ema_test_). `seconds`: the epoch's training and the model's evaluation."""
+    record = {"epoch": epoch, "lr": lr, **named("train_", train, "loss", "acc"),
+              **named("test_", test, "loss", "acc", "top5", "correct", "total"), "epoch_seconds": seconds,
+              **named("train_", train, "images_per_second")}
+    return record if ema is None else {**record, **named("ema_test_", ema, "loss", "acc", "top5", "correct")}
+
+
+def epoch_line(r: dict, epochs: int) -> str:
+    """The line an epoch's record is said in."""
+    ema = f"  |  EMA acc {r['ema_test_acc']:.2f}%" if "ema_test_acc" in r else ""
+    return (f"epoch {r['epoch']}/{epochs}  lr {r['lr']:.4g}  train loss {r['train_loss']:.3f} acc "
+            f"{r['train_acc']:.2f}%  |  test loss {r['test_loss']:.3f} acc {r['test_acc']:.2f}% top5 "
+            f"{r['test_top5']:.2f}% ({r['test_correct']}/{r['test_total']}){ema}"
+            f"  |  {r['epoch_seconds']:.1f} s, {r['train_images_per_second']:.0f} img/s")
+
+
+def run_summary(last: dict, progress: checkpoint.Progress, epochs: int, world_size: int) -> dict:
+    """summary.json: the `last` epoch's record's test accuracy and the best so far, the EMA model's too."""
+    summary = {"final_test_acc": last["test_acc"], "best_test_acc": progress.best["acc"],
+               "best_epoch": progress.best["epoch"], "epochs": epochs, "test_total": last["test_total"],
+               "world_size": world_size, "wall_seconds": progress.wall_seconds}
+    if "ema_test_acc" in last:
+        summary.update(ema_final_test_acc=last["ema_test_acc"], ema_best_test_acc=progress.best_ema["acc"],
+                       ema_best_epoch=progress.best_ema["epoch"])
+    return summary
 
 
 def preempted(dist: Dist, stop: StopRequest, log: RunLog, where: str) -> int:
@@ -316,23 +364,32 @@ def load_ema(opt: optim.Optimization, ckpt: dict, path: Path) -> None:
     opt.ema.load_state_dict(ckpt["model_ema"])
 
 
-def evaluate_only(run: Run, dist: Dist, model, test_loader, criterion, log: RunLog, scored: str) -> int:
-    """Score `model` (what `scored` names) on the test split; eval.json and its pictures go to log.dir."""
+def evaluate_only(run: Run, dist: Dist, model: nn.Module, opt: optim.Optimization, ckpt_path: Path | None,
+                  test_loader, criterion, log: RunLog) -> int:
+    """Score the checkpoint's model (its EMA model with --model-ema), or the --weights FILE that `model` was built
+    with, on the test split; eval.json and its pictures go to log.dir."""
     args = run.args
+    scored = str(ckpt_path or args.weights)
+    if ckpt_path is not None:
+        ckpt = dist.agree(lambda: checkpoint.load(ckpt_path))
+        dist.agree(lambda: load_model(model, ckpt, ckpt_path, args.arch, len(run.classes)))
+        if opt.ema is not None:
+            dist.agree(lambda: load_ema(opt, ckpt, ckpt_path))
+            model, scored = opt.ema.module, f"{ckpt_path} (EMA)"
+        del ckpt
     result = engine.evaluate(model, test_loader, criterion, dist, args.amp, len(run.classes), confusion=True)
     names = run.classes
     per_class = {c: 100.0 * k / n if n else None for c, k, n in zip(names, result["class_correct"],
                                                                       result["class_total"])}
     confusions = sorted(({"true": names[t], "predicted": names[p], "count": c} for t, p, c in
                          result["confusion_pairs"]), key=lambda c: (-c["count"], c["true"], c["predicted"]))
-    ev = {"acc": result["test_acc"], "top5": result["test_top5"], "correct": result["test_correct"],
-          "total": result["test_total"], "loss": result["test_loss"], "per_class_acc": per_class,
+    ev = {**{k: result[k] for k in ("acc", "top5", "correct", "total", "loss")}, "per_class_acc": per_class,
           "per_class_total": dict(zip(names, result["class_total"])), "confusions": confusions, "model": scored}
     log.write("eval.json", ev)
     if dist.is_main:
         written = [log.dir / "eval.json", *report.write_eval_report(log.dir, ev)]
-        print(f"fgic: eval of {scored}: top-1 {result['test_acc']:.2f}% top-5 {result['test_top5']:.2f}% "
-              f"({result['test_correct']}/{result['test_total']}) -> {', '.join(map(str, written))}")
+        print(f"fgic: eval of {scored}: top-1 {ev['acc']:.2f}% top-5 {ev['top5']:.2f}% ({ev['correct']}/{ev['total']}) "
+              f"-> {', '.join(map(str, written))}")
     return 0
 
 

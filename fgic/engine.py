@@ -4,12 +4,13 @@ from __future__ import annotations
 import time
 from collections import Counter
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgic import augment, drop
+from fgic import augment, drop, optim
 from fgic.batch import Batch
 from fgic.dist import Dist
 from fgic.errors import FgicError
@@ -115,37 +116,46 @@ def unwrapped(model: nn.Module) -> nn.Module:
             return model
 
 
-def train_step(model: nn.Module, images, labels, optimizer, scaler, criterion, device: torch.device, amp: str,
-               clip_grad_norm: float | None = None, keys: torch.Tensor | None = None):
-    """Forward, backward and optimizer step of one batch; returns (loss, logits), still on the device. `model` is a
-    model or a WithLoss (then `criterion` is its own). `labels` are class indices or, mixed, class probabilities;
-    `keys` the samples' drop keys, for a model with stochastic depth or dropout. Clipping acts on the gradient DDP has
-    reduced, unscaled."""
+def forward(model: nn.Module, images, labels, criterion, device: torch.device, amp: str,
+            keys: torch.Tensor | None = None):
+    """The training forward of one batch: (loss, logits), still on the device. `model` is a model or a WithLoss (then
+    `criterion` is its own). `labels` are class indices or, mixed, class probabilities; `keys` the samples' drop keys,
+    for a model with stochastic depth or dropout. A run then steps with `opt.step(loss)` (optim.Optimization)."""
     with autocast(device, amp), drop.keyed(model, keys):
         if isinstance(unwrapped(model), WithLoss):
-            loss, out = model(images, labels)
-        else:
-            out = logits(model(images))
-            loss = criterion(out, labels)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if clip_grad_norm is not None:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
+            return model(images, labels)
+        out = logits(model(images))
+        return criterion(out, labels), out
+
+
+def train_step(model: nn.Module, images, labels, optimizer, scaler, criterion, device: torch.device, amp: str,
+               clip_grad_norm: float | None = None, keys: torch.Tensor | None = None):
+    """`forward` and the step of a bare optimizer and GradScaler (optim.backward_step), without a run's schedule or
+    EMA; returns (loss, logits)."""
+    loss, out = forward(model, images, labels, criterion, device, amp, keys)
+    optim.backward_step(loss, optimizer, scaler, clip_grad_norm)
     return loss, out
 
 
+class EpochResult(NamedTuple):
+    """What `train_one_epoch` returns, done or stopped. `stopped_at`: None when the epoch ran to its end, else the
+    steps done when a stop came. `totals`: this rank's running (loss sum, correct, images), unreduced, for a stop's
+    checkpoint. `metrics`: at the end, unprefixed and summed over the ranks (loss, acc, images, seconds,
+    images_per_second); empty after a stop."""
+    stopped_at: int | None
+    totals: list[float]
+    metrics: dict
+
+
 def train_one_epoch(model: nn.Module, loader, opt, criterion, dist: Dist, amp: str, desc: str, start_step: int = 0,
-                    totals: list[float] | None = None, stop=None, later_steps: int = 0) -> dict:
+                    totals: list[float] | None = None, stop=None, later_steps: int = 0) -> EpochResult:
     """One pass over this process's share of every global batch, from `start_step` on (resuming inside an epoch,
     with this rank's running `totals` from the checkpoint), stepping `opt` (an optim.Optimization). Loss and
     accuracy (of mixed samples: against the larger share's class) accumulate on the device.
 
     `stop(step)` is asked after each step; when it returns True (every rank gets the same answer) the epoch ends
-    early and the result has "stopped_at" (steps done) and this rank's unreduced "totals" for a checkpoint.
-    `later_steps`: the run's steps after this epoch, for the progress's ETA of the run."""
+    early, its result `stopped_at` that step. `later_steps`: the run's steps after this epoch, for the progress's ETA
+    of the run."""
     model.train()
     device = dist.device
     local = torch.tensor(totals or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)  # loss sum, correct, images
@@ -156,9 +166,8 @@ def train_one_epoch(model: nn.Module, loader, opt, criterion, dist: Dist, amp: s
     shown = start
     for step, batch in enumerate(bar, start=start_step + 1):
         images, labels, keys = batch.images, batch.labels, batch.keys
-        loss, out = train_step(model, images, labels, opt.optimizer, opt.scaler, criterion, device, amp,
-                               opt.clip_grad_norm, keys)
-        opt.after_step()
+        loss, out = forward(model, images, labels, criterion, device, amp, keys)
+        opt.step(loss)
         n = len(labels)  # no host sync in the step: the totals stay on the device until read
         local[0] += loss.detach().double() * n
         local[1] += (out.argmax(1) == (labels if labels.dim() == 1 else labels.argmax(1))).sum()
@@ -168,13 +177,14 @@ def train_one_epoch(model: nn.Module, loader, opt, criterion, dist: Dist, amp: s
             bar.set_postfix(loss=f"{local[0].item() / max(local[2].item(), 1):.3f}", refresh=False)
         if stop is not None and step < start_step + len(loader) and stop(step):
             bar.close()
-            return {"stopped_at": step, "totals": local.tolist()}
+            return EpochResult(step, local.tolist(), {})
     seconds = time.perf_counter() - start
-    images_now = local[2].item() - images_before
+    mine = local.tolist()
+    images_now = mine[2] - images_before
     loss_sum, correct, count = dist.all_reduce_sum(local.clone()).tolist()
-    return {"stopped_at": None, "train_loss": loss_sum / max(count, 1), "train_acc": 100.0 * correct / max(count, 1),
-            "train_images": int(count), "train_seconds": seconds,
-            "train_images_per_second": images_now * dist.world_size / seconds if seconds > 0 else 0.0}
+    return EpochResult(None, mine, {
+        "loss": loss_sum / max(count, 1), "acc": 100.0 * correct / max(count, 1), "images": int(count),
+        "seconds": seconds, "images_per_second": images_now * dist.world_size / seconds if seconds > 0 else 0.0})
 
 
 @torch.inference_mode()
@@ -214,8 +224,8 @@ def evaluate(model: nn.Module, loader, criterion, dist: Dist, amp: str, num_clas
     class_correct = totals[3:3 + n].long().tolist()
     class_total = totals[3 + n:3 + 2 * n].long().tolist()
     total = sum(class_total)
-    result = {"test_loss": loss_sum / max(total, 1), "test_acc": 100.0 * correct / max(total, 1),
-              "test_top5": 100.0 * correct_k / max(total, 1), "test_correct": int(correct), "test_total": total,
+    result = {"loss": loss_sum / max(total, 1), "acc": 100.0 * correct / max(total, 1),
+              "top5": 100.0 * correct_k / max(total, 1), "correct": int(correct), "total": total,
               "class_correct": class_correct, "class_total": class_total}
     if confusion:
         result["confusion_pairs"] = confused_pairs(cells, n, dist)

@@ -137,6 +137,19 @@ def adamw(params, device: torch.device, **opts) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, foreach=False, **opts)
 
 
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  clip_grad_norm: float | None = None) -> None:
+    """The backward of `loss` and the optimizer's step through `scaler` (fp16's; a pass-through when disabled).
+    Clipping acts on the gradient DDP has reduced, unscaled."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad_norm is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def warmup_cosine(epochs: int, steps_per_epoch: int, warmup_epochs: int, method: str, decay: float):
     """The lr factor after `step` optimizer steps: the warmup (linear from `decay` to 1, or `decay` throughout) over
     the first warmup_epochs, then a cosine to 0 over the rest, step by step (torchvision's LinearLR/ConstantLR then
@@ -204,6 +217,12 @@ class Optimization:
         """The base lr now (a layer-decayed group's lr over its scale)."""
         group = self.optimizer.param_groups[0]
         return group["lr"] / group.get("lr_scale", 1.0)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """The backward of `loss` and one step of the run: through the GradScaler, clipped, then the schedule's step
+        and the EMA's update."""
+        backward_step(loss, self.optimizer, self.scaler, self.clip_grad_norm)
+        self.after_step()
 
     def after_step(self) -> None:
         self.steps += 1

@@ -11,7 +11,8 @@ import multiprocessing
 import os
 import signal
 import threading
-import time
+
+from fgic import testhooks
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 HELD = (signal.SIGUSR1, signal.SIGUSR2)  # blocked by launchers until the handlers are in place (hold)
@@ -25,11 +26,10 @@ EXIT_INTERRUPTED = 130
 class StopRequest:
     """Set by a stop signal. Further signals while the checkpoint is written change nothing, but after SIGINT."""
 
-    def __init__(self):
+    def __init__(self, hooks: testhooks.Hooks = testhooks.NONE):
         self.signum: int | None = None
         self._pid = os.getpid()  # forked loader workers inherit the handler; only this process speaks
-        # test hook: slow steps (agree runs after each one), so that a signal lands mid-training on any machine
-        self._test_step_sleep = float(os.environ.get("FGIC_TEST_STEP_SLEEP_S", 0))
+        self.hooks = hooks  # fgic.testhooks': slow steps (agree runs after them)
 
     def install(self) -> "StopRequest":
         for sig in STOP_SIGNALS:
@@ -70,8 +70,7 @@ class StopRequest:
 
     def agree(self, reduce_max) -> bool:
         """Whether any rank got a stop signal (`reduce_max` is the ranks' max); afterwards every rank knows which."""
-        if self._test_step_sleep:
-            time.sleep(self._test_step_sleep)
+        self.hooks.slow_step()
         signum = reduce_max(self.signum or 0)
         if signum:
             self.signum = signum

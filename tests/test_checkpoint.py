@@ -37,3 +37,15 @@ def test_select(tmp_path):
     assert checkpoint.select("auto", tmp_path) is None
     (tmp_path / "checkpoint.pt").write_bytes(b"x")
     assert checkpoint.select("auto", tmp_path) == tmp_path / "checkpoint.pt"
+
+
+def test_the_best_so_far_is_one_rule_for_the_model_and_its_ema():
+    """Progress.after_epoch: a strictly higher accuracy makes the epoch the best (a tie keeps the earlier one), the
+    model's and the EMA model's alike, and says which best files to write; the epoch's totals and step reset."""
+    p = checkpoint.Progress(epoch=0, step=3, totals=[[1.0, 2.0, 3.0]])
+    p, bests = p.after_epoch(1, 40.0, 30.0, 5.0)
+    assert bests == ["best", "best_ema"] and (p.epoch, p.step, p.totals, p.wall_seconds) == (1, 0, [], 5.0)
+    p, bests = p.after_epoch(2, 40.0, 35.0, 9.0)
+    assert bests == ["best_ema"] and p.best == {"acc": 40.0, "epoch": 1} and p.best_ema == {"acc": 35.0, "epoch": 2}
+    p, bests = p.after_epoch(3, 50.0, None, 12.0)  # no EMA model
+    assert bests == ["best"] and p.best == {"acc": 50.0, "epoch": 3} and p.best_ema == {"acc": 35.0, "epoch": 2}

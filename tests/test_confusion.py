@@ -60,7 +60,7 @@ def test_confusion_counts_equal_a_dense_count():
     np.add.at(dense, tuple(np.array(list(cells.elements())).T), 1)
     assert [(t, p, dense[t, p]) for t, p, _ in out["confusion_pairs"]] == out["confusion_pairs"]
     assert dense.diagonal().tolist() == out["class_correct"]
-    assert sum(c for _, _, c in out["confusion_pairs"]) == out["test_total"] - out["test_correct"]
+    assert sum(c for _, _, c in out["confusion_pairs"]) == out["total"] - out["correct"]
 
 
 def test_confusion_counts_are_summed_over_the_processes():

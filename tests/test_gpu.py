@@ -170,7 +170,7 @@ def test_no_host_sync_per_training_step(tiny_data, cache):
         loader.sampler.set_epoch(0, skip=(4 - steps) * 6)
         out, n = _count_syncs(lambda: engine.train_one_epoch(model, loader, stepper, torch.nn.CrossEntropyLoss(),
                                                              dist, "bf16", desc="t"))
-        assert out["train_images"] == steps * 6
+        assert out.metrics["images"] == steps * 6
         counts.append(n)
     assert counts[1] == counts[2], counts
 
@@ -189,7 +189,7 @@ def test_no_host_sync_per_evaluation_batch(tiny_data, cache):
         loader = DataLoader(test_set, batch_size=6, sampler=range(6 * batches), num_workers=2, pin_memory=True,
                             collate_fn=collate)
         out, n = _count_syncs(lambda: engine.evaluate(model, loader, criterion, dist, "bf16", 3))
-        assert out["test_total"] == sum(out["class_total"]) == 6 * batches
+        assert out["total"] == sum(out["class_total"]) == 6 * batches
         counts.append(n)
     assert counts[1] == counts[2], counts
 

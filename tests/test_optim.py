@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision import models
 
-from fgic import config, optim
+from fgic import config, engine, optim
 from fgic import models as fgic_models
 from fgic.errors import FgicError
 from tests.helpers import REPO, optional, run_fgic, tiny_args
@@ -210,3 +210,32 @@ def test_the_ema_notice_is_one_line_of_rank_0(tiny_data, tmp_path):
     assert res.stderr.count("fgic: notice: --model-ema: its horizon, 8333 updates") == 1, res.stderr
     assert "than the 4 updates of this run (2 epochs x 2 steps / --model-ema-steps 1), so the EMA stays near its " \
            "first weights; too few updates to average: leave --model-ema out\n" in res.stderr
+
+
+def test_a_runs_step_is_the_bare_step_with_its_schedule_and_ema():
+    """Optimization.step (what fgic.ddp and fgic.bench take) against engine.train_step on a bare optimizer and
+    scaler (the same clipping) followed by after_step: the same weights, lr and EMA, bit for bit; and the clipping
+    acts (without it the weights end elsewhere)."""
+    def run(stepped: bool, clip: float | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        sgd = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True,
+                                                  multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.5))
+        o = optim.Optimization(sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1 / (1 + s)), True,
+                               torch.amp.GradScaler("cpu", enabled=False), model, clip, ema, warmup_steps=1)
+        criterion = torch.nn.CrossEntropyLoss()
+        cpu = torch.device("cpu")
+        for _ in range(4):
+            images, labels = torch.randn(5, 6) * 10, torch.randint(0, 3, (5,))
+            if stepped:
+                o.step(engine.forward(model, images, labels, criterion, cpu, "off")[0])
+            else:
+                engine.train_step(model, images, labels, sgd, o.scaler, criterion, cpu, "off", clip)
+                o.after_step()
+        assert o.steps == 4 and o.lr == pytest.approx(0.5 / 5)
+        return [p.detach() for p in (*model.parameters(), *ema.module.parameters())]
+
+    for a, b in zip(run(True, 0.1), run(False, 0.1), strict=True):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(run(True, 0.1), run(True, None)))

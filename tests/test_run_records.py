@@ -166,3 +166,23 @@ def test_a_run_that_cannot_write_its_first_checkpoint_says_so_before_training(ti
     assert (f"fgic.ddp: error: {run / 'checkpoint.pt'}: a trial write before training: No space left on device; no "
             f"checkpoint.pt was written") in res.stderr, res.stderr
     assert "epoch 1/3" not in res.stderr and read_jsonl(run / "metrics.jsonl") == []
+
+
+def test_engines_metrics_are_named_once_in_the_records_order():
+    """ddp.epoch_record names engine's unprefixed metrics (train_, test_, ema_test_) in metrics.jsonl's order; the
+    epoch's line and summary.json read the record."""
+    train = {"loss": 1.0, "acc": 2.0, "images": 8, "seconds": 3.0, "images_per_second": 4.0}
+    test = {"loss": 5.0, "acc": 6.0, "top5": 7.0, "correct": 8, "total": 9, "class_correct": [], "class_total": []}
+    record = ddp.epoch_record(2, 0.1, 10.0, train, test, None)
+    assert list(record) == ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5",
+                            "test_correct", "test_total", "epoch_seconds", "train_images_per_second"]
+    ema = ddp.epoch_record(2, 0.1, 10.0, train, test, {**test, "acc": 60.0})
+    assert list(ema) == [*record, "ema_test_loss", "ema_test_acc", "ema_test_top5", "ema_test_correct"]
+    assert (ema["test_acc"], ema["ema_test_acc"], ema["train_images_per_second"]) == (6.0, 60.0, 4.0)
+    assert ddp.epoch_line(ema, 3) == ("epoch 2/3  lr 0.1  train loss 1.000 acc 2.00%  |  test loss 5.000 acc 6.00% "
+                                      "top5 7.00% (8/9)  |  EMA acc 60.00%  |  10.0 s, 4 img/s")
+    progress = checkpoint.Progress(2, best={"acc": 7.0, "epoch": 1}, wall_seconds=12.0,
+                                   best_ema={"acc": 60.0, "epoch": 2})
+    assert ddp.run_summary(ema, progress, 3, 2) == {
+        "final_test_acc": 6.0, "best_test_acc": 7.0, "best_epoch": 1, "epochs": 3, "test_total": 9, "world_size": 2,
+        "wall_seconds": 12.0, "ema_final_test_acc": 60.0, "ema_best_test_acc": 60.0, "ema_best_epoch": 2}
