@@ -75,6 +75,7 @@ DEMO = {
     "padding": 4,
 }
 AMP_MODES = ("off", "fp16", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 # Options that change what a run computes: resuming across a change of any of them is refused, and fgic.report
 # groups runs by them. The world size and the worker count are not among them: fgic gives the same result on any
 # layout, so a run may resume on another.
@@ -201,6 +202,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="seed of the weights, order and augmentation (default 2020)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model (slow start, faster steps on a GPU; default off)")
+    g.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile's mode with --compile: its speed only, not what is computed (default default)")
     g.add_argument("--sync-bn", action="store_true",
                    help="accepted for torchvision's reference: fgic always synchronises BatchNorm over the global "
                         "batch when several processes train")

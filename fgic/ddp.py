@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgic import checkpoint, cluster, config, data, engine, models, optim, report, runlog
+from fgic import checkpoint, cluster, compiling, config, data, engine, models, optim, report, runlog
 from fgic.cluster import Launch
 from fgic.config import get_args_parser  # noqa: F401  (launchers import the parser from here)
 from fgic.dist import Dist, pick_device
@@ -175,8 +175,8 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
     step_model = engine.WithLoss(model, criterion) if args.compile else model
     ddp_model = (DistributedDataParallel(step_model, device_ids=[dist.device.index] if cuda else None,
                                          gradient_as_bucket_view=True) if dist.distributed else step_model)
-    if args.compile:
-        ddp_model = torch.compile(ddp_model)
+    if args.compile:  # the same decision on every rank: a compiler that fails leaves the run eager (one warning)
+        ddp_model = compiling.compiled(ddp_model, dist, args.compile_mode, run_dir, args.cache_dir)
     every = STOP_CHECK_EVERY if cuda else 1
     started = time.perf_counter() - progress.wall_seconds  # the run's wall time counts its earlier sessions
 
@@ -214,7 +214,8 @@ def train(run: Run, dist: Dist, stop: StopRequest) -> int:
                   "test_loss": te["test_loss"], "test_acc": te["test_acc"], "test_top5": te["test_top5"],
                   "test_correct": te["test_correct"], "test_total": te["test_total"],
                   "epoch_seconds": time.perf_counter() - t0,
-                  "train_images_per_second": tr["train_images_per_second"]}
+                  "train_images_per_second": tr["train_images_per_second"],
+                  **({"compiled": ddp_model.compiled} if args.compile else {})}  # what ran: see fgic.compiling
         best, best_ema, best_models = progress.best, progress.best_ema, []
         if te["test_acc"] > best["acc"]:
             best = {"acc": te["test_acc"], "epoch": epoch + 1}

@@ -39,7 +39,7 @@ GRACE=15  # what a step may take past its limit: timeout's 10 s before SIGKILL, 
 # The steps in order: name, time limit in seconds, command (run by bash from the repository root; $PY is the Python,
 # $D the generated JPEG dataset, $R the results folder, $S the scratch folder).
 STEPS=(env make-data train-resnet50 pytest train-families train-cache loader train-original)
-declare -A LIMIT=([env]=60 [make-data]=60 [train-resnet50]=150 [train-families]=150 [pytest]=240 [train-cache]=90
+declare -A LIMIT=([env]=60 [make-data]=60 [train-resnet50]=300 [train-families]=150 [pytest]=240 [train-cache]=90
                   [loader]=60 [train-original]=60)
 declare -A CMD=(
     [env]='"$PY" tests/gpu/results.py env "$S/env.json"'
