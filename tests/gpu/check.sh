@@ -54,9 +54,11 @@ declare -A CMD=(
 # A step runs only when the step it needs passed (the dataset), and none runs after env failed.
 declare -A NEEDS=([loader]=make-data [train-cache]=make-data [train-original]=make-data)
 # The order is the open issues' priority: ResNet-50's figures (the old and the new default, fgic against a plain
-# PyTorch step, eager and compiled, synchronised BatchNorm), the tests, the families' (eager and compiled), the
+# PyTorch step, eager and compiled, synchronised BatchNorm, the new default compiled: the whole-run figure that
+# decides --compile's default, and last max-autotune-no-cudagraphs, whose autotuning may take the rest of the
+# step's 300 s: its set keeps the runs it finished), the tests, the families' (eager and compiled), the
 # cache-fed recipes; the loader's and the original pipeline's, measured before, come last. What the budget cuts off
-# is reported as not run.
+# is reported as not run; GPU_CHECK_STEPS="train-resnet50 pytest" and then the rest fit two remote commands.
 # The files holding a `pytest.mark.gpu` test; the others are not imported (they may need packages a GPU machine
 # lacks, and a collection error would fail the whole step).
 export GPU_TESTS
