@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 
 from fgic import cluster, compiling, drop
 from fgic.demo import make_tiny
+from fgic.dist import Dist
 from tests.helpers import max_difference, popen, read_jsonl, run_fgic, same_result, tiny_args, workers
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
@@ -170,3 +171,22 @@ def test_keyed_drop_layers_compile_once_and_draw_the_eager_masks():
         outputs.append(ours)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not torch.equal(outputs[0], outputs[1])  # the masks moved with the keys
+
+
+def test_a_failing_compiler_leaves_the_step_eager_in_process(tmp_path, monkeypatch, capsys):  # in-process
+    """fgic.compiling on one process, the compiler made unusable through inductor's own setting (cpp.cxx, which CXX
+    sets) and an empty cache: one warning, the eager module's output, `compiled` false, no mega-cache written."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    step = compiling.compiled(module, Dist(cluster.Launch("single"), torch.device("cpu")), "default", tmp_path, None)
+    x = torch.randn(4, 8)
+    with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/c++")}):
+        out = step(x)
+    assert torch.equal(out, module(x)) and step.compiled is False
+    assert torch.equal(step(x), module(x))  # and eager from then on
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("fgic:")] == \
+        [f"fgic: warning: --compile failed ({step.reason}); training eager"] and "C++ compiler" in step.reason
+    assert not (tmp_path / compiling.CACHE_FILE).exists()
