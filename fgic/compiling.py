@@ -83,11 +83,13 @@ class Compiled(nn.Module):
             except Exception:
                 if self.reason is None:  # not the compiler: a real error of the step
                     raise
+                out = None  # the graph never ran: the same step again, eagerly
+            if self.reason is not None:  # on every rank (with TORCHDYNAMO_SUPPRESS_ERRORS dynamo ran it eagerly)
                 self.compiled = False
                 if self.dist.is_main:
                     print(f"fgic: warning: --compile failed ({self.reason}); training eager", file=sys.stderr,
                           flush=True)
-                return self._orig_mod(*args, **kwargs)  # the same step again, eagerly: the graph never ran
+                return self._orig_mod(*args, **kwargs) if out is None else out
             if self.compiles > self.saved:
                 self._compiled_now(time.perf_counter() - start, first)
             return out
