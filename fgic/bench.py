@@ -3,7 +3,7 @@
   python -m fgic.bench loader --make-data DIR --images 1024      a dataset of 500x375 JPEGs to measure on
   python -m fgic.bench loader -d DIR [-w N] [--json FILE]         images/s each pipeline hands to the device
   python -m fgic.bench train --synthetic|-d DIR [--pipeline fgic|original] [--arch resnet50 --crop 448 --amp bf16
-                             -b 128 --steps N] [--compile] [--reference] [--json FILE]
+                             -b 128 --steps N] [--compile [--compile-mode M]] [--reference] [--json FILE]
                                                                   training images/s, the share of the FLOP ceiling,
                                                                   and with --reference the ratio to a plain PyTorch step
   --recipe NAME (loader, train)                                   with fgic.ddp's preset: its policies, mixing,
@@ -172,7 +172,7 @@ def train_cmd(a) -> dict:
     extra = data.DataSpec.of(flags).extra
     opt = optim.build(model, device, flags, steps_per_epoch=a.warmup + a.steps)  # fgic.ddp's
     criterion = nn.CrossEntropyLoss(label_smoothing=flags.label_smoothing)
-    step_model = torch.compile(engine.WithLoss(model, criterion)) if a.compile else model  # as fgic.ddp compiles
+    step_model = compile_as_asked(engine.WithLoss(model, criterion), a) if a.compile else model  # as fgic.ddp
     pin = device.type == "cuda"
 
     if a.synthetic:
@@ -204,7 +204,7 @@ def train_cmd(a) -> dict:
                                  fixed if batch.keys is None else batch.keys)
         opt.step(loss)
         return loss
-    seconds, loss = timed(step, a, device)
+    seconds, loss, warmup = timed(step, a, device)
     if hasattr(source, "close"):
         source.close()  # its producer and loader workers stop before prep_cost reads the loader again
     rate = a.steps * a.batch_size / seconds
@@ -212,7 +212,8 @@ def train_cmd(a) -> dict:
     achieved = flops * a.steps / seconds
     result = {"images_per_second": rate, "step_ms": 1000 * seconds / a.steps, "source": "synthetic" if a.synthetic
               else a.pipeline, "arch": a.arch, "crop": a.crop, "amp": a.amp, "batch_size": a.batch_size,
-              "steps_timed": a.steps, "warmup_steps": a.warmup, "workers": a.workers, "compile": a.compile,
+              "steps_timed": a.steps, "warmup_steps": a.warmup, "warmup_seconds": warmup, "workers": a.workers,
+              "compile": a.compile, "compile_mode": a.compile_mode if a.compile else None,
               "recipe": a.recipe, "step": step_name(flags), "sync_bn": a.sync_bn,
               "device": _device_name(device), "step_flops": flops, "achieved_tflops": achieved / 1e12,
               "peak_tflops": peak, "peak_from": peak_from,
@@ -221,10 +222,12 @@ def train_cmd(a) -> dict:
     if not a.synthetic and a.pipeline == "fgic" and loader.dataset.device_crops:
         result.update(prep_cost(loader, device, seconds / a.steps))
     if a.reference:
-        ref = a.steps * a.batch_size / timed(reference_step(a, classes, device), a, device)[0]
-        result.update(reference_images_per_second=ref, reference_ratio=rate / ref)
+        ref_seconds, _, ref_warmup = timed(reference_step(a, classes, device), a, device)
+        ref = a.steps * a.batch_size / ref_seconds
+        result.update(reference_images_per_second=ref, reference_ratio=rate / ref, reference_warmup_seconds=ref_warmup)
     print(f"training throughput on {result['device']}: {a.arch} at {a.crop} px, amp {a.amp}, batch {a.batch_size}, "
-          f"{a.steps} steps timed after {a.warmup} warm-up steps{', compiled' if a.compile else ''}"
+          f"{a.steps} steps timed after {a.warmup} warm-up steps ({warmup:.1f} s)"
+          f"{f', compiled (mode {a.compile_mode})' if a.compile else ''}"
           f"{', synchronised BatchNorm on a group of one process' if a.sync_bn else ''}")
     print(f"data: {what}")
     rows = [(f"training (forward + backward + {step_name(flags)})", rate)]
@@ -251,16 +254,25 @@ def one_process_group(device: torch.device) -> None:
                                              store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
-def timed(step, a, device) -> tuple[float, torch.Tensor]:
-    """Seconds for `a.steps` calls of `step` after `a.warmup` untimed ones, and the last loss."""
+def timed(step, a, device) -> tuple[float, torch.Tensor, float]:
+    """Seconds for `a.steps` calls of `step` after `a.warmup` others, the last loss, and the warm-up's seconds (the
+    compile, cuDNN's trials: what a whole run pays once at its start, beside its steps at the timed rate)."""
+    start = time.perf_counter()
     for _ in range(a.warmup):
         step()
     _sync(device)
+    warmup = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(a.steps):
         loss = step()
     _sync(device)
-    return time.perf_counter() - start, loss
+    return time.perf_counter() - start, loss, warmup
+
+
+def compile_as_asked(module: nn.Module, a) -> nn.Module:
+    """torch.compile with --compile-mode (fgic.ddp's mode, without its fallback to eager: a failure here is the
+    measurement's)."""
+    return torch.compile(module, mode=None if a.compile_mode == "default" else a.compile_mode)
 
 
 REFERENCE = "the arch without fgic's keyed drop, channels_last on a GPU, autocast, SGD fused on a GPU, label smoothing"
@@ -277,7 +289,7 @@ def reference_step(a, classes: int, device: torch.device):
                                 **({"fused": True} if cuda else {}))
     scaler = torch.amp.GradScaler(device.type, enabled=a.amp == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    forward = torch.compile(model) if a.compile else model
+    forward = compile_as_asked(model, a) if a.compile else model
     images = torch.randn(a.batch_size, 3, a.crop, a.crop, device=device)
     images = images.contiguous(memory_format=torch.channels_last) if cuda else images
     labels = torch.randint(0, classes, (a.batch_size,), device=device)
@@ -450,6 +462,8 @@ def get_parser() -> argparse.ArgumentParser:
     tr.add_argument("--num-classes", type=int, default=200, help="with --synthetic (default 200, CUB's)")
     tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+    tr.add_argument("--compile-mode", default="default", choices=config.COMPILE_MODES,
+                    help="torch.compile's mode with --compile (default default)")
     tr.add_argument("--sync-bn", action="store_true", help="fgic.ddp's synchronised BatchNorm of several processes, on "
                                                             "a process group of one (its cost beside plain BatchNorm)")
     tr.add_argument("--reference", action="store_true", help="also time a plain PyTorch step on the same device and "

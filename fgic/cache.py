@@ -48,6 +48,11 @@ STALE_SECONDS = 24 * 3600
 _TEMP = re.compile(r"@(?P<host>[^@]*)@(?P<pid>\d+)@[0-9a-f]+\.tmp$")
 
 
+def folder(cache_dir: str | None) -> Path:
+    """The node's cache folder: --cache-dir, else default_dir()."""
+    return Path(cache_dir) if cache_dir else default_dir()
+
+
 def default_dir() -> Path:
     """$FGIC_CACHE, else a per-user folder in the node-local temporary directory ($TMPDIR or /tmp)."""
     env = os.environ.get("FGIC_CACHE")

@@ -34,6 +34,7 @@ RECIPES = {
 }
 AUTO_AUGMENT = ("none", "ta_wide", "ra", "augmix")
 AMP_MODES = ("off", "fp16", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 REGISTRY = ("cub", "aircraft", "cars", "nabirds", "dogs", "flowers", "pets", "demo")  # -d NAME: --data-root/NAME
 # The seed's -a took 0 (off), 1 (NVIDIA apex O1) and 2 (native fp16 AMP).
 _LEGACY_AMP = {"0": "off", "1": "fp16", "2": "fp16"}
@@ -186,6 +187,8 @@ FLAGS = {
              help="seed of the weights, order and augmentation (default {default})"),
         Flag(names=("--compile",), action=argparse.BooleanOptionalAction, default=False, meaning=0,
              help="torch.compile the model (slow start, faster steps on a GPU; default off)"),
+        Flag(names=("--compile-mode",), default="default", choices=COMPILE_MODES, meaning=0,
+             help="torch.compile's mode with --compile: its speed only, not what is computed (default {default})"),
         Flag(names=("--sync-bn",), action="store_true", meaning=0,
              help="accepted for torchvision's reference: fgic always synchronises BatchNorm over the global batch "
                   "when several processes train"),

@@ -206,7 +206,7 @@ def build(spec: DataSpec, root: Path, world_size: int, rank: int, pin_memory: bo
 
 def use_cache(spec: DataSpec, root: Path, splits: tuple, say: bool = True) -> tuple:
     """The splits served from the cache when --cache decides so (one line on stderr says why), else unchanged."""
-    folder = Path(spec.cache_dir) if spec.cache_dir else cache.default_dir()
+    folder = cache.folder(spec.cache_dir)
     need = sum(cache.nbytes(len(s), spec.resize) for s in splits)
     on, why = cache.decide(spec.cache, need, folder)
     if say:

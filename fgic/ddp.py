@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgic import checkpoint, cluster, config, data, engine, models, optim, report, runlog, testhooks
+from fgic import checkpoint, cluster, compiling, config, data, engine, models, optim, report, runlog, testhooks
 from fgic.cluster import Launch
 from fgic.dist import Dist, pick_device
 from fgic.errors import FgicError, run_cli
@@ -140,8 +140,8 @@ def train(run: Run, dist: Dist, stop: StopRequest, hooks: testhooks.Hooks = test
     step_model = engine.WithLoss(model, criterion) if args.compile else model
     ddp_model = (DistributedDataParallel(step_model, device_ids=[dist.device.index] if cuda else None,
                                          gradient_as_bucket_view=True) if dist.distributed else step_model)
-    if args.compile:
-        ddp_model = torch.compile(ddp_model)
+    if args.compile:  # the same decision on every rank: a compiler that fails leaves the run eager (one warning)
+        ddp_model = compiling.compiled(ddp_model, dist, args.compile_mode, run_dir, args.cache_dir)
     every = STOP_CHECK_EVERY if cuda else 1
     started = time.perf_counter() - progress.wall_seconds  # the run's wall time counts its earlier sessions
     saves = Checkpoints(dist, run_dir, cfg, model, opt, hooks)
@@ -168,6 +168,8 @@ def train(run: Run, dist: Dist, stop: StopRequest, hooks: testhooks.Hooks = test
         ema = (engine.evaluate(opt.ema.module, test_loader, criterion, dist, args.amp, len(run.classes), "test ema")
                if opt.ema is not None else None)
         record = epoch_record(epoch + 1, lr, seconds, tr.metrics, te, ema)
+        if args.compile:
+            record["compiled"] = ddp_model.compiled  # what ran: see fgic.compiling
         log.epoch(record)
         progress, bests = progress.after_epoch(epoch + 1, te["acc"], ema and ema["acc"], time.perf_counter() - started)
         saves.write(progress, "the checkpoint writes", bests)

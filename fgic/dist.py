@@ -118,12 +118,13 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
-    def gather(self, obj) -> list:
-        """Every rank's value of a small picklable object, in rank order, on every rank."""
+    def gather(self, obj, patient: bool = False) -> list:
+        """Every rank's value of a small picklable object, in rank order, on every rank; `patient`: waiting for the
+        slowest rank as long as a set-up step (SETUP_TIMEOUT)."""
         if not self.distributed:
             return [obj]
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.setup_group if patient else None)
         return out
 
     def close(self) -> None:

@@ -11,8 +11,13 @@ from fgic.errors import FgicError
 
 def write_json(path: Path, obj) -> None:
     """Write JSON through a temporary file and os.replace, so readers never see half a file."""
+    write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a file through a temporary file and os.replace, so readers never see half of it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -14,8 +15,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from fgic import cluster, drop
+from fgic import cluster, compiling, drop
 from fgic.demo import make_tiny
+from fgic.dist import Dist
 from tests.helpers import max_difference, popen, read_jsonl, run_fgic, same_result, tiny_args, workers
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
@@ -30,13 +32,13 @@ def data8(tmp_path_factory):
 
 
 class Runs:
-    """The tiny run (2 epochs, --deterministic) as each test asks for it: "plain" (1 process, not compiled), "w1" and
-    "w2" (1 and 2 processes, --compile), "control" (w1 with each batch's samples reversed: tests.rounding_control).
-    The compiled runs share one inductor cache, so w1's graphs serve the control and w2's a resumed w2 (CPU compiles
-    cost minutes cold)."""
+    """The tiny run (2 epochs, --deterministic) as each test asks for it: "plain" and "plain2" (1 and 2 processes, not
+    compiled), "w1" and "w2" (1 and 2 processes, --compile), "control" (w1 with each batch's samples reversed:
+    tests.rounding_control). The compiled runs share one inductor cache, so w1's graphs serve the control and w2's a
+    resumed w2 (CPU compiles cost minutes cold)."""
 
     def __init__(self, data: Path, root: Path):
-        self.data, self.root, self.made = data, root, {}
+        self.data, self.root, self.made, self.stdout = data, root, {}, {}
         self.inductor = root / "inductor"
 
     def args(self, out: Path, compiled: bool = True) -> list[str]:
@@ -44,16 +46,17 @@ class Runs:
                 "--output-dir", str(out)]
 
     def env(self, name: str) -> dict:
-        return {"TORCHINDUCTOR_CACHE_DIR": str(self.root / "plain-inductor" if name == "plain" else self.inductor)}
+        plain = name.startswith("plain")
+        return {"TORCHINDUCTOR_CACHE_DIR": str(self.root / "plain-inductor" if plain else self.inductor)}
 
     def folder(self, name: str) -> Path:
         if name not in self.made:
             out = self.root / name
             program = ("-m", "tests.rounding_control") if name == "control" else cluster.FGIC_DDP
-            res = run_fgic(self.args(out, name != "plain"), nproc=2 if name == "w2" else 1, timeout=1200,
-                           program=program, **self.env(name))
+            res = run_fgic(self.args(out, not name.startswith("plain")), nproc=2 if name.endswith("2") else 1,
+                           timeout=1200, program=program, **self.env(name))
             assert res.returncode == 0, res.stderr[-3000:]
-            self.made[name] = out.joinpath(*RUN)
+            self.made[name], self.stdout[name] = out.joinpath(*RUN), res.stdout
         return self.made[name]
 
     def weights(self, name: str) -> dict:
@@ -90,7 +93,33 @@ def test_compiled_on_two_processes_matches_one_within_rounding(runs):
     assert [m["test_total"] for m in twos] == [m["test_total"] for m in ones] == [30, 30]
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_compile_failure_is_one_warning_and_the_run_goes_on_eager(runs, tmp_path, nproc):
+    """No working C++ compiler for inductor (tests.compile_fails: CXX names no file) on the last rank only: with 2
+    processes rank 0 compiles (from w2's cache), rank 1 fails, and both train eager from the first step on. The
+    records and weights are the --no-compile run's, bit for bit; the records say "compiled": false. Before
+    fgic.compiling the run died in a BackendCompilerFailed traceback (and with 2 processes rank 0 waited in its first
+    BatchNorm's collective for a rank that had left)."""
+    if nproc == 2:
+        runs.folder("w2")  # rank 0's graphs in the shared cache: it compiles in seconds, not minutes
+    out = tmp_path / "failing"
+    res = run_fgic(runs.args(out), nproc=nproc, timeout=1200, program=("-m", "tests.compile_fails", str(nproc - 1)),
+                   **runs.env("w2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    warnings = [line for line in res.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("fgic: warning: --compile failed (") and \
+        "No working C++ compiler" in warnings[0] and warnings[0].endswith("); training eager"), warnings
+    run, plain = out.joinpath(*RUN), runs.folder("plain" if nproc == 1 else "plain2")
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r.pop("compiled") for r in records] == [False, False]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # as --no-compile's, to compare
+    same_result(run, plain)
+    assert not (run / compiling.CACHE_FILE).exists()  # nothing compiled, nothing saved
+
+
 def test_compiled_two_process_run_stopped_mid_epoch_resumes_bitwise(runs, tmp_path):
+    """... and resumed on "another node" (an empty inductor cache), it compiles nothing: every graph comes from the
+    run folder's mega-cache (torch.compiler.save_cache_artifacts), which the first session wrote."""
     out = tmp_path / "stopped"
     run = out.joinpath(*RUN)
     args = runs.args(out)
@@ -106,9 +135,19 @@ def test_compiled_two_process_run_stopped_mid_epoch_resumes_bitwise(runs, tmp_pa
     assert proc.returncode != 0 and "stopped by SIGUSR2" in err, err[-3000:]
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], 0 < ckpt["step"] < 4) == (1, True), (ckpt["epoch"], ckpt["step"])
-    res = run_fgic(args, nproc=2, timeout=1200, **runs.env("w2"))
+    assert (run / compiling.CACHE_FILE).stat().st_size > 0
+    elsewhere = tmp_path / "another-nodes-inductor"
+    res = run_fgic(args, nproc=2, timeout=1200, TORCHINDUCTOR_CACHE_DIR=str(elsewhere))
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming {run / 'checkpoint.pt'} at epoch 2, step {ckpt['step']}" in res.stdout
+    cold = re.search(r"--compile: first step ([\d.]+) s, mode default; inductor's cache: (\d+) graph\(s\) found, "
+                     r"(\d+) compiled", runs.stdout["w2"])
+    warm = re.search(r"--compile: first step ([\d.]+) s, mode default; inductor's cache: (\d+) graph\(s\) found, "
+                     r"(\d+) compiled", res.stdout)
+    print(f"first compiled step of 2 processes: {cold[1]} s (w2: {cold[2]} found, {cold[3]} compiled), resumed "
+          f"from the run folder's mega-cache {warm[1]} s")
+    assert int(warm[2]) > 0 and warm[3] == "0", res.stdout
+    assert any(f.is_file() for f in elsewhere.rglob("*"))  # filled from the mega-cache
     same_result(run, runs.folder("w2"))
 
 
@@ -132,3 +171,22 @@ def test_keyed_drop_layers_compile_once_and_draw_the_eager_masks():
         outputs.append(ours)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not torch.equal(outputs[0], outputs[1])  # the masks moved with the keys
+
+
+def test_a_failing_compiler_leaves_the_step_eager_in_process(tmp_path, monkeypatch, capsys):  # in-process
+    """fgic.compiling on one process, the compiler made unusable through inductor's own setting (cpp.cxx, which CXX
+    sets) and an empty cache: one warning, the eager module's output, `compiled` false, no mega-cache written."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    step = compiling.compiled(module, Dist(cluster.Launch("single"), torch.device("cpu")), "default", tmp_path, None)
+    x = torch.randn(4, 8)
+    with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/c++")}):
+        out = step(x)
+    assert torch.equal(out, module(x)) and step.compiled is False
+    assert torch.equal(step(x), module(x))  # and eager from then on
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("fgic:")] == \
+        [f"fgic: warning: --compile failed ({step.reason}); training eager"] and "C++ compiler" in step.reason
+    assert not (tmp_path / compiling.CACHE_FILE).exists()

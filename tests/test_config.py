@@ -33,6 +33,18 @@ def test_demo_defaults_only_fill_unset_flags():
     assert (b.epochs, b.arch, b.crop, b.weights) == (3, "resnet50", 56, "none")
 
 
+def test_compile_is_off_by_default_and_its_mode_is_speed_only():
+    """--compile stays off until a GPU measurement of a whole run decides it (BENCHMARKS.md); --compile-mode picks
+    kernels, not arithmetic: a resume across modes is not refused (it is not in MEANING), as across process counts."""
+    a = parse("-d", "cub")
+    assert (a.compile, a.compile_mode) == (False, "default")
+    assert parse("-d", "cub", "--compile", "--compile-mode", "max-autotune-no-cudagraphs").compile_mode == \
+        "max-autotune-no-cudagraphs"
+    assert "compile" not in config.MEANING and "compile_mode" not in config.MEANING
+    with pytest.raises(FgicError, match="--compile-mode"):
+        parse("-d", "cub", "--compile-mode", "fastest")
+
+
 @pytest.mark.parametrize("given,mode", [("off", "off"), ("bf16", "bf16"), ("FP16", "fp16"), ("0", "off"),
                                         ("2", "fp16")])
 def test_amp_modes(given, mode):
