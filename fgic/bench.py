@@ -30,9 +30,10 @@ from torchvision import transforms as T
 
 from fgic import augment, config, data, demo, drop, engine, images, models, optim
 from fgic.batch import Batch, collate
+from fgic.cli import run_cli
 from fgic.config import RECIPE
 from fgic.dist import pick_device
-from fgic.errors import FgicError, run_cli
+from fgic.errors import FgicError
 
 # Dense bf16/fp16 tensor-core peaks from the vendors' spec sheets, TFLOP/s, by a substring of the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,

@@ -41,17 +41,32 @@ def detect(env: os._Environ | dict = os.environ) -> Launch:
     """
     by_submitit = any(k in env for k in ("SUBMITIT_EXECUTOR", "SUBMITIT_LOCAL_JOB_ID", "SUBMITIT_DEBUG_JOB_ID"))
     launcher = "submitit" if by_submitit else ""
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+    kind = rendezvous(env)
+    if kind == "torchrun":
+        return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank(env),
                       int(env.get("LOCAL_WORLD_SIZE", 1)), env.get("MASTER_ADDR"), _int_or_none(env.get("MASTER_PORT")),
                       launcher)
-    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
-    if step is not None and int(env.get("SLURM_NTASKS", 1)) > 1:
+    if kind == "srun":
         addr, port = slurm_master(env)
         tasks_here = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1"))
-        return Launch("srun", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+        return Launch("srun", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), local_rank(env),
                       int(re.match(r"\d+", tasks_here).group()), addr, port, launcher)
     return Launch("single", launcher=launcher)
+
+
+def rendezvous(env: os._Environ | dict = os.environ) -> str:
+    """detect's kind, from the environment alone (no scontrol, nothing raised)."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun"
+    if env.get("SLURM_STEP_ID", env.get("SLURM_STEPID")) is not None and int(env.get("SLURM_NTASKS", 1)) > 1:
+        return "srun"
+    return "single"
+
+
+def local_rank(env: os._Environ | dict = os.environ) -> int:
+    """This process's place on its node (detect's local_rank), for a node's first process to speak for the node."""
+    kind = rendezvous(env)
+    return int(env.get({"torchrun": "LOCAL_RANK", "srun": "SLURM_LOCALID"}.get(kind, ""), 0))
 
 
 def slurm_master(env: os._Environ | dict = os.environ) -> tuple[str, int]:

@@ -19,9 +19,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fgic import checkpoint, cluster, compiling, config, data, engine, models, optim, report, runlog, testhooks
+from fgic.cli import run_cli
 from fgic.cluster import Launch
 from fgic.dist import Dist, pick_device
-from fgic.errors import FgicError, run_cli
+from fgic.errors import FgicError
 from fgic.requeue import requeue
 from fgic.runlog import RunLog
 from fgic.signals import StopRequest
@@ -123,8 +124,8 @@ def train(run: Run, dist: Dist, stop: StopRequest, hooks: testhooks.Hooks = test
     # Resume: the run folder's checkpoint (auto), a named one, or none.
     progress = resume(dist, ckpt_path, cfg, model, opt, steps_per_epoch)
     if progress.epoch >= args.epochs:
-        say(f"fgic: {run_dir} already finished its {args.epochs} epochs; nothing to do (--resume none starts over, "
-            f"moving this run aside to {run_dir.name}.old-N)")
+        say(f"fgic: {run_dir} already finished (epoch {args.epochs}/{args.epochs}); nothing to do (--resume none "
+            f"starts over, moving this run aside to {run_dir.name}.old-N)")
         return 0
     moved = dist.agree(log.set_aside) if ckpt_path is None else None
     say(*start_lines(run, dist, ckpt_path, progress, moved, len(train_set), len(test_set)), sep="\n")

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fgic.errors import FgicError, run_cli
+from fgic.cli import run_cli
+from fgic.errors import FgicError
 
 VERSION = "fgic-demo 1"
 MARKER = ".fgic-demo-complete"

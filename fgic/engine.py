@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgic import augment, drop, optim
+from fgic import augment, drop
 from fgic.batch import Batch
 from fgic.dist import Dist
 from fgic.errors import FgicError
@@ -128,15 +128,6 @@ def forward(model: nn.Module, images, labels, criterion, device: torch.device, a
         return criterion(out, labels), out
 
 
-def train_step(model: nn.Module, images, labels, optimizer, scaler, criterion, device: torch.device, amp: str,
-               clip_grad_norm: float | None = None, keys: torch.Tensor | None = None):
-    """`forward` and the step of a bare optimizer and GradScaler (optim.backward_step), without a run's schedule or
-    EMA; returns (loss, logits)."""
-    loss, out = forward(model, images, labels, criterion, device, amp, keys)
-    optim.backward_step(loss, optimizer, scaler, clip_grad_norm)
-    return loss, out
-
-
 class EpochResult(NamedTuple):
     """What `train_one_epoch` returns, done or stopped. `stopped_at`: None when the epoch ran to its end, else the
     steps done when a stop came. `totals`: this rank's running (loss sum, correct, images), unreduced, for a stop's
@@ -161,7 +152,8 @@ def train_one_epoch(model: nn.Module, loader, opt, criterion, dist: Dist, amp: s
     local = torch.tensor(totals or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)  # loss sum, correct, images
     images_before = float(totals[2]) if totals else 0.0
     start = time.perf_counter()
-    bar = progress(DeviceBatches(loader, device), dist.is_main, desc, later_steps, loader.batch_size * dist.world_size)
+    bar = progress(DeviceBatches(loader, device), dist.is_main, desc, later_steps, loader.batch_size * dist.world_size,
+                   done=start_step)
     step = start_step
     shown = start
     for step, batch in enumerate(bar, start=start_step + 1):

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from fgic import trained
-from fgic.errors import FgicError, run_cli
+from fgic.cli import run_cli
+from fgic.errors import FgicError
 
 FORMATS = ("pt2", "onnx")
 MAX_BATCH = 4096  # the batch dimension's upper bound in the exported graph

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from fgic import augment, engine, images, trained
+from fgic.cli import run_cli
 from fgic.data import usable_cpus
 from fgic.dist import pick_device
-from fgic.errors import FgicError, run_cli
+from fgic.errors import FgicError
 from fgic.models import logits
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fgic import releases
+from fgic.cli import run_cli
 from fgic.config import default_data_root
-from fgic.errors import FgicError, run_cli
+from fgic.errors import FgicError
 
 MARKER = ".fgic-prepared.json"  # written last, inside the folder that is then renamed into place
 DATASETS = ("cub", "aircraft", "cars", "nabirds", "dogs", "flowers", "pets")

@@ -10,14 +10,15 @@ from tqdm import tqdm
 LINE_EVERY_S = 30.0  # a log line this often: 240 lines over a two-hour epoch, none for a pass under 30 s
 
 
-def progress(loader, show: bool, desc: str, later_steps: int = 0, images_per_step: int = 0, stream=None):
+def progress(loader, show: bool, desc: str, later_steps: int = 0, images_per_step: int = 0, stream=None, done: int = 0):
     """An iterable over `loader` that shows progress when `show`: on a terminal, tqdm's bar with the run's ETA; else
     a line every LINE_EVERY_S seconds (step, images/s, the ETA of the pass and of the run). `later_steps`: the steps
-    of the run after this pass, at this pass's rate."""
+    of the run after this pass, at this pass's rate; `done`: the pass's steps before `loader` (an epoch resumed
+    inside), counted in the step shown."""
     stream = stream or sys.stderr
     if show and stream.isatty():
-        return Bar(loader, desc, later_steps, stream)
-    return Lines(loader, desc, later_steps, images_per_step, stream, show)
+        return Bar(loader, desc, later_steps, stream, done)
+    return Lines(loader, desc, later_steps, images_per_step, stream, show, done)
 
 
 def duration(seconds: float) -> str:
@@ -33,14 +34,16 @@ def duration(seconds: float) -> str:
 class Bar(tqdm):
     """tqdm's bar, with the run's ETA beside the pass's."""
 
-    def __init__(self, loader, desc: str, later_steps: int, stream):
+    def __init__(self, loader, desc: str, later_steps: int, stream, done: int = 0):
         self.later_steps = later_steps  # before tqdm's first draw
-        super().__init__(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5, file=stream)
+        super().__init__(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5, file=stream,
+                         initial=done, total=done + len(loader))
 
     @property
     def format_dict(self):
         d = super().format_dict
-        rate = d.get("rate") or (d["n"] / d["elapsed"] if d["n"] and d["elapsed"] else None)
+        steps = d["n"] - d.get("initial", 0)
+        rate = d.get("rate") or (steps / d["elapsed"] if steps and d["elapsed"] else None)
         if self.later_steps and rate:
             run = ((d["total"] or 0) - d["n"] + self.later_steps) / rate
             d["postfix"] = ", ".join(filter(None, [d.get("postfix"), f"run ETA {duration(run)}"]))
@@ -52,9 +55,9 @@ class Lines:
 
     mininterval = LINE_EVERY_S  # as tqdm's: how often the caller's postfix is worth updating
 
-    def __init__(self, loader, desc: str, later_steps: int, images_per_step: int, stream, show: bool):
+    def __init__(self, loader, desc: str, later_steps: int, images_per_step: int, stream, show: bool, done: int = 0):
         self.loader, self.desc, self.later_steps, self.images_per_step = loader, desc, later_steps, images_per_step
-        self.stream, self.show, self.postfix = stream, show, ""
+        self.stream, self.show, self.done, self.postfix = stream, show, done, ""
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -70,8 +73,9 @@ class Lines:
                 print(self.line(step, total, now - start), file=self.stream, flush=True)
 
     def line(self, step: int, total: int, seconds: float) -> str:
+        """`step` of this pass's `total`, after `seconds`; shown counted from the epoch's start."""
         rate = step / seconds
-        parts = [self.desc, f"step {step}/{total}"]
+        parts = [self.desc, f"step {self.done + step}/{self.done + total}"]
         if self.images_per_step:
             parts.append(f"{rate * self.images_per_step:.0f} img/s")
         eta = f"ETA {duration((total - step) / rate)}"

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fgic.cli import run_cli
 from fgic.config import MEANING, completed
-from fgic.errors import FgicError, run_cli
+from fgic.errors import FgicError
 from fgic.jsonfile import read_object
 from fgic.runlog import CHECKPOINT, read_records
 

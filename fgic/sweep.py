@@ -26,7 +26,8 @@ from datetime import datetime
 from pathlib import Path
 
 from fgic import config, requeue, signals
-from fgic.errors import FgicError, run_cli
+from fgic.cli import run_cli
+from fgic.errors import FgicError
 
 # Swept by the launchers' own lists, or fixed for the whole sweep.
 OWN_LIST = {"data": "--datasets", "seed": "--seeds", "amp": "--amps"}

@@ -16,7 +16,8 @@ import torch
 from torchvision import models
 
 from fgic import timm_models
-from fgic.errors import FgicError, run_cli
+from fgic.cli import run_cli
+from fgic.errors import FgicError
 
 DOWNLOAD_TIMEOUT_S = 30
 

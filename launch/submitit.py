@@ -19,7 +19,8 @@ from pathlib import Path
 import submitit
 
 from fgic import config, ddp, requeue, sweep
-from fgic.errors import FgicError, run_cli
+from fgic.cli import run_cli
+from fgic.errors import FgicError
 from fgic.signals import EXIT_PREEMPTED, term_held
 
 
@@ -229,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # submitit re-raises the job's error; report it and go on with the others
             failed += 1
             print(f"{job.job_id}: FAILED ({why_failed(exc)}); log {job.paths.stderr}")
+    unnamed = folder / "%j"  # submitit 1.5's local controller makes its folder before putting the job id in its name
+    if unnamed.is_dir() and not any(unnamed.iterdir()):
+        unnamed.rmdir()
     return 1 if failed else 0
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 
 from fgic import cluster, config, signals
-from fgic.errors import run_cli
+from fgic.cli import run_cli
 
 
 def command(argv: list[str], env=os.environ) -> list[str]:

@@ -1,6 +1,6 @@
 """Run by tests/test_arch_sweep.py under `torchrun --nproc_per_node=2` (gloo, CPU): every arch named on the command
 line goes through fgic's own code (the input check, models.build, the CPU BatchNorm of several processes, DDP,
-engine.sgd and two engine.train_step calls on random images) at the smallest crop from 64 px up that it takes.
+optim.sgd and two tests.helpers.train_step steps on random images) at the smallest crop from 64 px up that it takes.
 Rank 0 appends one JSON line per arch to OUT.
 
 usage: torchrun --standalone --nproc_per_node=2 tests/arch_harness.py OUT ARCH...
@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgic import augment, cluster, engine, models, optim
+from fgic import augment, cluster, models, optim
 from fgic.dist import Dist
 from fgic.errors import FgicError
+from tests.helpers import train_step
 
 SMALL_CROP = 64  # as the tiny CPU runs of the other tests (see tests/helpers.py TINY)
 CLASSES = 3
@@ -65,7 +66,7 @@ def train_two_steps(dist: Dist, arch: str, crop: int) -> dict:
         batch = augment.normalize(torch.randint(0, 256, (BATCH, 3, crop, crop), dtype=torch.uint8, generator=images))
         labels = torch.randint(0, CLASSES, (BATCH,), generator=images)
         keys = torch.randint(0, 2 ** 32, (BATCH,), generator=images)  # the samples' drop keys
-        loss, out = engine.train_step(ddp, batch, labels, optimizer, scaler, criterion, cpu, "off", keys=keys)
+        loss, out = train_step(ddp, batch, labels, optimizer, scaler, criterion, cpu, "off", keys=keys)
         assert out.shape == (BATCH, CLASSES), out.shape
         losses.append(loss.item())
     after = checksums(model)

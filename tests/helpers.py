@@ -12,13 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from fgic import cluster
+from fgic import cluster, engine, optim
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough for CPU tests: resnet18 at 64 px (smaller inputs leave 1x1 maps whose BatchNorm statistics over a
 # few values make training chaotic), global batch 12 (splits over 1, 2 and 3 processes), 2 steps per epoch.
 TINY = {"arch": "resnet18", "weights": "none", "resize": 72, "crop": 64, "padding": 4, "batch-size": 12, "epochs": 2,
         "device": "cpu", "workers": 0}
+
+
+def train_step(model, images, labels, optimizer, scaler, criterion, device: torch.device, amp: str,
+               clip_grad_norm: float | None = None, keys: torch.Tensor | None = None):
+    """A plain PyTorch step through fgic's parts: `engine.forward`, then a bare optimizer and GradScaler
+    (`optim.backward_step`) without a run's schedule or EMA; returns (loss, logits)."""
+    loss, out = engine.forward(model, images, labels, criterion, device, amp, keys)
+    optim.backward_step(loss, optimizer, scaler, clip_grad_norm)
+    return loss, out
 
 
 def optional(name: str):

@@ -10,8 +10,8 @@ import torch
 import torchvision
 
 from fgic import cluster, ddp
+from fgic.cli import run_cli
 from fgic.demo import make_tiny
-from fgic.errors import run_cli
 from tests.helpers import run_fgic, tiny_args
 
 

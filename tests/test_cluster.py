@@ -44,6 +44,19 @@ def test_batch_script_without_srun_is_a_single_process():
     assert cluster.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "a1"}).kind == "single"
 
 
+@pytest.mark.parametrize("env", [
+    {}, {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "SLURM_LOCALID": "2", "SLURM_STEP_ID": "0",
+         "SLURM_NTASKS": "4"},
+    {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3", "SLURM_JOB_NODELIST": "a1"},
+    {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "a1"},  # a batch script
+    {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "a1"}])
+def test_the_local_rank_that_prints_a_nodes_errors_is_detects(env, monkeypatch):
+    """run_cli lets a node's first process print an error every process finds: the same rank detect gives, read
+    without the rendezvous (which may itself be the error)."""
+    monkeypatch.setattr(cluster.shutil, "which", lambda name: None)
+    assert cluster.local_rank(env) == cluster.detect(env).local_rank
+
+
 @pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("gpu[003-005,9],cpu1", "gpu003"),
                                             ("a1,b2", "a1"), ("rack2-n[10-12]", "rack2-n10")])
 def test_first_host_without_scontrol(monkeypatch, nodelist, first):

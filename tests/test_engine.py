@@ -8,6 +8,7 @@ from fgic import config, engine, optim
 from fgic.batch import Batch
 from fgic.cluster import Launch
 from fgic.dist import Dist
+from tests.helpers import train_step
 
 
 def _fp16_steps(fused: bool, skip_first: bool) -> torch.Tensor:
@@ -25,7 +26,7 @@ def _fp16_steps(fused: bool, skip_first: bool) -> torch.Tensor:
     for _ in range(64):  # freed blocks full of large numbers: what an uninitialised buffer then holds
         torch.full((1024,), 3.4e25)
     for step in range(4):
-        engine.train_step(model, images, labels, optimizer, scaler, criterion, cpu, "fp16")
+        train_step(model, images, labels, optimizer, scaler, criterion, cpu, "fp16")
         if step == 0:
             assert scaler.get_scale() == 2.0 ** 10  # skipped and backed off, or not skipped
     return torch.cat([p.detach().flatten() for p in model.parameters()])

@@ -17,7 +17,7 @@ from fgic import augment, bench, data, drop, engine, models, optim, syncbn
 from fgic.batch import collate
 from fgic.cluster import Launch
 from fgic.dist import Dist
-from tests.helpers import read_jsonl, run_fgic, same_result, tiny_args
+from tests.helpers import read_jsonl, run_fgic, same_result, tiny_args, train_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -88,11 +88,11 @@ def test_no_host_sync_in_a_step_with_synchronized_batchnorm(nccl_group, compiled
     opt = optim.sgd(model.parameters(), cuda, lr=0.01, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(cuda.type, enabled=False)
     batches = _task_batches(3, 64, 10, 16, cuda)
-    losses = [engine.train_step(step_model, *batches[0], opt, scaler, criterion, cuda, "bf16")[0]]  # warm-up, compile
+    losses = [train_step(step_model, *batches[0], opt, scaler, criterion, cuda, "bf16")[0]]  # warm-up, compile
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        losses += [engine.train_step(step_model, x, y, opt, scaler, criterion, cuda, "bf16")[0] for x, y in batches[1:]]
+        losses += [train_step(step_model, x, y, opt, scaler, criterion, cuda, "bf16")[0] for x, y in batches[1:]]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(math.isfinite(v.item()) for v in losses)
@@ -228,7 +228,7 @@ def _fp16_run(batches: list, fused: bool, skip: bool, device: torch.device) -> d
     del poison
     after_skip = None
     for i, (images, labels) in enumerate(batches if skip else batches[1:]):
-        engine.train_step(model, images, labels, opt, scaler, criterion, device, "fp16")
+        train_step(model, images, labels, opt, scaler, criterion, device, "fp16")
         if skip and i == 0:
             buffers = [b for p in params if (b := opt.state[p].get("momentum_buffer")) is not None]
             after_skip = {"scale": scaler.get_scale(), "moved": _max_diff([p.detach() for p in params], before),
@@ -280,7 +280,7 @@ def _amp_losses(amp: str, device: torch.device) -> list[float]:
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     losses = []
     for images, labels in _task_batches(8, 112, 10, 32, device):
-        loss, _ = engine.train_step(model, images, labels, opt, scaler, criterion, device, amp)
+        loss, _ = train_step(model, images, labels, opt, scaler, criterion, device, amp)
         losses.append(loss.item())
     assert scaler.get_scale() == 2.0 ** 16 if amp == "fp16" else not scaler.is_enabled()  # GradScaler's start
     return losses
@@ -315,7 +315,7 @@ def _family_losses(model: torch.nn.Module, step_model, start: dict, batches: lis
     scaler = torch.amp.GradScaler(cuda.type, enabled=False)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     keys = torch.arange(len(batches[0][1]), device=cuda)
-    return [engine.train_step(step_model, x, y, opt, scaler, criterion, cuda, "bf16", keys=keys + 100 * i)[0].item()
+    return [train_step(step_model, x, y, opt, scaler, criterion, cuda, "bf16", keys=keys + 100 * i)[0].item()
             for i, (x, y) in enumerate(batches)]
 
 

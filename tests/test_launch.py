@@ -253,6 +253,8 @@ def test_submitit_local_executor_runs_a_sweep_of_any_flag(tiny_data, tmp_path):
                           "--wait", *tiny_args(epochs=1), "--sweep", "lr=0.05,0.1", "--output-dir", str(tmp_path)],
                          cwd=REPO, env=fgic_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "submitted 2 job(s) to local" in out.stdout, out.stdout + out.stderr
+    logs = sorted(p.name for p in (tmp_path / "submitit").iterdir())
+    assert logs == sorted(re.findall(r"^(\d+): done", out.stdout, re.M)), logs  # a folder per job, named by its id
     for lr in ("0.05", "0.1"):
         folder = tmp_path / "tiny" / f"resnet18-off-s2020-lr{lr}"
         assert json.loads((folder / "config.json").read_text())["lr"] == float(lr)

@@ -10,7 +10,7 @@ from torchvision import models
 from fgic import config, engine, optim
 from fgic import models as fgic_models
 from fgic.errors import FgicError
-from tests.helpers import REPO, optional, run_fgic, tiny_args
+from tests.helpers import REPO, optional, run_fgic, tiny_args, train_step
 
 
 def built(arch: str) -> torch.nn.Module:
@@ -231,7 +231,7 @@ def test_a_runs_step_is_the_bare_step_with_its_schedule_and_ema():
             if stepped:
                 o.step(engine.forward(model, images, labels, criterion, cpu, "off")[0])
             else:
-                engine.train_step(model, images, labels, sgd, o.scaler, criterion, cpu, "off", clip)
+                train_step(model, images, labels, sgd, o.scaler, criterion, cpu, "off", clip)
                 o.after_step()
         assert o.steps == 4 and o.lr == pytest.approx(0.5 / 5)
         return [p.detach() for p in (*model.parameters(), *ema.module.parameters())]

@@ -17,7 +17,8 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from fgic import data, images, prepare
-from fgic.errors import FgicError, run_cli
+from fgic.cli import run_cli
+from fgic.errors import FgicError
 from fgic.prepare import Expected
 from tests.helpers import fgic_env, interrupt_prepare_after
 

@@ -52,3 +52,21 @@ def test_a_terminal_gets_the_bar_with_the_runs_eta():
 
 def test_durations_read_at_a_glance():
     assert [progress.duration(s) for s in (9, 245, 11230)] == ["9s", "4m05s", "3h07m"]
+
+
+def test_an_epoch_resumed_inside_counts_its_steps_from_the_epochs_start(monkeypatch):
+    """Resumed after step 4 of 15, the loader holds the 11 steps left: the lines say step 7/15, not 3/11, and the
+    ETA is of the 8 steps left; the bar counts from 4 of 15 too."""
+    clock = Clock()
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    out = io.StringIO()
+    for _ in progress.progress(range(11), True, "epoch 2/5", images_per_step=64, stream=out, done=4):
+        clock.now += 10.0
+    assert out.getvalue().splitlines()[0] == "epoch 2/5  step 7/15  6 img/s  ETA 1m20s"
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    bar = progress.progress(range(11), True, "epoch 2/5", stream=Tty(), done=4)
+    assert (bar.n, bar.total) == (4, 15)
+    bar.close()
