@@ -34,7 +34,7 @@ def duration(seconds: float) -> str:
 class Bar(tqdm):
     """tqdm's bar, with the run's ETA beside the pass's."""
 
-    def __init__(self, loader, desc: str, later_steps: int, stream, done: int = 0):
+    def __init__(self, loader, desc: str, later_steps: int, stream, done: int):
         self.later_steps = later_steps  # before tqdm's first draw
         super().__init__(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5, file=stream,
                          initial=done, total=done + len(loader))
@@ -55,7 +55,7 @@ class Lines:
 
     mininterval = LINE_EVERY_S  # as tqdm's: how often the caller's postfix is worth updating
 
-    def __init__(self, loader, desc: str, later_steps: int, images_per_step: int, stream, show: bool, done: int = 0):
+    def __init__(self, loader, desc: str, later_steps: int, images_per_step: int, stream, show: bool, done: int):
         self.loader, self.desc, self.later_steps, self.images_per_step = loader, desc, later_steps, images_per_step
         self.stream, self.show, self.done, self.postfix = stream, show, done, ""
 
