@@ -8,20 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.families import FAMILIES, FamilyRuns, check_one_result, check_resume, make_data
+from tests.families import FAMILIES, FamilyRuns, check_one_result, check_resume
 from tests.helpers import wait_for_memory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.families]  # every test here starts processes
 FAMILY_GB = 5  # vit_b_32 (88M parameters): 2 processes of ~1.7 GB, its runs' files in memory (see runs)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("d") / "fam")
-
-
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def runs(request, data, tmp_path_factory):
+def runs(request, tmp_path_factory):
     """A family's runs; module-scoped and parametrized, so pytest runs one family's tests together. Their folder is
     in memory (/dev/shm) where the machine has it: the runs save and fsync checkpoints, and on this machine's disk that
     dominated (vit_b_32's 1-process run: 24.8 s, 10.6 s on /dev/shm). It goes before the next family's (vit_b_32's
@@ -32,7 +27,7 @@ def runs(request, data, tmp_path_factory):
     where = shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else tmp_path_factory.getbasetemp()
     tmp = Path(tempfile.mkdtemp(prefix=f"fgic-{request.param}-", dir=where))
     try:
-        yield FamilyRuns(request.param, data, tmp)
+        yield FamilyRuns(request.param, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
