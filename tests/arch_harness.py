@@ -1,9 +1,10 @@
-"""Run by tests/test_arch_sweep.py under `torchrun --nproc_per_node=2` (gloo, CPU): every arch named on the command
-line goes through fgic's own code (the input check, models.build, the CPU BatchNorm of several processes, DDP,
-optim.sgd and two tests.helpers.train_step steps on random images) at the smallest crop from 64 px up that it takes.
-Rank 0 appends one JSON line per arch to OUT.
+"""Run by tests/test_arch_sweep.py under `torchrun --nproc_per_node=2` (gloo, CPU), or as one process: every arch named
+on the command line goes through fgic's own code (the input check, models.build, the CPU BatchNorm of several processes
+and DDP where there are several, optim.sgd and two tests.helpers.train_step steps on random images) at the smallest
+crop from 64 px up that it takes. Rank 0 appends one JSON line per arch to OUT.
 
 usage: torchrun --standalone --nproc_per_node=2 tests/arch_harness.py OUT ARCH...
+       python tests/arch_harness.py OUT ARCH...
 """
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ def peak_gb() -> float:
 def train_two_steps(dist: Dist, arch: str, crop: int) -> dict:
     cpu = torch.device("cpu")
     torch.manual_seed(0)
-    model = models.sync_batchnorm(models.build(arch, CLASSES, "none", crop=crop), cpu, distributed=True)
-    ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)  # as fgic.ddp makes it on the CPU
+    model = models.sync_batchnorm(models.build(arch, CLASSES, "none", crop=crop), cpu, distributed=dist.distributed)
+    # as fgic.ddp makes it on the CPU: DDP over several processes, the module itself on one
+    ddp = DistributedDataParallel(model, gradient_as_bucket_view=True) if dist.distributed else model
     # no weight decay: only a gradient moves a weight; no momentum: its buffers would add 2.4 GB a process for the
     # largest models, beyond what 2 of them fit in on a 24 GB machine
     optimizer = optim.sgd(model.parameters(), cpu, lr=LR, momentum=0.0)

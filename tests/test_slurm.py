@@ -33,13 +33,17 @@ LAB_GB = 8  # the lab's ~12 jobs at once hold up to ~8 GB for minutes
 TRAIN, SWEEP = str(REPO / "slurm" / "train.sbatch"), str(REPO / "slurm" / "sweep.sh")
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the templates ask for GPUs; these jobs train on the CPU
 RUN = "resnet18-off-s2020"  # tiny_args()'s run name
-LONG = dict(epochs=12)  # the preempted runs: with FGIC_TEST_STEP_SLEEP_S=2, 4 s or more an epoch on any machine
+# The preempted runs: with FGIC_TEST_STEP_SLEEP_S=4 (SLOW_STEP_S), 8 s or more an epoch on any machine, 40 s or more
+# after their first epoch, in which the test signals them. 6 epochs at 4 s, not 12 at 2: the same time for the test to
+# act in, half the CPU of training, evaluating and saving (the lab's ~10 such attempts share the machine with the rest)
+LONG = dict(epochs=6)
+SLOW_STEP_S = "4"
 WAIT_S = 600
 # Runs that cannot end before the test has acted on them, however late its thread gets to it (a CI run under load
 # started the drivers 100 s after the jobs, behind slower submissions, and both jobs had finished). A tiny epoch has
 # 2 stop checks (after its first step, after the epoch but the last), each FGIC_TEST_STEP_SLEEP_S long: the cancelled
-# run 2000 s or more at 1 s; the time-limit job's first attempt 23 x 30 = 690 s or more, past the test's WAIT_S (its
-# restart at full speed).
+# run 2000 s or more at 1 s; the time-limit job's first attempt 11 x 30 = 330 s or more (its restart at full speed),
+# where the warning stops it within 100 s of its first epoch (the driver's poll, Slurm's 30-s check, one step).
 ENDLESS = dict(epochs=1000)
 FIRST_ATTEMPT_STEP_S = 30
 TIME_LIMIT_MIN, WARN_S = 15, 300  # the time-limit job's: --time, and --signal=USR2@WARN_S (train.sbatch's own)
@@ -136,7 +140,7 @@ def lab(tmp_path_factory):
                          f"code = subprocess.call([{scontrol!r}, *sys.argv[1:]])\n"
                          f"if sys.argv[1:2] == ['requeue']:\n    time.sleep(2)\nsys.exit(code)\n")
     slow_exit.chmod(0o755)
-    slow = dict(FGIC_TEST_STEP_SLEEP_S="2", PATH=f"{slow_exit.parent}:{env['PATH']}")
+    slow = dict(FGIC_TEST_STEP_SLEEP_S=SLOW_STEP_S, PATH=f"{slow_exit.parent}:{env['PATH']}")
     # The time-limit job's interpreter: slow steps in its first attempt, none in its restart.
     first_slow = slow_exit.parent / "python-first-attempt-slow"
     first_slow.write_text(f'#!/bin/sh\nif [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ]; then\n'
@@ -256,7 +260,8 @@ def one_wandb_run(run: Path) -> None:
     assert len(attempts) == 2 and attempts[0]["id"] == attempts[1]["id"], attempts
     assert (attempts[0]["preempting"], attempts[0]["exit_code"], attempts[1]["exit_code"]) == (True, 75, 0), attempts
     rows = wandb_files.history(run)[attempts[0]["id"]]
-    assert [r["epoch"] for r in rows] == [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 13))
+    epochs = list(range(1, LONG["epochs"] + 1))
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == epochs
     assert attempts[1]["summary"]["final_test_acc"] == json.loads((run / "summary.json").read_text())["final_test_acc"]
 
 
