@@ -119,7 +119,7 @@ class PickledCode:
 
 def wait_for_memory(need_gb: float, seconds: float = 900) -> float:
     """MemAvailable once it reaches `need_gb`, or what it is after `seconds`. The tests that take GBs wait for them
-    before they start (the arch sweep's largest shards ~16 GB, the Slurm lab ~8 GB, a family ~5 GB): on CI's 24 GB a
+    before they start (the arch sweep's largest shards ~8.5 GB, the Slurm lab ~8 GB, a family ~5 GB): on CI's 24 GB a
     shard that waited only for itself was OOM-killed when the others started beside it (CI run of 2026-12-04)."""
     deadline = time.monotonic() + seconds
     while (have := available_gb()) < need_gb and time.monotonic() < deadline:
