@@ -20,7 +20,7 @@ ARCHS = sorted(PARAMS, key=lambda a: -PARAMS[a])
 # regnet_y_128gf and vit_h_14 (645M and 633M parameters) train on one process: on 2 the pair took 140 CPU-s against 40
 # on one, 73 s of it system time (two ranks faulting in 8 GB of fresh memory each at once in this VM), a third of the
 # sweep's CPU in CI. What 2 processes add (DDP's reducer, the synchronised BatchNorm) depends on the module types,
-# and each of theirs trains on 2 processes in a smaller member of their family (test_..._module_types below).
+# and each of theirs trains on 2 processes in a smaller member of their family (the first test below).
 ONE_PROCESS = [a for a in ARCHS if PARAMS[a] > 500e6]
 TWO_PROCESSES = [a for a in ARCHS if a not in ONE_PROCESS]
 SHARDS = 6  # largest first, dealt round-robin: each shard gets a like mix of sizes
@@ -36,10 +36,15 @@ def module_types(arch: str) -> set[type]:
     return {type(m) for m in models.construct_on_meta(arch, 224).modules()}
 
 
+def family(arch: str) -> str:
+    """torchvision's module of the arch's builder: torchvision.models.regnet, ..."""
+    return tvm.get_model_builder(arch).__module__
+
+
 def test_the_one_process_archs_module_types_all_train_on_two_processes_in_a_smaller_member_of_their_family():
-    family = lambda arch: tvm.get_model_builder(arch).__module__  # noqa: E731  (torchvision.models.regnet, ...)
     for arch in ONE_PROCESS:
-        covered = [a for a in TWO_PROCESSES if family(a) == family(arch) and module_types(a) >= module_types(arch)]
+        needed = module_types(arch)
+        covered = [a for a in TWO_PROCESSES if family(a) == family(arch) and module_types(a) >= needed]
         assert covered, f"{arch}: no arch of the 2-process sweep has all its module types"
 
 
