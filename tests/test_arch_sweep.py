@@ -1,6 +1,6 @@
-"""Every torchvision classification model that fgic accepts trains two steps on 2 CPU processes at a small crop (the
-two largest on one, each of their module types on 2 in a smaller member of their family), or stops with one line and
-exit 2 before any data work, naming a crop it takes, at which it then trains."""
+"""Every torchvision classification model that fgic accepts trains two steps on 2 CPU processes at a small crop (those
+above 100M parameters on one, each of their module types on 2 in a smaller member of their family), or stops with one
+line and exit 2 before any data work, naming a crop it takes, at which it then trains."""
 from __future__ import annotations
 
 import math
@@ -17,13 +17,15 @@ pytestmark = pytest.mark.e2e  # every test here starts processes
 HARNESS = REPO / "tests" / "arch_harness.py"
 PARAMS = {a: tvm.get_model_weights(a).DEFAULT.meta["num_params"] for a in tvm.list_models(module=tvm)}
 ARCHS = sorted(PARAMS, key=lambda a: -PARAMS[a])
-# regnet_y_128gf and vit_h_14 (645M and 633M parameters) train on one process: on 2 the pair took 140 CPU-s against 40
-# on one, 73 s of it system time (two ranks faulting in 8 GB of fresh memory each at once in this VM), a third of the
-# sweep's CPU in CI. What 2 processes add (DDP's reducer, the synchronised BatchNorm) depends on the module types,
-# and each of theirs trains on 2 processes in a smaller member of their family (the first test below).
-ONE_PROCESS = [a for a in ARCHS if PARAMS[a] > 500e6]
+# What 2 processes add (DDP's reducer, the synchronised BatchNorm) depends on the module types, not on the size; their
+# cost goes with the size: gloo moves every weight through loopback TCP (DDP's broadcast at construction, then each
+# step's all-reduce). vit_l_32 (307M parameters) took 40.7 CPU-s on 2 processes, 22 of them system time, against 10.7
+# on one; the 78 archs below 500M took 427 CPU-s on 2, 143 of them system time. So the archs above 100M parameters
+# train on one process, and each of their module types trains on 2 in a smaller member of their family (the first
+# test below). Every VGG is above 100M: vgg11_bn, the smallest with BatchNorm, trains on 2 for them.
+ONE_PROCESS = [a for a in ARCHS if PARAMS[a] > 100e6 and a != "vgg11_bn"]
 TWO_PROCESSES = [a for a in ARCHS if a not in ONE_PROCESS]
-SHARDS = 6  # largest first, dealt round-robin: each shard gets a like mix of sizes
+SHARDS = 3  # largest first, dealt round-robin: each shard gets a like mix of sizes
 SWEEP = [pytest.param(TWO_PROCESSES[shard::SHARDS], 2, id=f"2-processes-shard{shard}") for shard in range(SHARDS)] + \
     [pytest.param(ONE_PROCESS, 1, id="1-process-the-largest")]
 # A harness process's peak memory: 0.66 GiB (torch, gloo) + 12.5 bytes a parameter (weights, DDP's gradient buckets,
