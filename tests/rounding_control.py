@@ -1,14 +1,18 @@
-"""`python -m tests.rounding_control ARGS`: fgic.ddp ARGS on one process with the samples of every training batch in
-reverse order. Only the order of float sums changes (each sample keeps its augmentation and drop masks, keyed by its
-index; BatchNorm and the loss add the same values in another order), so its distance from the plain one-process run
-is what float rounding alone makes of the run: the yardstick for 1 vs N processes, for any arch. The CPU's thread
-count is none: a ViT's matmuls give the same bits on 1 and 2 threads (measured with vit_b_32's gradients)."""
+"""`python -m tests.rounding_control [--plain-to DIR] ARGS`: fgic.ddp ARGS on one process with the samples of every
+training batch in reverse order. Only the order of float sums changes (each sample keeps its augmentation and drop
+masks, keyed by its index; BatchNorm and the loss add the same values in another order), so its distance from the plain
+one-process run is what float rounding alone makes of the run: the yardstick for 1 vs N processes, for any arch. The
+CPU's thread count is none: a ViT's matmuls give the same bits on 1 and 2 threads (measured with vit_b_32's gradients).
+
+--plain-to DIR first runs fgic.ddp ARGS as given, into --output-dir DIR, in this process: the plain run and its control
+from one process start (an fgic.ddp start is ~3 CPU-s of imports; fgic.ddp's main seeds and builds everything anew)."""
 from __future__ import annotations
 
 import itertools
 import sys
 
 from fgic import ddp, samplers
+from fgic.cli import run_cli
 
 
 def reverse_batches(batch: int) -> None:
@@ -22,7 +26,14 @@ def reverse_batches(batch: int) -> None:
     samplers.TrainSampler.__iter__ = reversed_iter
 
 
-if __name__ == "__main__":
-    argv = sys.argv[1:]
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--plain-to"]:
+        plain_dir, argv = argv[1], argv[2:]
+        if code := ddp.main([*argv, "--output-dir", plain_dir]):
+            return code
     reverse_batches(int(argv[argv.index("--batch-size") + 1]))
-    ddp.cli()
+    return ddp.main(argv)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]), "fgic.ddp")
