@@ -116,8 +116,9 @@ def test_a_compile_failure_on_one_rank_is_one_warning_and_every_rank_goes_on_eag
 
 
 def test_compiled_two_process_run_stopped_mid_epoch_resumes_bitwise(runs, tmp_path):
-    """... and resumed on "another node" (an empty inductor cache), it compiles nothing: every graph comes from the
-    run folder's mega-cache (torch.compiler.save_cache_artifacts), which the first session wrote."""
+    """... and resumed on "another node" (an empty inductor cache), it compiles no graph: every one comes from the run
+    folder's mega-cache (torch.compiler.save_cache_artifacts), which the first session wrote. (On the CPU inductor
+    still builds the graphs' C++ kernels again: the mega-cache has a GPU's Triton kernels, not those: BENCHMARKS.md)"""
     out = tmp_path / "stopped"
     run = out.joinpath(*RUN)
     args = runs.args(out)
