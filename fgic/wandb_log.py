@@ -80,9 +80,13 @@ class WandbRun:
         return self
 
     def epoch(self, record: dict) -> None:
-        if record["epoch"] > self.state["logged_epochs"] and self._call("log", record, step=record["epoch"],
-                                                                        commit=True):
-            self.state["logged_epochs"] = record["epoch"]
+        # run.log returns once the row is in the socket's buffer, even when wandb-core has just exited (seen under load:
+        # the failure surfaced at the next call). run.status is a round trip (0.5 ms), answered after wandb-core has
+        # read the row: only then does the epoch count as W&B's.
+        epoch = record["epoch"]
+        if epoch > self.state["logged_epochs"] and self._call("log", record, step=epoch, commit=True) and \
+                self._call("status"):
+            self.state["logged_epochs"] = epoch
             write_json(self.path, self.state)  # after the log: a kill in between repeats an epoch, never loses one
 
     def summary(self, summary: dict) -> None:
@@ -105,13 +109,22 @@ class WandbRun:
             method(*args, **kwargs)
             return True
         except Exception as exc:
-            if isinstance(exc, ConnectionError):  # wandb-core is gone: without this, a traceback from wandb's atexit
+            if isinstance(exc, _core_gone()):  # without the teardown, a traceback from wandb's atexit
                 with contextlib.suppress(Exception):
                     sys.modules["wandb"].teardown()
             _warn(f"run.{name}", exc, f"W&B has the epochs up to {self.state['logged_epochs']}, metrics.jsonl all of "
                                      f"them; see {self.path.parent / 'wandb' / 'debug-internal.log'}")
             self.run = None
             return False
+
+
+def _core_gone() -> tuple[type[Exception], ...]:
+    """What a call raises once wandb-core has exited: a send on the closed socket, or a reply never to come."""
+    try:
+        from wandb.sdk.mailbox import HandleAbandonedError, MailboxClosedError  # noqa: PLC0415  (as wandb 0.31 names them)
+    except ImportError:
+        return (ConnectionError,)
+    return ConnectionError, HandleAbandonedError, MailboxClosedError
 
 
 def _settings(wandb) -> dict:
@@ -136,6 +149,6 @@ def _read(path: Path) -> dict | None:
 
 
 def _warn(what: str, exc: Exception, fix: str) -> None:
-    why = (str(exc).strip().splitlines() or [""])[0][:160]
-    print(f"fgic: warning: --wandb: {what} failed ({type(exc).__name__}: {why}); {fix}; training goes on without W&B",
+    why = ": ".join([type(exc).__name__, *(str(exc).strip().splitlines()[:1])])[:200]
+    print(f"fgic: warning: --wandb: {what} failed ({why}); {fix}; training goes on without W&B",
           file=sys.stderr, flush=True)
