@@ -35,9 +35,10 @@ from fgic.config import RECIPE
 from fgic.dist import pick_device
 from fgic.errors import FgicError
 
-# Dense bf16/fp16 tensor-core peaks from the vendors' spec sheets, TFLOP/s, by a substring of the device name.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
-               "A800": 312.0, "L40S": 362.0, "A40": 150.0, "A10": 125.0, "V100": 125.0}
+# Dense bf16/fp16 tensor-core peaks from the vendors' spec sheets, TFLOP/s, by a substring of the device name (the
+# first that matches: the H100's PCIe and NVL cards before the SXM's plain "H100 80GB HBM3").
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0,
+               "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A40": 150.0, "A10": 125.0, "V100": 125.0}
 
 
 class OriginalFolder(datasets.ImageFolder):
@@ -398,7 +399,10 @@ def _peak(a, device) -> tuple[float | None, str]:
         return a.peak_tflops, "--peak-tflops"
     if device.type != "cuda" or a.amp == "off":
         return None, "none"
-    name = torch.cuda.get_device_name(device)
+    return peak_of(torch.cuda.get_device_name(device))
+
+
+def peak_of(name: str) -> tuple[float | None, str]:
     for key, value in PEAK_TFLOPS.items():
         if key in name:
             return value, f"{key} dense 16-bit spec"

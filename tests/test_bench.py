@@ -91,6 +91,13 @@ def test_a_steps_flops_are_three_forwards(arch):
 
 
 @pytest.mark.e2e  # in-process, but it trains: seconds
+@pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0),
+                                        ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce RTX 4090", None)])
+def test_the_peak_is_the_cards_own(name, peak):
+    assert bench.peak_of(name)[0] == peak
+
+
 def test_train_times_a_recipe_step(tmp_path, capsys):
     """--recipe: fgic.ddp's Optimization (AdamW, layer decay, clipping, EMA) steps on a mixed synthetic batch."""
     out = tmp_path / "train.json"
