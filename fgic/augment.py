@@ -14,13 +14,24 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 from fgic.batch import Batch
+from fgic.config import IMAGENET_MEAN, IMAGENET_STD
 from fgic.drop import M32, mix32
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Random erasing fills with the mean colour as uint8 (the host augments bytes), which normalises to within 0.006 of
-# torchvision's value=0 after Normalize.
-ERASE_FILL = [round(255 * m) for m in IMAGENET_MEAN]
+
+class Normalization(NamedTuple):
+    """The per-channel (x / 255 - mean) / std that a model's inputs get: the statistics its pretrained weights were
+    trained with (fgic.models.normalization)."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def fill(self) -> tuple[int, ...]:
+        """The mean colour as uint8: random erasing's fill (the host augments bytes), within half a level of
+        torchvision's value=0 after Normalize (ImageNet's: 0.006 at most)."""
+        return tuple(round(255 * m) for m in self.mean)
+
+
+IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD)
 # The streams drawn from one (seed, epoch, index) key besides the crop and flip (whose stream, the key alone, is the
 # seed recipe's and stays as it was).
 POLICY_STREAM, MIX_STREAM, DROP_STREAM = 1, 2, 3  # DROP_STREAM: fgic.drop's masks
@@ -78,9 +89,9 @@ def center_crop(image: torch.Tensor, crop: int) -> torch.Tensor:
     return F.center_crop(image, [crop, crop])
 
 
-def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW batch -> float, ImageNet-normalised, on the batch's own device (the host only moves bytes)."""
-    return batch.float().sub_(_per_channel(IMAGENET_MEAN, batch.device)).div_(_per_channel(IMAGENET_STD, batch.device))
+def normalize(batch: torch.Tensor, norm: Normalization) -> torch.Tensor:
+    """uint8 NCHW batch -> float, normalised, on the batch's own device (the host only moves bytes)."""
+    return batch.float().sub_(_per_channel(norm.mean, batch.device)).div_(_per_channel(norm.std, batch.device))
 
 
 def _per_channel(values, device: torch.device) -> torch.Tensor:
@@ -97,6 +108,7 @@ class Extra:
     random_erase: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    erase_fill: tuple[int, ...] = IMAGENET.fill
 
     @property
     def mixing(self) -> bool:
@@ -111,7 +123,7 @@ class Extra:
         steps = {"none": [], "ta_wide": [v2.TrivialAugmentWide()], "ra": [v2.RandAugment()],
                  "augmix": [v2.AugMix()]}[self.auto_augment]
         if self.random_erase > 0:
-            steps.append(v2.RandomErasing(p=self.random_erase, value=ERASE_FILL))
+            steps.append(v2.RandomErasing(p=self.random_erase, value=list(self.erase_fill)))
         return v2.Compose(steps) if steps else None
 
 

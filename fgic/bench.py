@@ -57,7 +57,7 @@ class OriginalFolder(datasets.ImageFolder):
 def recipe_loader(root: Path, resize: int, crop: int, padding: int, batch: int, workers: int, pin: bool):
     """The recipe's original pipeline: ImageFolder + PIL transforms producing normalised float batches."""
     tf = T.Compose([T.Resize((resize, resize)), T.RandomCrop(crop, padding=padding), T.RandomHorizontalFlip(),
-                    T.ToTensor(), T.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)])
+                    T.ToTensor(), T.Normalize(augment.IMAGENET.mean, augment.IMAGENET.std)])
     ds = OriginalFolder(str(root / "train"), tf)
     if len(ds) < batch:
         raise FgicError(f"-b/--batch-size {batch}: {root / 'train'} has only {len(ds)} images")
@@ -65,11 +65,11 @@ def recipe_loader(root: Path, resize: int, crop: int, padding: int, batch: int, 
                       persistent_workers=workers > 0, collate_fn=collate)
 
 
-def fgic_loader(root: Path, resize: int, crop: int, padding: int, batch: int, workers: int, pin: bool,
-                cache_dir: str | None, extra: augment.Extra = augment.Extra()):
-    """fgic's training loader reading the decoded-image cache (built and paged in here, before any timing)."""
-    spec = data.DataSpec(resize=resize, crop=crop, padding=padding, seed=0, batch_size=batch, workers=workers,
-                         cache="on", cache_dir=cache_dir, **dataclasses.asdict(extra))
+def fgic_loader(a, root: Path, pin: bool):
+    """fgic's training loader of the recipe's data flags (recipe_flags), reading the decoded-image cache (built and
+    paged in here, before any timing)."""
+    spec = dataclasses.replace(data.DataSpec.of(recipe_flags(a)), seed=0, workers=a.workers, cache="on",
+                               cache_dir=a.cache_dir)
     loader = data.build(spec, root, 1, 0, pin_memory=pin)[2]
     int(np.asarray(loader.dataset.rows()).reshape(-1)[::4096].sum())  # map every page now, not while timing
     return loader
@@ -79,7 +79,9 @@ def recipe_flags(a) -> argparse.Namespace:
     """fgic.ddp's flags resolved for --recipe at the benchmark's sizes, arch and batch (the lr by its rule)."""
     argv = ["-d", "bench", "--recipe", a.recipe, "-b", str(a.batch_size), "--resize", str(a.resize), "--crop",
             str(a.crop), "--padding", str(a.padding), "--arch", getattr(a, "arch", RECIPE["arch"])]
-    return config.parse(argv)
+    flags = config.parse(argv)
+    flags.mean, flags.std = augment.IMAGENET  # the benchmark's models are built without weights
+    return flags
 
 
 def endless(loader):
@@ -115,7 +117,7 @@ def loader_cmd(a) -> dict:
     pin = torch.cuda.is_available()
     extra = data.DataSpec.of(recipe_flags(a)).extra
     t0 = time.perf_counter()
-    ours = fgic_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin, a.cache_dir, extra)
+    ours = fgic_loader(a, root, pin)
     cache_seconds = time.perf_counter() - t0
     base = recipe_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin)
     base_rate = images_per_second(base, a.batches, a.warmup)
@@ -126,7 +128,7 @@ def loader_cmd(a) -> dict:
     batch = next(iter(ours))
     start = time.perf_counter()
     for _ in range(3):
-        augment.normalize(ours.dataset.to_device(batch, torch.device("cpu")).images)
+        augment.normalize(ours.dataset.to_device(batch, torch.device("cpu")).images, augment.IMAGENET)
     cpu_prep = 3 * len(batch.labels) / (time.perf_counter() - start)
     result = {"baseline_images_per_second": base_rate, "fgic_images_per_second": ours_rate,
               "ratio": ours_rate / base_rate, "workers": a.workers, "batch_size": a.batch_size,
@@ -179,13 +181,13 @@ def train_cmd(a) -> dict:
 
     if a.synthetic:
         x = augment.normalize(torch.randint(0, 256, (a.batch_size, 3, a.crop, a.crop), dtype=torch.uint8,
-                                            device=device))
+                                            device=device), augment.IMAGENET)
         batch = Batch(x.contiguous(memory_format=torch.channels_last) if pin else x,
                       torch.randint(0, classes, (a.batch_size,), device=device))
         source = synthetic_mixed(batch, extra, a.crop, classes) if extra.mixing else itertools.repeat(batch)
         what = "synthetic batch already on the device" + (", mixed with itself rolled by one" if extra.mixing else "")
     elif a.pipeline == "fgic":
-        loader = fgic_loader(root, a.resize, a.crop, a.padding, a.batch_size, a.workers, pin, a.cache_dir, extra)
+        loader = fgic_loader(a, root, pin)
         source = _endless_device(loader, device)
         what = (f"fgic: the cache -> {a.workers} workers -> crop/flip/normalize on the {device.type}"
                 if loader.dataset.device_crops else
@@ -379,8 +381,8 @@ def prep_cost(loader, device, step_seconds: float) -> dict:
 
     def prep(b):
         x = augment.crop_flip_batch(b.images, b.params, ds.crop, ds.padding)
-        return augment.normalize(x).contiguous(memory_format=torch.channels_last if device.type == "cuda"
-                                               else torch.contiguous_format)
+        layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        return augment.normalize(x, ds.normalization).contiguous(memory_format=layout)
     for b in batches:
         prep(b)
     _sync(device)

@@ -15,6 +15,9 @@ from typing import Any
 from fgic.errors import FgicError
 
 LR_PER_256 = 0.1  # the seed's linear scaling rule: --lr = global batch / 256 x 0.1
+# ImageNet's per-channel statistics: how torchvision's weights and most of timm's take their inputs, and how every run
+# from before --mean/--std took them.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # --recipe NAME: values for the flags left unset, over the seed's (RECIPE) and the demo's. Sources in the README
 # ("Recipes"); "lr_per_256" replaces LR_PER_256 in the lr rule. What each preset leaves out of its source is said there.
 RECIPES = {
@@ -63,6 +66,7 @@ class Flag:
     recipe: Any = UNSET  # the seed recipe's value when left unset (argparse's default stays None: "unset")
     demo: Any = UNSET  # -d demo's value when left unset, over the recipe's
     later: bool = False  # added after the seed: a config without it ran with its recipe value (LATER)
+    before: Any = UNSET  # ... or with this value, where that is not the recipe's
     default: Any = None  # argparse's; a callable is called when the parser is built
     type: Any = None
     choices: tuple | None = None
@@ -120,6 +124,11 @@ FLAGS = {
              help="mixup's Beta(alpha, alpha); partners from the whole train set (default {default:g}: off)"),
         Flag(names=("--cutmix-alpha", "--cutmix"), type=float, recipe=0.0, later=True, meaning=28,
              help="cutmix's Beta(alpha, alpha) (default {default:g}: off; with mixup, half the samples each)"),
+        Flag(names=("--mean",), type=float, nargs=3, metavar="X", later=True, before=list(IMAGENET_MEAN), meaning=31,
+             help="the input normalisation's mean, RGB in [0, 1] (default: what --weights were trained with: timm's "
+                  "pretrained config, torchvision's weights' transforms, a weights file's fgic run; else ImageNet's)"),
+        Flag(names=("--std",), type=float, nargs=3, metavar="X", later=True, before=list(IMAGENET_STD), meaning=32,
+             help="the input normalisation's standard deviation, RGB (default: as --mean's)"),
         Flag(names=("--cache",), default="auto", choices=("auto", "on", "off"), meaning=0,
              help="decode and resize each split once into a memory-mapped file shared by the node's processes: "
                   "auto (when it fits in memory), on or off (default {default})"),
@@ -228,7 +237,7 @@ RECIPE = {f.key: f.recipe for f in EVERY_FLAG if f.recipe is not UNSET}
 DEMO = {f.key: f.demo for f in EVERY_FLAG if f.demo is not UNSET}
 # Options added later, off in the seed's recipe. A run that predates them ran with these values: `completed` fills
 # them into an older config.json or checkpoint.
-LATER = {f.key: f.unset for f in EVERY_FLAG if f.later}
+LATER = {f.key: f.unset if f.before is UNSET else f.before for f in EVERY_FLAG if f.later}
 # Options that change what a run computes: resuming across a change of any of them is refused, and fgic.report
 # groups runs by them. The world size and the worker count are not among them: fgic gives the same result on any
 # layout, so a run may resume on another. The dataset and its class count stand for -d (the data may move).
@@ -299,6 +308,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     check_sizes(args.resize, args.crop, args.padding)
     if args.workers is not None and args.workers < 0:
         raise FgicError(f"-w/--workers {args.workers}: must be 0 or more")
+    if args.std is not None and min(args.std) <= 0:
+        raise FgicError(f"--std {' '.join(map(str, args.std))}: each must be positive")
     if not 0 <= args.label_smoothing < 1:
         raise FgicError(f"--label-smoothing {args.label_smoothing}: must be in [0, 1)")
     if args.lr <= 0:
@@ -335,6 +346,11 @@ def check_recipe(args: argparse.Namespace, from_preset: set = frozenset()) -> No
 def completed(cfg: dict) -> dict:
     """A config.json or checkpoint config with the options added since it was written at the values it ran with."""
     return {**LATER, **cfg}
+
+
+def normalization_flags(cfg: dict) -> str:
+    """A config's --mean and --std as a command line gives them."""
+    return " ".join(f"--{k} {' '.join(f'{v:g}' for v in cfg[k])}" for k in ("mean", "std"))
 
 
 def scaled_lr(batch_size: int, per_256: float = LR_PER_256) -> float:

@@ -88,9 +88,10 @@ class KeyedImageFolder(KeyedImages, ImageFolder):
     class_samples' (ImageFolder's own count hidden folders as classes and `._x.jpg` as images)."""
 
     def __init__(self, root: Path, train: bool, resize: int, crop: int, padding: int, seed: int,
-                 extra: augment.Extra = augment.Extra()):
+                 extra: augment.Extra = augment.Extra(), normalization: augment.Normalization = augment.IMAGENET):
         super().__init__(str(root), loader=images.load_rgb)
         self.train, self.size, self.crop, self.padding, self.seed = train, resize, crop, padding, seed
+        self.normalization = normalization
         self.views = augment.Views(seed, resize, crop, padding, extra)
 
     def find_classes(self, directory) -> tuple[list[str], dict[str, int]]:
@@ -169,10 +170,17 @@ class DataSpec:
     random_erase: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    mean: tuple[float, ...] = augment.IMAGENET.mean
+    std: tuple[float, ...] = augment.IMAGENET.std
+
+    @property
+    def normalization(self) -> augment.Normalization:
+        return augment.Normalization(tuple(self.mean), tuple(self.std))
 
     @property
     def extra(self) -> augment.Extra:
-        return augment.Extra(self.auto_augment, self.random_erase, self.mixup_alpha, self.cutmix_alpha)
+        return augment.Extra(self.auto_augment, self.random_erase, self.mixup_alpha, self.cutmix_alpha,
+                             self.normalization.fill)
 
     @classmethod
     def of(cls, args) -> DataSpec:
@@ -183,8 +191,10 @@ class DataSpec:
 def build(spec: DataSpec, root: Path, world_size: int, rank: int, pin_memory: bool):
     """(train_set, test_set, train_loader, test_loader) for this process; the loaders' batch is the per-process one.
     With the cache on (--cache), the datasets read the node's decoded-image cache, built first if needed."""
-    train_set = KeyedImageFolder(root / "train", True, spec.resize, spec.crop, spec.padding, spec.seed, spec.extra)
-    test_set = KeyedImageFolder(root / "test", False, spec.resize, spec.crop, spec.padding, spec.seed)
+    train_set = KeyedImageFolder(root / "train", True, spec.resize, spec.crop, spec.padding, spec.seed, spec.extra,
+                                 spec.normalization)
+    test_set = KeyedImageFolder(root / "test", False, spec.resize, spec.crop, spec.padding, spec.seed,
+                                normalization=spec.normalization)
     for split in (train_set, test_set):
         drop_bad_images(split, spec.check_images, spec.skip_bad_images, spec.workers)
     if len(train_set) < spec.batch_size:

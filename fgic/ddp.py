@@ -83,6 +83,8 @@ def resolve(argv: list[str]) -> Run:
     data.check_batch(args.batch_size, launch.world_size)
     models.check_arch(args.arch)
     models.check_input(args.arch, args.crop)
+    weights_own = models.normalization(args.arch, args.weights)  # what the flags leave unset
+    args.mean, args.std = list(args.mean or weights_own.mean), list(args.std or weights_own.std)
     dataset, root = data.resolve(args.data, args.data_root)
     classes = data.check_layout(root)
     if args.workers is None:
@@ -240,10 +242,12 @@ def start_lines(run: Run, dist: Dist, ckpt_path: Path | None, progress: checkpoi
                  f"{progress.epoch + 1}, step {progress.step} (the job's first start began the run over)"]
     elif ckpt_path is not None:
         where = [f"fgic: resuming {ckpt_path} at epoch {progress.epoch + 1}, step {progress.step}"]
+    imagenet = [args.mean, args.std] == [list(config.IMAGENET_MEAN), list(config.IMAGENET_STD)]
+    inputs = "" if imagenet else f", inputs normalised by {config.normalization_flags(vars(args))}"
     return [*where, f"fgic: run folder {run_dir}",
             f"fgic: {run.dataset} {train_images} train / {test_images} test images, {len(run.classes)} classes; "
             f"{args.arch} on {dist.world_size} x {dist.device.type}, batch {args.batch_size} "
-            f"({run.per_process_batch} per process), lr {args.lr:g}, amp {args.amp}"]
+            f"({run.per_process_batch} per process), lr {args.lr:g}, amp {args.amp}{inputs}"]
 
 
 @dataclass(frozen=True)
@@ -342,12 +346,17 @@ def eval_target(args: argparse.Namespace, run_dir: Path) -> tuple[Path | None, P
     return path, run_dir
 
 
-def load_model(model: nn.Module, ckpt: dict, path: Path, arch: str, num_classes: int) -> None:
+def load_model(model: nn.Module, ckpt: dict, path: Path, args: argparse.Namespace, num_classes: int) -> None:
     """--eval-only: the checkpoint's weights into the model built from the flags, or one line saying why they do not
-    fit."""
-    saved = ckpt["config"].get("arch")
+    fit (or would be scored on inputs normalised otherwise than in training)."""
+    arch, saved = args.arch, ckpt["config"].get("arch")
     if saved is not None and saved != arch:
         raise FgicError(f"--eval-only --resume {path}: a {saved} checkpoint, but --arch is {arch}; give --arch {saved}")
+    trained = config.completed(ckpt["config"])
+    if [trained["mean"], trained["std"]] != [args.mean, args.std]:
+        flags = config.normalization_flags(trained)
+        raise FgicError(f"--eval-only --resume {path}: trained on inputs normalised by {flags}, these flags give "
+                        f"{config.normalization_flags(vars(args))} (from --weights {args.weights}); give {flags}")
     classes = ckpt["config"].get("num_classes")
     if classes is not None and classes != num_classes:
         raise FgicError(f"--eval-only --resume {path}: trained for {classes} classes, this -d has {num_classes}; "
@@ -375,7 +384,7 @@ def evaluate_only(run: Run, dist: Dist, model: nn.Module, opt: optim.Optimizatio
     scored = str(ckpt_path or args.weights)
     if ckpt_path is not None:
         ckpt = dist.agree(lambda: checkpoint.load(ckpt_path))
-        dist.agree(lambda: load_model(model, ckpt, ckpt_path, args.arch, len(run.classes)))
+        dist.agree(lambda: load_model(model, ckpt, ckpt_path, args, len(run.classes)))
         if opt.ema is not None:
             dist.agree(lambda: load_ema(opt, ckpt, ckpt_path))
             model, scored = opt.ema.module, f"{ckpt_path} (EMA)"

@@ -44,10 +44,10 @@ def inputs(loader, batch: Batch, device: torch.device) -> Batch:
     """A loader batch -> Batch(normalised float images, labels, drop keys) on the device: the dataset moves and crops
     it there (the host moves uint8 bytes only), and mixes each image with its partner (the labels are then class
     probabilities); channels_last on a GPU. Test batches have no drop keys (None)."""
-    moved = loader.dataset.to_device(batch, device)
-    images, labels = augment.normalize(moved.images), moved.labels
+    moved, norm = loader.dataset.to_device(batch, device), loader.dataset.normalization
+    images, labels = augment.normalize(moved.images, norm), moved.labels
     if moved.partners is not None:
-        images, labels = augment.mix(images, labels, augment.normalize(moved.partners), moved.partner_labels,
+        images, labels = augment.mix(images, labels, augment.normalize(moved.partners, norm), moved.partner_labels,
                                      moved.mix_rows, len(loader.dataset.classes))
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # the CPU: as uncached
     return Batch(images.contiguous(memory_format=layout), labels, moved.keys)

@@ -22,6 +22,7 @@ class KeyedImages(Dataset):
     padding: int
     seed: int
     views: augment.Views
+    normalization: augment.Normalization  # the model's inputs' (fgic.engine.inputs applies it where the batch trains)
 
     def image(self, index: int) -> torch.Tensor:
         raise NotImplementedError

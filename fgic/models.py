@@ -2,10 +2,12 @@
 for the dataset, its weights, its BatchNorm synchronised."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,9 +16,10 @@ from torchvision import models
 from torchvision.models.vision_transformer import interpolate_embeddings
 from torchvision.ops import StochasticDepth
 
-from fgic import drop, timm_models
+from fgic import augment, drop, timm_models
 from fgic import weights as weights_mod
 from fgic.errors import FgicError
+from fgic.jsonfile import read_object
 from fgic.syncbn import convert_sync_batchnorm
 
 IMAGENET_CLASSES = 1000
@@ -116,6 +119,26 @@ def build(arch: str, num_classes: int, weights: str, crop: int | None = None, ke
     if keyed_drop:
         drop.replace(model)
     return model
+
+
+def normalization(arch: str, weights: str) -> augment.Normalization:
+    """How `weights` take their inputs: ImageNet weights as trained (timm's pretrained config: 0.5s for its ViTs'
+    default tags, CLIP's for EVA and others; torchvision's weights' transforms: 0.5s for efficientnet_v2_l), a
+    weights file as its fgic run's config.json beside it says, else ImageNet's (from scratch, a file from elsewhere)."""
+    kind = weights.split(":")[0]
+    if kind == "imagenet" and timm_models.is_timm(arch):
+        cfg = timm_models.pretrained_cfg(arch, weights)
+        return augment.Normalization(tuple(cfg.mean), tuple(cfg.std))
+    if kind == "imagenet":
+        preset = weights_mod.imagenet_weights(arch, weights).transforms()
+        return augment.Normalization(tuple(preset.mean), tuple(preset.std))
+    beside = Path(weights).parent / "config.json"
+    if kind != "none" and beside.is_file():
+        with contextlib.suppress(FgicError):  # not fgic's config.json: the file came from elsewhere
+            run = read_object(beside)
+            if all(isinstance(run.get(k), list) and len(run[k]) == 3 for k in ("mean", "std")):
+                return augment.Normalization(tuple(run["mean"]), tuple(run["std"]))
+    return augment.IMAGENET
 
 
 def fit_to_model(model: nn.Module, state: dict, source: str) -> dict:

@@ -62,15 +62,16 @@ def batches(paths: list[Path], resize: int, crop: int, batch_size: int, workers:
 
 
 @torch.inference_mode()
-def predict(model, loaded, device: torch.device, amp: str, k: int):
-    """(path, [(class index, probability)] * k) for each readable image, and (path, why) for the others."""
+def predict(model, norm: augment.Normalization, loaded, device: torch.device, amp: str, k: int):
+    """(path, [(class index, probability)] * k) for each readable image, and (path, why) for the others; `norm`: the
+    run's input normalisation."""
     results, bad = [], []
     for paths, crops in loaded:
         bad += [(p, c) for p, c in zip(paths, crops) if isinstance(c, str)]
         good = [(p, c) for p, c in zip(paths, crops) if not isinstance(c, str)]
         if not good:
             continue
-        x = trained.to_input([c for _, c in good]).to(device)
+        x = trained.to_input([c for _, c in good], norm).to(device)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with engine.autocast(device, amp):
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     workers = args.workers or min(8, usable_cpus())
-    results, bad = predict(model, batches(paths, run.resize, run.crop, args.batch_size, workers), device, amp, k)
+    loaded = batches(paths, run.resize, run.crop, args.batch_size, workers)
+    results, bad = predict(model, run.normalization, loaded, device, amp, k)
     for path, why in bad:
         print(f"fgic.predict: skipped {path}: {why}", file=sys.stderr)
     if not results:

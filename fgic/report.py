@@ -140,6 +140,8 @@ def duration(seconds) -> str:
 def fmt(value) -> str:
     if value is None or value == "":
         return "–"
+    if isinstance(value, list):  # --mean, --std
+        return " ".join(map(fmt, value))
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

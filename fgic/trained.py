@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fgic import augment, images, models
+from fgic.config import completed
 from fgic.errors import FgicError
 from fgic.jsonfile import read_object
 from fgic.runlog import BEST, BEST_EMA, CHECKPOINT
@@ -32,12 +33,16 @@ class Trained:
     def crop(self) -> int:
         return self.config["crop"]
 
+    @property
+    def normalization(self) -> augment.Normalization:
+        return augment.Normalization(tuple(self.config["mean"]), tuple(self.config["std"]))
+
     def preprocessing(self) -> dict:
         """The test transform as numbers, for code without fgic: Resize((resize, resize)) with PIL's bilinear filter,
         the centre crop x crop at (offset, offset), x / 255, then (x - mean) / std per RGB channel, NCHW."""
         return {"resize": [self.resize, self.resize], "interpolation": "PIL bilinear (antialiased)",
                 "crop": [self.crop, self.crop], "crop_offset": int(round((self.resize - self.crop) / 2.0)),
-                "scale": 1 / 255, "mean": list(augment.IMAGENET_MEAN), "std": list(augment.IMAGENET_STD),
+                "scale": 1 / 255, "mean": list(self.normalization.mean), "std": list(self.normalization.std),
                 "channels": "RGB", "layout": "NCHW float32"}
 
 
@@ -80,7 +85,7 @@ def load(source: str, ema: bool | None = None) -> Trained:
     """The model of RUN_DIR (its checkpoint.pt) or of a checkpoint, best.pt or best_ema.pt in a run folder. `ema`:
     the checkpoint's EMA weights (True), its plain ones (False), or the EMA's where there are some (None)."""
     weights, config_path = resolve(source)
-    config = read_object(config_path)
+    config = completed(read_object(config_path))  # a run from before --mean/--std: ImageNet's
     classes = class_names(config, config_path)
     obj = safe_load(weights, SOURCE)
     is_checkpoint = isinstance(obj, dict) and {"model", "config"} <= obj.keys()
@@ -105,6 +110,6 @@ def load(source: str, ema: bool | None = None) -> Trained:
     return Trained(model.eval(), classes, config, name)
 
 
-def to_input(images: list[torch.Tensor]) -> torch.Tensor:
+def to_input(images: list[torch.Tensor], norm: augment.Normalization) -> torch.Tensor:
     """uint8 CHW crops -> the normalised float NCHW batch the model takes (fgic.engine's test path)."""
-    return augment.normalize(torch.stack(images))
+    return augment.normalize(torch.stack(images), norm)

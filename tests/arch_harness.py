@@ -65,7 +65,8 @@ def train_two_steps(dist: Dist, arch: str, crop: int) -> dict:
     losses = []
     model.train()
     for _ in range(2):
-        batch = augment.normalize(torch.randint(0, 256, (BATCH, 3, crop, crop), dtype=torch.uint8, generator=images))
+        batch = augment.normalize(torch.randint(0, 256, (BATCH, 3, crop, crop), dtype=torch.uint8, generator=images),
+                                  augment.IMAGENET)
         labels = torch.randint(0, CLASSES, (BATCH,), generator=images)
         keys = torch.randint(0, 2 ** 32, (BATCH,), generator=images)  # the samples' drop keys
         loss, out = train_step(ddp, batch, labels, optimizer, scaler, criterion, cpu, "off", keys=keys)

@@ -1,6 +1,7 @@
 """fgic.bench at tiny sizes: the loader comparison and the training measurement run and report what they say."""
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 
@@ -142,7 +143,8 @@ def test_bad_input_is_one_line(tmp_path):
 def test_cached_batches_chain_epochs_from_one_producer(jpgs, monkeypatch):
     """epochs() gives epoch 0's batches, then epoch 1's, ..., exactly as set_epoch + iter does, from one producer
     thread, and leaves the sampler as it was."""
-    loader = bench.fgic_loader(jpgs, 40, 32, 4, 4, 0, False, None)  # 20 images: 5 batches of 4 an epoch
+    flags = argparse.Namespace(recipe="seed", batch_size=4, resize=40, crop=32, padding=4, workers=0, cache_dir=None)
+    loader = bench.fgic_loader(flags, jpgs, False)  # 20 images: 5 batches of 4 an epoch
     expected = []
     for epoch in range(3):
         loader.sampler.set_epoch(epoch)

@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from fgic import config, engine
+from fgic import augment, config, engine, models
 from fgic.errors import FgicError
 
 
@@ -98,7 +98,11 @@ def test_parser_is_reusable_as_a_parent():
 
 def test_the_seed_recipe_leaves_every_later_option_off():
     a = parse("-d", "cub")
-    assert a.recipe == "seed" and {k: getattr(a, k) for k in config.LATER} == config.LATER
+    weights_own = ("mean", "std")  # unset until fgic.ddp.resolve asks the weights: ImageNet's for the seed's
+    assert a.recipe == "seed" and {k: getattr(a, k) for k in config.LATER if k not in weights_own} == \
+        {k: v for k, v in config.LATER.items() if k not in weights_own}
+    assert (a.mean, a.std) == (None, None) and models.normalization(a.arch, a.weights) == augment.IMAGENET
+    assert [config.LATER["mean"], config.LATER["std"]] == [list(augment.IMAGENET.mean), list(augment.IMAGENET.std)]
     assert (a.opt, a.model_ema, a.mixup_alpha, a.auto_augment, a.lr_warmup_epochs, a.layer_decay) == \
         ("sgd", False, 0.0, "none", 0, None)
 
@@ -116,8 +120,9 @@ def test_a_recipe_fills_only_unset_flags_and_keeps_the_lr_rule():
 
 
 def test_configs_from_before_the_later_options_read_as_the_seed_recipe():
-    old = {k: v for k, v in vars(parse("-d", "cub")).items() if k not in config.LATER}
-    assert config.completed(old) == vars(parse("-d", "cub"))
+    seed = {**vars(parse("-d", "cub")), "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # fgic.ddp's
+    old = {k: v for k, v in seed.items() if k not in config.LATER}
+    assert config.completed(old) == seed
 
 
 @pytest.mark.parametrize("alias,value,dest,want", [

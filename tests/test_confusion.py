@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fgic import engine
+from fgic import augment, engine
 from fgic.batch import Batch
 from fgic.cluster import Launch
 from fgic.dist import Dist
@@ -20,7 +20,7 @@ CPU = torch.device("cpu")
 
 class Batches(list):
     """Batch(uint8 images, labels) batches standing in for a loader."""
-    dataset = SimpleNamespace(to_device=lambda batch, device: batch)
+    dataset = SimpleNamespace(to_device=lambda batch, device: batch, normalization=augment.IMAGENET)
 
 
 class TwoRanks(Dist):

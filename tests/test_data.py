@@ -68,8 +68,9 @@ def test_crop_flip_equals_padding_then_cropping():
 def test_normalize_matches_torchvision():
     from torchvision.transforms import v2
     x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
-    ref = v2.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)(x.float() / 255)
-    torch.testing.assert_close(augment.normalize(x), ref, rtol=1e-5, atol=1e-5)
+    for norm in (augment.IMAGENET, augment.Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))):
+        ref = v2.Normalize(norm.mean, norm.std)(x.float() / 255)
+        torch.testing.assert_close(augment.normalize(x, norm), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_dataset_items_follow_their_keys(tmp_path):

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from fgic import config, engine, optim
+from fgic import augment, config, engine, optim
 from fgic.batch import Batch
 from fgic.cluster import Launch
 from fgic.dist import Dist
@@ -44,7 +44,7 @@ def test_a_skipped_first_fp16_step_leaves_no_momentum_for_the_fused_kernel():
 
 class Batches(list):
     """Batch(uint8 images, labels) batches standing in for a loader."""
-    dataset = SimpleNamespace(to_device=lambda batch, device: batch)
+    dataset = SimpleNamespace(to_device=lambda batch, device: batch, normalization=augment.IMAGENET)
 
 
 def test_evaluation_counts_each_class_exactly():

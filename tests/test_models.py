@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -5,7 +7,7 @@ from torchvision import models as tvm
 from torchvision.models.vision_transformer import interpolate_embeddings
 from torchvision.ops import StochasticDepth
 
-from fgic import models, weights
+from fgic import augment, data, models, weights
 from fgic.errors import FgicError
 from tests.helpers import PickledCode
 
@@ -241,3 +243,19 @@ def test_batchnorm_policy_on_the_cpu():
     assert kinds(distributed=True) == {AllReduceBatchNorm}
     assert kinds(distributed=False, same_code=True) == {AllReduceBatchNorm}  # --deterministic on one process
     assert kinds(distributed=False) == {torch.nn.BatchNorm2d}
+
+
+def test_the_inputs_are_normalised_as_the_weights_were_trained(tmp_path):
+    halves = augment.Normalization((0.5,) * 3, (0.5,) * 3)
+    assert models.normalization("resnet50", "imagenet") == augment.IMAGENET
+    assert models.normalization("efficientnet_v2_l", "imagenet") == halves  # torchvision's weights' transforms
+    assert models.normalization("efficientnet_v2_l", "none") == augment.IMAGENET
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"arch": "efficientnet_v2_l", "mean": [0.5] * 3, "std": [0.5] * 3}))
+    assert models.normalization("efficientnet_v2_l", str(run / "best.pt")) == halves  # a weights file's fgic run
+    (run / "config.json").write_text(json.dumps({"architectures": ["Whatever"]}))  # not fgic's
+    assert models.normalization("efficientnet_v2_l", str(run / "best.pt")) == augment.IMAGENET
+    spec = data.DataSpec(resize=36, crop=32, padding=4, seed=1, batch_size=2, workers=0, mean=halves.mean,
+                         std=halves.std, random_erase=0.5)
+    assert spec.normalization == halves and spec.extra.erase_fill == (128, 128, 128)  # zero once normalised

@@ -147,7 +147,7 @@ def reference_logits(source: str, images: list[Path]) -> np.ndarray:
     run = trained.load(source)
     crops = [predict.read(p, run.resize, run.crop) for p in images]
     with torch.inference_mode():
-        return run.model(trained.to_input(crops)).numpy()
+        return run.model(trained.to_input(crops, run.normalization)).numpy()
 
 
 def consume(path: Path, images: list[Path], tmp_path: Path) -> np.ndarray:

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from fgic import drop, models, syncbn, timm_models, weights
+from fgic import augment, ddp, drop, models, syncbn, timm_models, trained, weights
 from fgic.errors import FgicError
-from tests.helpers import optional
+from fgic.jsonfile import read_object
+from tests.helpers import optional, tiny_args
 
 
 @pytest.fixture
@@ -132,6 +133,49 @@ def test_fgic_weights_path_and_fetch_name_the_hub_cache(timm, hf_cache, monkeypa
     assert weights.main(["fetch", "timm:test_vit.r160_in1k"]) == 0  # cached: no download
     assert capsys.readouterr().out == present.replace(" (present)", "").replace("timm:test_vit:",
                                                                                 "timm:test_vit.r160_in1k:") + "\n"
+
+
+def test_timms_weights_bring_their_own_normalisation(timm):
+    """From timm's pretrained configs alone (nothing fetched): a third of its default tags are not ImageNet's."""
+    halves = augment.Normalization((0.5,) * 3, (0.5,) * 3)
+    assert models.normalization("timm:vit_base_patch16_224", "imagenet") == halves  # augreg2_in21k_ft_in1k
+    assert models.normalization("timm:vit_base_patch16_224", "none") == augment.IMAGENET  # from scratch
+    assert models.normalization("timm:convnext_tiny", "imagenet") == augment.IMAGENET
+    clip = models.normalization("timm:eva02_base_patch14_224", "imagenet")
+    assert clip.mean == pytest.approx((0.4815, 0.4578, 0.4082), abs=1e-4)
+    with pytest.raises(FgicError, match="--weights imagenet:nope: timm's convnext_tiny has the tags"):
+        models.normalization("timm:convnext_tiny", "imagenet:nope")
+
+
+@pytest.mark.e2e  # in-process, but seconds of work (the quick loop stays under a minute)
+def test_a_run_normalises_its_inputs_as_its_weights_were_trained(timm, hf_cache, tiny_data, tmp_path, monkeypatch,
+                                                                 capsys):
+    """timm's test_vit.r160_in1k takes (x - 0.5) / 0.5, as most of timm's ViTs: training, evaluation, predict and
+    export use that, config.json records it, and scoring its checkpoint with other statistics is refused."""
+    hf_cache("timm/test_vit.r160_in1k", timm.create_model("test_vit").state_dict())
+    used = []
+    real = augment.normalize
+    monkeypatch.setattr(augment, "normalize", lambda batch, norm: used.append(norm) or real(batch, norm))
+    argv = ["-d", str(tiny_data), *tiny_args(arch="timm:test_vit", weights="imagenet", resize=36, crop=32,
+                                             epochs=1), "--output-dir", str(tmp_path / "runs")]
+    try:
+        assert ddp.main(argv) == 0
+        halves = augment.Normalization((0.5,) * 3, (0.5,) * 3)
+        assert used and set(used) == {halves}  # every training and test batch
+        assert "inputs normalised by --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5" in capsys.readouterr().out
+        [run_dir] = (tmp_path / "runs").glob("*/*")
+        assert (read_object(run_dir / "config.json")["mean"], read_object(run_dir / "config.json")["std"]) == \
+            ([0.5] * 3, [0.5] * 3)
+        run = trained.load(str(run_dir))
+        assert run.normalization == halves and run.preprocessing()["mean"] == [0.5] * 3
+        with pytest.raises(FgicError) as refused:
+            ddp.main([*argv, "--eval-only", "--weights", "none"])
+        assert "trained on inputs normalised by --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5, these flags give --mean " \
+               "0.485 0.456 0.406 --std 0.229 0.224 0.225 (from --weights none); give --mean 0.5" in str(refused.value)
+        with pytest.raises(FgicError, match=r"--mean: \[0.5, 0.5, 0.5\] -> \[0.4, 0.5, 0.5\]"):
+            ddp.main([*argv, "--mean", "0.4", "0.5", "0.5"])
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_batchnorm_with_its_activation_is_synchronised_with_the_activation(timm):
