@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fgic import testhooks
-from fgic.config import MEANING, completed
+from fgic.config import MEANING, completed, normalization_flags
 from fgic.errors import FgicError
 from fgic.runlog import CHECKPOINT
 from fgic.weights import safe_load
@@ -160,8 +160,12 @@ def restore(ckpt: dict, path: Path, config: dict, model, opt) -> Progress:
     """Load a checkpoint into the run's objects after checking it was made with the same meaning-changing options."""
     diff = differences(ckpt["config"], config)
     if diff:
+        saved = completed(ckpt["config"])
+        # --mean/--std default to the weights' own, which a run from before them may not have had: name its values
+        keep = (f"; {normalization_flags(saved)} continues it" if [saved["mean"], saved["std"]] !=
+                [config.get("mean"), config.get("std")] else "")
         raise FgicError(f"--resume {path}: made with other options ({'; '.join(diff)}); --resume none starts over "
-                        f"(the run folder's earlier run is moved aside), or give another --note / --output-dir")
+                        f"(the run folder's earlier run is moved aside), or give another --note / --output-dir{keep}")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt)
     if ckpt.get("rng"):
