@@ -17,7 +17,12 @@ from fgic.errors import FgicError
 from fgic.syncbn import AllReduceBatchNorm
 
 NORM_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
-                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm, AllReduceBatchNorm)
+                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm, nn.RMSNorm,
+                AllReduceBatchNorm)
+# timm's own norm layers that subclass none of torch's (RmsNorm, RmsNorm2d, SimpleNorm, EvoNorm, FilterResponseNorm,
+# FrozenBatchNormAct2d), by the modules timm defines them in
+TIMM_NORM_MODULES = ("timm.layers.norm", "timm.layers.norm_act", "timm.layers.evo_norm",
+                     "timm.layers.filter_response_norm", "timm.layers.split_batchnorm")
 
 
 # torchvision's blocks, a layer each: an arch with none (AlexNet, VGG, SqueezeNet, DenseNet, GoogLeNet, Inception v3)
@@ -76,6 +81,10 @@ def timm_layer_ids(model: nn.Module, arch: str) -> tuple[dict[str, int], int]:
     return ids, top - 1
 
 
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, NORM_CLASSES) or type(module).__module__ in TIMM_NORM_MODULES
+
+
 def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float | None = None,
                  layer_decay: float | None = None, *, arch: str = "the model") -> list[dict]:
     """Parameter groups by (layer, decay); one group of all parameters when neither option is set (the seed's
@@ -83,7 +92,7 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if norm_weight_decay is None and layer_decay is None:
         return [{"params": [p for _, p in params], "weight_decay": weight_decay, "lr_scale": 1.0}]
-    norms = {f"{m}.{n}" if m else n for m, mod in model.named_modules() if isinstance(mod, NORM_CLASSES)
+    norms = {f"{m}.{n}" if m else n for m, mod in model.named_modules() if is_norm(mod)
              for n, _ in mod.named_parameters(recurse=False)}
     ids, layers = layer_ids(model, arch) if layer_decay is not None else ({}, 0)
     if layer_decay is not None and layer_decay ** (layers + 1) < FROZEN_SCALE:

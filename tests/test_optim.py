@@ -147,6 +147,19 @@ def test_groups():
     assert scale[id(model.layer1[0].conv1.weight)] == 0.5 ** 8
 
 
+@pytest.mark.parametrize("name, norm", [("test_efficientnet_evos", "EvoNorm2dS0"), ("convnext_atto_rms", "RmsNorm2d"),
+                                        ("test_efficientnet_gn", "GroupNormAct")])
+def test_timms_own_norm_layers_take_the_norm_weight_decay(name, norm):
+    """timm's RmsNorm, EvoNorm and FilterResponseNorm subclass no torch norm: they are norm layers all the same."""
+    timm = optional("timm")
+    model = timm.create_model(name, pretrained=False, num_classes=3)
+    decay = {id(p): g["weight_decay"] for g in optim.param_groups(model, 5e-4, norm_weight_decay=0.0)
+             for p in g["params"]}
+    weights = [m.weight for m in model.modules() if type(m).__name__ == norm]
+    assert weights and all(decay[id(w)] == 0.0 for w in weights)
+    assert all(decay[id(p)] == 5e-4 for p in model.parameters() if p.ndim == 4)  # the convolutions keep theirs
+
+
 def test_warmup_then_cosine_per_step():
     f = optim.warmup_cosine(epochs=10, steps_per_epoch=4, warmup_epochs=2, method="linear", decay=0.1)
     assert f(0) == pytest.approx(0.1) and f(4) == pytest.approx(0.55) and f(8) == 1.0
