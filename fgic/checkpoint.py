@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fgic import testhooks
-from fgic.config import MEANING, completed, normalization_flags
+from fgic.config import MEANING, as_flags, completed
 from fgic.errors import FgicError
 from fgic.runlog import CHECKPOINT
 from fgic.weights import safe_load
@@ -162,7 +162,7 @@ def restore(ckpt: dict, path: Path, config: dict, model, opt) -> Progress:
     if diff:
         saved = completed(ckpt["config"])
         # --mean/--std default to the weights' own, which a run from before them may not have had: name its values
-        keep = (f"; {normalization_flags(saved)} continues it" if [saved["mean"], saved["std"]] !=
+        keep = (f"; {as_flags(saved, ('mean', 'std'))} continues it" if [saved["mean"], saved["std"]] !=
                 [config.get("mean"), config.get("std")] else "")
         raise FgicError(f"--resume {path}: made with other options ({'; '.join(diff)}); --resume none starts over "
                         f"(the run folder's earlier run is moved aside), or give another --note / --output-dir{keep}")

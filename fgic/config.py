@@ -348,9 +348,11 @@ def completed(cfg: dict) -> dict:
     return {**LATER, **cfg}
 
 
-def normalization_flags(cfg: dict) -> str:
-    """A config's --mean and --std as a command line gives them."""
-    return " ".join(f"--{k} {' '.join(f'{v:g}' for v in cfg[k])}" for k in ("mean", "std"))
+def as_flags(cfg: dict, keys) -> str:
+    """A config's values of `keys` as a command line gives them, e.g. "--crop 448 --mean 0.5 0.5 0.5"."""
+    def value(v) -> str:
+        return " ".join(map(value, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
+    return " ".join(f"--{k.replace('_', '-')} {value(cfg[k])}" for k in keys)
 
 
 def scaled_lr(batch_size: int, per_256: float = LR_PER_256) -> float:

@@ -18,11 +18,10 @@ import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgic import checkpoint, cluster, compiling, config, data, engine, models, optim, report, runlog, testhooks
+from fgic import checkpoint, cluster, compiling, config, data, engine, models, optim, runlog, scoring, testhooks
 from fgic.cli import run_cli
 from fgic.cluster import Launch
 from fgic.dist import Dist, pick_device
-from fgic.errors import FgicError
 from fgic.requeue import requeue
 from fgic.runlog import RunLog
 from fgic.signals import StopRequest
@@ -108,20 +107,23 @@ def train(run: Run, dist: Dist, stop: StopRequest, hooks: testhooks.Hooks = test
     say = print if dist.is_main else (lambda *a, **k: None)
     seed_everything(args.seed, args.deterministic)
     # What to continue or score, and where the results go: the run folder, or beside --eval-only's --weights FILE.
-    ckpt_path, out_dir = dist.agree(lambda: eval_target(args, run_dir) if args.eval_only else
-                                    (checkpoint.select(args.resume, run_dir), run_dir))
+    if args.eval_only:
+        scored = dist.agree(lambda: scoring.target(args, run_dir, len(run.classes)))
+        ckpt_path, out_dir = None, scored.out_dir
+    else:
+        scored, ckpt_path, out_dir = None, dist.agree(lambda: checkpoint.select(args.resume, run_dir)), run_dir
     log = open_log(run, dist, out_dir)
 
     # Set-up: the model (--eval-only's checkpoint replaces all its weights), the data, the optimization.
-    model = build_model(run, dist, "none" if args.eval_only and ckpt_path else args.weights, hooks)
+    model = build_model(run, dist, "none" if scored and scored.ckpt else args.weights, hooks)
     train_set, test_set, train_loader, test_loader = dist.agree(  # scan, cache: the slowest node is waited for
         lambda: data.build(data.DataSpec.of(args), run.root, dist.world_size, dist.rank,
                            pin_memory=dist.device.type == "cuda"))
     steps_per_epoch = len(train_loader)  # now, before set_epoch's skip shortens the loader (until the next set_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     opt = dist.agree(lambda: optim.build(model, dist.device, args, steps_per_epoch))  # --layer-decay's arch check
-    if args.eval_only:
-        return evaluate_only(run, dist, model, opt, ckpt_path, test_loader, criterion, log)
+    if scored is not None:
+        return scoring.evaluate_only(dist, model, opt, scored, run.classes, test_loader, criterion, args.amp, log)
 
     # Resume: the run folder's checkpoint (auto), a named one, or none.
     progress = resume(dist, ckpt_path, cfg, model, opt, steps_per_epoch)
@@ -222,7 +224,7 @@ def build_model(run: Run, dist: Dist, weights: str, hooks: testhooks.Hooks) -> n
     args = run.args
     model = dist.agree(lambda: models.build(args.arch, len(run.classes), weights, crop=args.crop,
                                             keyed_drop=not hooks.torch_drop, stochastic_depth=args.stochastic_depth,
-                                            dropout=args.dropout))
+                                            dropout=args.dropout, new_head=not args.eval_only))
     model = models.sync_batchnorm(model, dist.device, dist.distributed, same_code=args.deterministic).to(dist.device)
     if dist.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -243,7 +245,7 @@ def start_lines(run: Run, dist: Dist, ckpt_path: Path | None, progress: checkpoi
     elif ckpt_path is not None:
         where = [f"fgic: resuming {ckpt_path} at epoch {progress.epoch + 1}, step {progress.step}"]
     imagenet = [args.mean, args.std] == [list(config.IMAGENET_MEAN), list(config.IMAGENET_STD)]
-    inputs = "" if imagenet else f", inputs normalised by {config.normalization_flags(vars(args))}"
+    inputs = "" if imagenet else f", inputs normalised by {config.as_flags(vars(args), ('mean', 'std'))}"
     return [*where, f"fgic: run folder {run_dir}",
             f"fgic: {run.dataset} {train_images} train / {test_images} test images, {len(run.classes)} classes; "
             f"{args.arch} on {dist.world_size} x {dist.device.type}, batch {args.batch_size} "
@@ -324,85 +326,6 @@ def preempted(dist: Dist, stop: StopRequest, log: RunLog, where: str) -> int:
     dist.barrier()
     stop.done()
     return stop.exit_code
-
-
-def eval_target(args: argparse.Namespace, run_dir: Path) -> tuple[Path | None, Path]:
-    """--eval-only: the checkpoint to score (None: the --weights FILE the model is built with) and the folder its
-    eval.json and pictures go to: the run folder for a checkpoint, eval-STEM beside FILE for --weights FILE."""
-    weights_file = args.weights != "none" and args.weights.split(":")[0] != "imagenet"
-    if weights_file and args.resume != "auto" and args.resume != "none":
-        raise FgicError(f"--eval-only scores one model: give --resume {args.resume} or --weights {args.weights}, "
-                        f"not both")
-    if weights_file:
-        return None, Path(args.weights).parent / f"eval-{Path(args.weights).stem}"
-    path = checkpoint.select(args.resume, run_dir)
-    if path is None:
-        raise FgicError(f"--eval-only: nothing to score (no {runlog.CHECKPOINT} in {run_dir}); give --resume PATH "
-                        f"(a checkpoint) or --weights PATH (a state_dict file)")
-    own = run_dir / runlog.CHECKPOINT
-    if own.is_file() and not own.samefile(path):
-        raise FgicError(f"--eval-only --resume {path}: the run folder these flags name, {run_dir}, holds another "
-                        f"model ({own}), which its eval.json would be taken for; give another --output-dir")
-    return path, run_dir
-
-
-def load_model(model: nn.Module, ckpt: dict, path: Path, args: argparse.Namespace, num_classes: int) -> None:
-    """--eval-only: the checkpoint's weights into the model built from the flags, or one line saying why they do not
-    fit (or would be scored on inputs normalised otherwise than in training)."""
-    arch, saved = args.arch, ckpt["config"].get("arch")
-    if saved is not None and saved != arch:
-        raise FgicError(f"--eval-only --resume {path}: a {saved} checkpoint, but --arch is {arch}; give --arch {saved}")
-    trained = config.completed(ckpt["config"])
-    if [trained["mean"], trained["std"]] != [args.mean, args.std]:
-        flags = config.normalization_flags(trained)
-        raise FgicError(f"--eval-only --resume {path}: trained on inputs normalised by {flags}, these flags give "
-                        f"{config.normalization_flags(vars(args))} (from --weights {args.weights}); give {flags}")
-    classes = ckpt["config"].get("num_classes")
-    if classes is not None and classes != num_classes:
-        raise FgicError(f"--eval-only --resume {path}: trained for {classes} classes, this -d has {num_classes}; "
-                        f"give the -d it was trained on")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise FgicError(f"--eval-only --resume {path}: does not fit --arch {arch} "
-                        f"({str(exc).splitlines()[-1].strip()[:160]})") from None
-
-
-def load_ema(opt: optim.Optimization, ckpt: dict, path: Path) -> None:
-    """--eval-only --model-ema: the checkpoint's EMA weights into opt.ema."""
-    if "model_ema" not in ckpt:
-        raise FgicError(f"--eval-only --model-ema: {path} holds no EMA weights (trained without --model-ema); "
-                        f"give --no-model-ema to evaluate its weights")
-    opt.ema.load_state_dict(ckpt["model_ema"])
-
-
-def evaluate_only(run: Run, dist: Dist, model: nn.Module, opt: optim.Optimization, ckpt_path: Path | None,
-                  test_loader, criterion, log: RunLog) -> int:
-    """Score the checkpoint's model (its EMA model with --model-ema), or the --weights FILE that `model` was built
-    with, on the test split; eval.json and its pictures go to log.dir."""
-    args = run.args
-    scored = str(ckpt_path or args.weights)
-    if ckpt_path is not None:
-        ckpt = dist.agree(lambda: checkpoint.load(ckpt_path))
-        dist.agree(lambda: load_model(model, ckpt, ckpt_path, args, len(run.classes)))
-        if opt.ema is not None:
-            dist.agree(lambda: load_ema(opt, ckpt, ckpt_path))
-            model, scored = opt.ema.module, f"{ckpt_path} (EMA)"
-        del ckpt
-    result = engine.evaluate(model, test_loader, criterion, dist, args.amp, len(run.classes), confusion=True)
-    names = run.classes
-    per_class = {c: 100.0 * k / n if n else None for c, k, n in zip(names, result["class_correct"],
-                                                                      result["class_total"])}
-    confusions = sorted(({"true": names[t], "predicted": names[p], "count": c} for t, p, c in
-                         result["confusion_pairs"]), key=lambda c: (-c["count"], c["true"], c["predicted"]))
-    ev = {**{k: result[k] for k in ("acc", "top5", "correct", "total", "loss")}, "per_class_acc": per_class,
-          "per_class_total": dict(zip(names, result["class_total"])), "confusions": confusions, "model": scored}
-    log.write("eval.json", ev)
-    if dist.is_main:
-        written = [log.dir / "eval.json", *report.write_eval_report(log.dir, ev)]
-        print(f"fgic: eval of {scored}: top-1 {ev['acc']:.2f}% top-5 {ev['top5']:.2f}% ({ev['correct']}/{ev['total']}) "
-              f"-> {', '.join(map(str, written))}")
-    return 0
 
 
 def cli() -> None:

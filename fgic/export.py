@@ -37,7 +37,8 @@ STEPS = [
     "8-bit grayscale (mode L)",
     "PIL Image.convert('RGB')",
     "resize to resize (width, height) with PIL's bilinear filter (Image.resize(size, Image.BILINEAR))",
-    "crop crop (width, height) at (crop_offset, crop_offset) from the top left",
+    "crop crop (width, height) at (crop_offset, crop_offset) from the top left (a negative offset: the image inside "
+    "the crop, zeros around it, as PIL's Image.crop gives)",
     "x * scale, then (x - mean) / std per RGB channel, as float32",
     "HWC -> CHW; a batch is NCHW",
 ]

@@ -101,10 +101,11 @@ def with_rates(arch: str, opts: dict, stochastic_depth: float | None, dropout: f
 
 
 def build(arch: str, num_classes: int, weights: str, crop: int | None = None, keyed_drop: bool = True,
-          stochastic_depth: float | None = None, dropout: float | None = None) -> nn.Module:
+          stochastic_depth: float | None = None, dropout: float | None = None, new_head: bool = True) -> nn.Module:
     """torchvision's `arch` for crop x crop images (None: its default size) with --weights applied, every 1000-way
     ImageNet head replaced by a num_classes one, the rates of stochastic depth and dropout given (None: the arch's),
-    both keyed per sample (fgic.drop; not with keyed_drop=False: torch's own, per process)."""
+    both keyed per sample (fgic.drop; not with keyed_drop=False: torch's own, per process). new_head=False refuses a
+    weights file whose head has another class count (scoring it would score a fresh head)."""
     check_arch(arch)
     if timm_models.is_timm(arch):
         model, heads = timm_models.build(arch, num_classes, weights, crop, stochastic_depth, dropout)
@@ -115,7 +116,7 @@ def build(arch: str, num_classes: int, weights: str, crop: int | None = None, ke
             model.load_state_dict(state)
         heads = replace_head(model, num_classes)
     if weights not in ("none",) and weights.split(":")[0] != "imagenet":
-        load_file(model, weights, heads)
+        load_file(model, weights, heads, new_head)
     if keyed_drop:
         drop.replace(model)
     return model
@@ -265,9 +266,9 @@ def replace_head(model: nn.Module, num_classes: int) -> list[str]:
     return names
 
 
-def load_file(model: nn.Module, path: str, heads: list[str]) -> None:
+def load_file(model: nn.Module, path: str, heads: list[str], new_head: bool = True) -> None:
     """Load a state_dict file: a whole fine-tuned model, or a backbone whose head has another class count (the
-    head then stays freshly initialised)."""
+    head then stays freshly initialised; refused with new_head=False)."""
     state = fit_to_model(model, weights_mod.read_state_dict(path), path)
     own = model.state_dict()
     head_keys = {k for k in own if k.rpartition(".")[0] in heads}
@@ -276,6 +277,10 @@ def load_file(model: nn.Module, path: str, heads: list[str]) -> None:
         k = sorted(mismatched - head_keys)[0]
         raise FgicError(f"--weights {path}: {k} has shape {tuple(state[k].shape)}, {type(model).__name__} needs "
                         f"{tuple(own[k].shape)}; is it a different --arch?")
+    if mismatched and not new_head:
+        k = sorted(mismatched)[0]
+        raise FgicError(f"--weights {path}: its head has another class count ({k}: {tuple(state[k].shape)}, this -d "
+                        f"needs {tuple(own[k].shape)}); give the -d it was trained on")
     if mismatched:
         print(f"fgic: notice: {path} has another class count; its head ({', '.join(heads)}) is not loaded",
               file=sys.stderr)

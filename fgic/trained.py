@@ -34,6 +34,14 @@ class Trained:
         return self.config["crop"]
 
     @property
+    def crop_offset(self) -> int:
+        """Where torchvision's center_crop takes the crop, from the top left; a crop larger than the image (as far as
+        --padding allows) holds it zero-padded, at (crop - resize) // 2."""
+        if self.crop <= self.resize:
+            return int(round((self.resize - self.crop) / 2.0))
+        return -((self.crop - self.resize) // 2)
+
+    @property
     def normalization(self) -> augment.Normalization:
         return augment.Normalization(tuple(self.config["mean"]), tuple(self.config["std"]))
 
@@ -41,7 +49,7 @@ class Trained:
         """The test transform as numbers, for code without fgic: Resize((resize, resize)) with PIL's bilinear filter,
         the centre crop x crop at (offset, offset), x / 255, then (x - mean) / std per RGB channel, NCHW."""
         return {"resize": [self.resize, self.resize], "interpolation": "PIL bilinear (antialiased)",
-                "crop": [self.crop, self.crop], "crop_offset": int(round((self.resize - self.crop) / 2.0)),
+                "crop": [self.crop, self.crop], "crop_offset": self.crop_offset,
                 "scale": 1 / 255, "mean": list(self.normalization.mean), "std": list(self.normalization.std),
                 "channels": "RGB", "layout": "NCHW float32"}
 

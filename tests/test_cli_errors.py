@@ -2,6 +2,7 @@
 run in-process for each case, and the real command once)."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -95,10 +96,11 @@ def test_bad_input_gets_one_clear_line(tmp_path, good, case, extra, message, in_
     assert not (tmp_path / "runs").exists(), "a failed start left a folder behind"
 
 
-def fake_checkpoint(path, arch="resnet18", num_classes=2):
+def fake_checkpoint(path, arch="resnet18", num_classes=2, **trained):
     """An fgic checkpoint of an untrained model (its config holds what --eval-only checks)."""
     model = torchvision.models.get_model(arch, num_classes=num_classes)
-    torch.save({"model": model.state_dict(), "epoch": 1, "config": {"arch": arch, "num_classes": num_classes}}, path)
+    torch.save({"model": model.state_dict(), "epoch": 1,
+                "config": {"arch": arch, "num_classes": num_classes, **trained}}, path)
     return path
 
 
@@ -111,9 +113,51 @@ def test_a_model_of_another_arch_is_one_line(tmp_path, good, case, in_process, c
             str(tmp_path / "runs"), flag, str(ckpt), *(["--eval-only"] if case.startswith("eval") else [])]
     code, line = in_process(args, capsys)
     print(f"{case}: {line}")
-    want = (f"--eval-only --resume {ckpt}: a resnet18 checkpoint, but --arch is resnet34; give --arch resnet18"
-            if case == "eval_resume" else f"--weights {ckpt}: does not fit --arch")
+    want = (f"--weights {ckpt}: does not fit --arch" if case == "train_weights" else
+            f"--eval-only {flag} {ckpt}: trained with --arch resnet18, these flags give --arch resnet34; give --arch "
+            f"resnet18")
     assert code == 2 and line.startswith("fgic.ddp: error: ") and want in line, line
+
+
+SCORED = [  # (case, what the model was trained with, what the one line must say)
+    ("sizes", {"resize": 72, "crop": 56}, "trained with --crop 56, these flags give --crop 64; give --crop 56"),
+    ("normalisation", {"mean": [0.5] * 3, "std": [0.5] * 3},
+     "trained with --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5, these flags give --mean 0.485 0.456 0.406 --std 0.229 0.224 "
+     "0.225; give --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5"),
+    ("classes", {"num_classes": 5}, "trained for 5 classes, this -d has 2; give the -d it was trained on"),
+]
+
+
+@pytest.mark.parametrize("case,trained,message", SCORED, ids=[c[0] for c in SCORED])
+@pytest.mark.parametrize("given", ["checkpoint", "weights_in_a_run", "weights_from_elsewhere"])
+def test_a_model_is_scored_as_it_was_trained(tmp_path, good, case, trained, message, given, in_process, capsys):
+    """--eval-only with flags that would score a model otherwise than it was trained (the test transform, the class
+    count): one line naming the flags to give. A checkpoint carries its config, a weights file in a run folder has
+    the run's config.json beside it; one from elsewhere is checked only for its head."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = fake_checkpoint(run / "checkpoint.pt", **trained)
+    if given != "checkpoint":
+        torch.save(torch.load(ckpt, weights_only=True)["model"], run / "best.pt")
+        ckpt.unlink()
+        if given == "weights_in_a_run":
+            (run / "config.json").write_text(json.dumps({"arch": "resnet18", "num_classes": 2, **trained}))
+    flag, path = ("--resume", ckpt) if given == "checkpoint" else ("--weights", run / "best.pt")
+    args = ["-d", str(good), *tiny_args(epochs=1, batch_size=6), "--output-dir", str(tmp_path / "runs"), "--eval-only",
+            flag, str(path)]
+    code, line = in_process(args, capsys)
+    if given == "weights_from_elsewhere" and case != "classes":
+        assert code == 0, line  # nothing says how it was trained: scored with the flags' transform
+        return
+    if given == "weights_in_a_run" and case == "normalisation":
+        assert code == 0, line  # --mean/--std default to the weights' own: the run's config.json
+        return
+    if given == "weights_from_elsewhere":
+        message = (f"--weights {path}: its head has another class count (fc.bias: (5,), this -d needs (2,)); give "
+                   f"the -d it was trained on")
+    else:
+        message = f"--eval-only {flag} {path}: {message}"
+    assert code == 2 and line == f"fgic.ddp: error: {message}", line
 
 
 @pytest.mark.e2e

@@ -64,3 +64,14 @@ def test_a_checkpoint_is_not_credited_to_another_runs_folder(trained, tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith(f"fgic.ddp: error: --eval-only --resume {other}: the run "
                                                           f"folder these flags name, {run}, holds another model")
     assert not (run / "eval.json").exists()
+
+
+def test_a_checkpoint_given_as_weights_is_scored_as_one(trained):
+    """--weights RUN/checkpoint.pt with --model-ema: the checkpoint's EMA model, as --resume scores it (before, its
+    plain weights, the EMA flag unsaid), into eval-checkpoint/ beside it."""
+    args, run = trained
+    res = run_fgic([*args, "--eval-only", "--weights", str(run / "checkpoint.pt")])
+    assert res.returncode == 0, res.stderr
+    ev = json.loads((run / "eval-checkpoint" / "eval.json").read_text())
+    assert ev["model"] == f"{run / 'checkpoint.pt'} (EMA)"
+    assert ev["correct"] == read_jsonl(run / "metrics.jsonl")[-1]["ema_test_correct"]

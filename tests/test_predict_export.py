@@ -197,6 +197,18 @@ def awkward_images(tiny_data: Path, folder: Path) -> list[Path]:
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("resize, crop", [(72, 64), (37, 32), (33, 32), (32, 36), (32, 35)])
+def test_the_exports_crop_offset_is_torchvisions_center_crop(resize, crop):
+    """The test crop as fgic takes it (torchvision's center_crop: a crop larger than the image, as far as --padding
+    allows, pads it with zeros) against PIL's Image.crop at the exported offset."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+    image = torch.randint(1, 256, (3, resize, resize), dtype=torch.uint8)
+    offset = trained.Trained(None, [], {"resize": resize, "crop": crop}, "").crop_offset
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy()).crop((offset, offset, offset + crop, offset + crop))
+    assert torch.equal(torch.from_numpy(np.array(pil)).permute(2, 0, 1), F.center_crop(image, [crop, crop]))
+
+
 def test_the_exports_description_names_every_decode_step(tmp_path, tiny_data):
     """Read by its steps alone (tests/plain_consumer.py), an EXIF-rotated JPEG and a 16-bit PNG give fgic.predict's
     logits: the rotation and the bit depth are part of the description."""
