@@ -88,7 +88,19 @@ def select(resume: str, run_dir: Path, env: os._Environ | dict = os.environ) -> 
     path = Path(resume)
     if not path.is_file():
         raise FgicError(f"--resume {resume}: no such file; give a checkpoint.pt, or auto or none")
+    own = run_dir / CHECKPOINT
+    if own.is_file() and not own.samefile(path) and continues(own, path):
+        return own  # the same command again (a requeue, a stopped run): the run's own progress, not PATH's
     return path
+
+
+def continues(own: Path, path: Path) -> bool:
+    """Whether the checkpoint `own` is of a run that started from `path` (its --resume named that file)."""
+    try:  # mmap: the config without reading the weights
+        started = torch.load(own, map_location="cpu", weights_only=True, mmap=True)["config"].get("resume")
+    except Exception:  # not a checkpoint this can read: fgic.ddp's own load says why
+        return False
+    return isinstance(started, str) and Path(started).is_file() and Path(started).samefile(path)
 
 
 def own_requeued(run_dir: Path, env: os._Environ | dict = os.environ) -> Path | None:

@@ -131,7 +131,9 @@ def train(run: Run, dist: Dist, stop: StopRequest, hooks: testhooks.Hooks = test
         say(f"fgic: {run_dir} already finished (epoch {args.epochs}/{args.epochs}); nothing to do (--resume none "
             f"starts over, moving this run aside to {run_dir.name}.old-N)")
         return 0
-    moved = dist.agree(log.set_aside) if ckpt_path is None else None
+    # An earlier run in the folder is kept whole as RUN_DIR.old-N unless this continues it (its own checkpoint)
+    own = ckpt_path is not None and ckpt_path.resolve() == (run_dir / runlog.CHECKPOINT).resolve()
+    moved = None if own else dist.agree(log.set_aside)
     say(*start_lines(run, dist, ckpt_path, progress, moved, len(train_set), len(test_set)), sep="\n")
     dist.agree(lambda: log.start(cfg, progress.epoch))  # a damaged metrics.jsonl stops every rank with one line
     # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a copy beside them (the same
@@ -237,13 +239,14 @@ def start_lines(run: Run, dist: Dist, ckpt_path: Path | None, progress: checkpoi
     """What a run says as it starts training: where it starts (over, an earlier run moved aside to `moved`; or resumed
     from `ckpt_path`), its folder, and what it trains on what."""
     args, run_dir = run.args, run.run_dir
-    where = [f"fgic: starting over: the earlier run in {run_dir} moved to {moved}"] if moved is not None else []
+    where = [f"fgic: {'starting over' if ckpt_path is None else 'a new run'}: the earlier run in {run_dir} moved to "
+             f"{moved}"] if moved is not None else []
     if ckpt_path is not None and args.resume == "none":
         where = [f"fgic: notice: --resume none, but this is restart {os.environ.get('SLURM_RESTART_COUNT')} of Slurm "
                  f"job {os.environ.get('SLURM_JOB_ID')} and {ckpt_path} is its own: resuming it at epoch "
                  f"{progress.epoch + 1}, step {progress.step} (the job's first start began the run over)"]
     elif ckpt_path is not None:
-        where = [f"fgic: resuming {ckpt_path} at epoch {progress.epoch + 1}, step {progress.step}"]
+        where.append(f"fgic: resuming {ckpt_path} at epoch {progress.epoch + 1}, step {progress.step}")
     imagenet = [args.mean, args.std] == [list(config.IMAGENET_MEAN), list(config.IMAGENET_STD)]
     inputs = "" if imagenet else f", inputs normalised by {config.as_flags(vars(args), ('mean', 'std'))}"
     return [*where, f"fgic: run folder {run_dir}",

@@ -186,3 +186,39 @@ def test_engines_metrics_are_named_once_in_the_records_order():
     assert ddp.run_summary(ema, progress, 3, 2) == {
         "final_test_acc": 6.0, "best_test_acc": 7.0, "best_epoch": 1, "epochs": 3, "test_total": 9, "world_size": 2,
         "wall_seconds": 12.0, "ema_final_test_acc": 60.0, "ema_best_test_acc": 60.0, "ema_best_epoch": 2}
+
+
+@pytest.mark.e2e  # in-process, but seconds of work (the quick loop stays under a minute)
+def test_a_run_started_from_resume_path_continues_its_own_checkpoint_and_moves_another_run_aside(tiny_data, tmp_path,
+                                                                                               capsys):
+    """--resume PATH starts a run from PATH; the same command again (a requeue) continues the run's own checkpoint
+    rather than going back to PATH, and an earlier run in the folder is moved aside, not mixed into the new one's
+    records."""
+    runs = tmp_path / "runs"
+    flags = ["-d", str(tiny_data), *tiny_args(epochs=2), "--output-dir", str(runs)]
+    try:
+        assert ddp.main([*flags, "-n", "a"]) == 0
+        mid = torch.load(runs / "tiny" / "resnet18-off-s2020-a" / "checkpoint.pt", weights_only=True)
+        torch.save({**mid, "epoch": 1, "step": 0}, tmp_path / "epoch1.pt")  # as if stopped after epoch 1
+        assert ddp.main([*flags, "-n", "b", "--resume", str(tmp_path / "epoch1.pt")]) == 0
+        b = runs / "tiny" / "resnet18-off-s2020-b"
+        records = read_jsonl(b / "metrics.jsonl")
+        capsys.readouterr()
+        assert ddp.main([*flags, "-n", "b", "--resume", str(tmp_path / "epoch1.pt")]) == 0  # the same command again
+        assert "already finished (epoch 2/2)" in capsys.readouterr().out and read_jsonl(b / "metrics.jsonl") == records
+        assert ddp.main([*flags, "-n", "c", "--lr", "0.05"]) == 0  # another run in the folder
+        c = runs / "tiny" / "resnet18-off-s2020-c"
+        earlier = read_jsonl(c / "metrics.jsonl")
+        capsys.readouterr()
+        with pytest.raises(FgicError, match="made with other options"):
+            ddp.main([*flags, "-n", "c", "--lr", "0.05", "--resume", str(tmp_path / "epoch1.pt")])
+        assert ddp.main([*flags, "-n", "c", "--resume", str(tmp_path / "epoch1.pt")]) == 0
+        out = capsys.readouterr().out
+        assert f"fgic: a new run: the earlier run in {c} moved to {c}.old-1" in out
+        assert f"fgic: resuming {tmp_path / 'epoch1.pt'} at epoch 2, step 0" in out
+        assert read_jsonl(c.with_name(c.name + ".old-1") / "metrics.jsonl") == earlier
+        def scores(rows):
+            return [(r["epoch"], r["lr"], r["train_loss"], r["test_correct"]) for r in rows]
+        assert scores(read_jsonl(c / "metrics.jsonl")) == scores(records)  # epoch 2 from epoch1.pt, as b's: no other
+    finally:
+        torch.use_deterministic_algorithms(False)
