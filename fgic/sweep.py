@@ -99,7 +99,12 @@ def parse_axis(spec: str, parser: argparse.ArgumentParser) -> Axis:
     switch = action.nargs == 0
     if switch and not set(vals) <= set(SWITCH_VALUES):
         raise FgicError(f"--sweep {spec!r}: {long} is a switch: sweep it as {long.lstrip('-')}=on,off")
-    return Axis(long, action.dest, vals, switch, isinstance(action, argparse.BooleanOptionalAction))
+    negatable = isinstance(action, argparse.BooleanOptionalAction)
+    if switch and not negatable and action.const is not True:  # --pretrained: its off would be the recipe's value
+        dest = action.dest.replace("_", "-")
+        raise FgicError(f"--sweep {spec!r}: {long} sets --{dest} {action.const}, and leaving it out keeps --{dest} "
+                        f"as the recipe has it; sweep {dest}=... instead")
+    return Axis(long, action.dest, vals, switch, negatable)
 
 
 def plan(datasets: list[str], seeds: list[int], amps: list[str], specs: list[str], fgic_argv: list[str],
@@ -114,6 +119,15 @@ def plan(datasets: list[str], seeds: list[int], amps: list[str], specs: list[str
         raise FgicError(f"{where}: {message}")
 
     parser.error = refuse
+    if "auto" in amps:
+        raise FgicError("--amps auto: a sweep names its run folders before any job runs, and auto becomes bf16, fp16 "
+                        "or off on the machine; give those (launch.submitit resolves auto for its GPU jobs)")
+    for dest, own in OWN_LIST.items():
+        given = [a for a in fgic_argv for o in parser_options(parser, dest)
+                 if a == o or a.startswith(o + "=") or (len(o) == 2 and a.startswith(o) and not a.startswith("--"))]
+        if given:
+            raise FgicError(f"the flags for every run give {given[0]}, which the sweep's {own} would override; give it "
+                            f"with {own} (slurm/sweep.sh: DATASETS, SEEDS, AMPS)")
     axes = [parse_axis(spec, parser) for spec in specs]
     if len({a.dest for a in axes}) != len(axes):
         raise FgicError("--sweep: name each flag once (give all its values after one =, separated by commas)")
@@ -142,6 +156,11 @@ def plan(datasets: list[str], seeds: list[int], amps: list[str], specs: list[str
         seen[combo.run_dir] = combo.swept or combo.argv
         out.append(combo)
     return out
+
+
+def parser_options(parser: argparse.ArgumentParser, dest: str) -> list[str]:
+    """The option strings of fgic.ddp's flag `dest` (-s, --seed)."""
+    return [o for a in parser._actions if a.dest == dest for o in a.option_strings]  # noqa: SLF001  (see parse_axis)
 
 
 def group(datasets, seeds, amps, specs, fgic_argv) -> str:

@@ -174,15 +174,15 @@ def why_failed(exc: Exception) -> str:
 
 
 def without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-    """argv less the given flags and their values (`-d X`, `--data=X`; a bare `--amp`): the sweep's grid gives each
-    job its own."""
+    """argv less the given flags and their values (`-d X`, `--data=X`, `-s5`; a bare `--amp`): the sweep's grid gives
+    each job its own."""
     out, skip = [], False
     for i, arg in enumerate(argv):
         if skip:
             skip = False
         elif arg in flags:
             skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
-        elif arg.partition("=")[0] not in flags:
+        elif arg.partition("=")[0] not in flags and not (arg[:2] in flags and not arg.startswith("--")):
             out.append(arg)
     return out
 

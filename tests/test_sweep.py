@@ -66,10 +66,23 @@ def test_switches_sweep_as_on_and_off(tiny_data):
     (["weights=a/b.pt,c/b.pt"], [], "would share the run folder"),
     (["weights=imagenet:X,imagenet-X"], [], "would share the run folder"),
     (["crop=64,70"], ["--arch", "vit_b_32", "--resize", "80"], "--arch vit_b_32 cannot take --crop 70"),
+    (["pretrained=on,off"], [], "--sweep 'pretrained=on,off': --pretrained sets --weights imagenet, and leaving it "
+                                "out keeps --weights as the recipe has it; sweep weights=... instead"),
+    ([], ["-a", "bf16"], "the flags for every run give -a, which the sweep's --amps would override"),
+    ([], ["--seed=7"], "the flags for every run give --seed=7, which the sweep's --seeds would override"),
+    ([], ["-s7"], "the flags for every run give -s7"),
+    ([], ["--data-path", "x"], "the flags for every run give --data-path, which the sweep's --datasets would"),
 ])
 def test_every_combination_is_checked_with_one_line(tiny_data, specs, extra, message):
     with pytest.raises(FgicError, match=re.escape(message.replace("DATA", str(tiny_data)))):
         sweep.plan([str(tiny_data)], [0], ["off"], specs, extra)
+
+
+def test_auto_amp_is_refused_in_a_sweep(tiny_data):
+    """auto resolves on the machine that trains (bf16 on most GPUs, off on the CPU): the run folders a sweep names
+    beforehand would not be the ones trained, and auto and bf16 could share one."""
+    with pytest.raises(FgicError, match="--amps auto: a sweep names its run folders before any job runs"):
+        sweep.plan([str(tiny_data)], [0], ["auto", "bf16"], [], [])
 
 
 def test_a_dataset_missing_is_refused_unless_inside_a_job(tiny_data, tmp_path):
