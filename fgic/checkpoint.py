@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import random
 import shutil
@@ -124,8 +125,15 @@ def load(path: Path) -> dict:
 def differences(saved: dict, current: dict) -> list[str]:
     """The meaning-changing options whose values differ, as 'option: saved -> current'."""
     saved, current = completed(saved), completed(current)
-    return [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {current.get(k)!r}"
+    diff = [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {current.get(k)!r}"
             for k in MEANING if saved.get(k) != current.get(k)]
+    # The dataset's name and class count may match another dataset's (a folder of the same name): its classes tell
+    # (a checkpoint from before they were kept has none)
+    ours, theirs = saved.get("classes"), current.get("classes")
+    if isinstance(ours, list) and isinstance(theirs, list) and ours != theirs:
+        first = next((a, b) for a, b in itertools.zip_longest(ours, theirs) if a != b)
+        diff.append(f"-d's classes: {first[0]!r} -> {first[1]!r}")
+    return diff
 
 
 @dataclass

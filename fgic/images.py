@@ -56,7 +56,9 @@ def problem(path: str, mode: str) -> str | None:
         with open(path, "rb") as f:
             f.seek(max(0, os.path.getsize(path) - 64))
             end = f.read().rstrip(b"\x00\r\n ")
-        if not end.endswith(tails):
+        # A tail without the end marker is mostly a file cut short, but phones append data after it (Samsung's
+        # trailer, a motion photo's MP4): such a file is decoded whole to tell
+        if not end.endswith(tails) and problem(path, "full") is not None:
             return f"truncated {fmt} (no end marker)"
     return None
 

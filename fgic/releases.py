@@ -467,7 +467,8 @@ def read_collated(src: Path) -> Release | None:
     for split in SPLITS:
         for label, name in enumerate(names):
             top = root / split / name
-            for folder, _, files in os.walk(top):
+            for folder, subfolders, files in os.walk(top):
+                subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # as data.class_samples: none hidden
                 prefix = os.path.relpath(folder, top).replace(os.sep, "__") + "__" if folder != str(top) else ""
                 items[split].extend((Path(folder) / f, label, prefix + f) for f in sorted(files) if images.is_image(f))
     return Release(f"collated train/test class folders in {root}", folders, items, {s: [] for s in SPLITS}, notes)

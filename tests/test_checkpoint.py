@@ -26,6 +26,14 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+def test_a_dataset_of_the_same_name_and_class_count_is_another_by_its_classes():
+    saved = {"dataset": "tiny", "num_classes": 3, "classes": ["class_00", "class_01", "class_02"]}
+    assert checkpoint.differences(saved, {**saved, "classes": ["apple", "class_01", "zebra"]}) == \
+        ["-d's classes: 'class_00' -> 'apple'"]
+    assert checkpoint.differences(saved, {**saved, "data_path": "/moved/tiny"}) == []  # the data may move
+    assert checkpoint.differences({k: v for k, v in saved.items() if k != "classes"}, saved) == []  # an older run
+
+
 def test_differences_name_the_options():
     saved = {"arch": "resnet50", "batch_size": 64, "seed": 1, "world_size": 4, "workers": 8}
     now = {"arch": "resnet50", "batch_size": 32, "seed": 1, "world_size": 2, "workers": 2}

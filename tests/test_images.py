@@ -61,6 +61,20 @@ def test_scan_finds_every_broken_file(tmp_path, mode):
     assert images.scan(paths, "off") == {}
 
 
+@pytest.mark.parametrize("fmt, trailer", [("JPEG", b"SEFT" * 4), ("JPEG", b"\0\0\0\x18ftypmp42" + bytes(4096)),
+                                          ("PNG", b"extra bytes")])
+def test_a_whole_image_with_data_after_its_end_marker_is_good(tmp_path, fmt, trailer):
+    """Phones append data after the end marker (Samsung's trailer, a motion photo's MP4): not a cut file."""
+    data = io.BytesIO()
+    Image.fromarray(rgb_array()).save(data, format=fmt)
+    path = tmp_path / f"phone.{fmt.lower()}"
+    path.write_bytes(data.getvalue() + trailer)
+    assert images.problem(str(path), "fast") is None and images.problem(str(path), "full") is None
+    cut = tmp_path / f"cut.{fmt.lower()}"
+    cut.write_bytes(data.getvalue()[: len(data.getvalue()) * 2 // 3])
+    assert images.problem(str(cut), "fast") == f"truncated {fmt} (no end marker)"
+
+
 @pytest.mark.e2e
 def test_training_stops_on_bad_images_or_skips_them(tmp_path):
     root = make_tiny(tmp_path / "d", (6, 6), (3, 3))

@@ -417,8 +417,11 @@ def test_collated_numbered_folders_are_ordered_by_number(tmp_path):
         for c, name in enumerate(["1.Zebra_Finch", "10.Mallard", "2.Laysan_Albatross"]):
             for i in range(n):
                 write_image(src / split / name / f"{i}.jpg", 10 * c + i)
+    write_image(src / "train" / "10.Mallard" / "batch" / "a.jpg", 90)  # a subfolder's image is one
+    write_image(src / "train" / "10.Mallard" / "batch" / ".ipynb_checkpoints" / "a-checkpoint.jpg", 91)  # hidden: none
     dst = tmp_path / "cub"
-    prepare.prepare("cub", src, dst, expected=Expected(3, 6, 3))
+    prepare.prepare("cub", src, dst, expected=Expected(3, 7, 3))
+    assert sorted(p.name for p in (dst / "train" / "010.Mallard").iterdir()) == ["0.jpg", "1.jpg", "batch__a.jpg"]
     assert ImageFolder(str(dst / "test")).classes == ["001.Zebra_Finch", "002.Laysan_Albatross", "010.Mallard"]
     assert same_file(dst / "train" / "010.Mallard" / "1.jpg", src / "train" / "10.Mallard" / "1.jpg")
 
