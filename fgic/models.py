@@ -2,7 +2,6 @@
 for the dataset, its weights, its BatchNorm synchronised."""
 from __future__ import annotations
 
-import contextlib
 import difflib
 import math
 import sys
@@ -16,10 +15,9 @@ from torchvision import models
 from torchvision.models.vision_transformer import interpolate_embeddings
 from torchvision.ops import StochasticDepth
 
-from fgic import augment, drop, timm_models
+from fgic import augment, drop, runlog, timm_models
 from fgic import weights as weights_mod
 from fgic.errors import FgicError
-from fgic.jsonfile import read_object
 from fgic.syncbn import convert_sync_batchnorm
 
 IMAGENET_CLASSES = 1000
@@ -133,12 +131,9 @@ def normalization(arch: str, weights: str) -> augment.Normalization:
     if kind == "imagenet":
         preset = weights_mod.imagenet_weights(arch, weights).transforms()
         return augment.Normalization(tuple(preset.mean), tuple(preset.std))
-    beside = Path(weights).parent / "config.json"
-    if kind != "none" and beside.is_file():
-        with contextlib.suppress(FgicError):  # not fgic's config.json: the file came from elsewhere
-            run = read_object(beside)
-            if all(isinstance(run.get(k), list) and len(run[k]) == 3 for k in ("mean", "std")):
-                return augment.Normalization(tuple(run["mean"]), tuple(run["std"]))
+    run = runlog.run_config(Path(weights)) if kind != "none" else None
+    if run is not None and "mean" in run and "std" in run:  # a run from before --mean/--std: ImageNet's
+        return augment.Normalization(tuple(run["mean"]), tuple(run["std"]))
     return augment.IMAGENET
 
 

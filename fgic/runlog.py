@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fgic import tblog
 from fgic.errors import FgicError
-from fgic.jsonfile import read_text, write_json
+from fgic.jsonfile import read_object, read_text, write_json
 from fgic.wandb_log import WandbRun
 
 CHECKPOINT = "checkpoint.pt"  # the run folder's latest state (fgic.checkpoint writes it; fgic.report looks for it)
@@ -155,3 +155,14 @@ class RunLog:
 
 def _csv_row(r: dict) -> list:
     return [r["epoch"], f"{r['lr']:.6g}", f"{r['train_loss']:.4f}", f"{r['train_acc']:.2f}", f"{r['test_acc']:.2f}"]
+
+
+def run_config(weights: Path) -> dict | None:
+    """The config.json of the fgic run a weights file was saved in; None where there is none (a file from
+    elsewhere, whose folder may hold another program's config.json)."""
+    path = Path(weights).parent / "config.json"
+    try:
+        found = read_object(path) if path.is_file() else None
+    except FgicError:
+        return None
+    return found if found is not None and all(k in found for k in ("arch", "num_classes")) else None

@@ -11,7 +11,6 @@ from torch import nn
 from fgic import checkpoint, config, engine, optim, report, runlog
 from fgic.dist import Dist
 from fgic.errors import FgicError
-from fgic.jsonfile import read_object
 from fgic.runlog import RunLog
 from fgic.weights import safe_load
 
@@ -46,7 +45,7 @@ def target(args: argparse.Namespace, run_dir: Path, num_classes: int) -> Target:
         path, flag = Path(args.weights), "--weights"
         obj = safe_load(path, flag)
         ckpt = obj if isinstance(obj, dict) and {"model", "epoch", "config"} <= obj.keys() else None
-        trained = ckpt["config"] if ckpt else fgic_config(path.parent / "config.json")
+        trained = ckpt["config"] if ckpt else runlog.run_config(path)
         out_dir = path.parent / f"eval-{path.stem}"
     else:
         path = checkpoint.select(args.resume, run_dir)
@@ -63,16 +62,6 @@ def target(args: argparse.Namespace, run_dir: Path, num_classes: int) -> Target:
     if trained is not None:
         check_as_trained(config.completed(trained), args, num_classes, found.source)
     return found
-
-
-def fgic_config(path: Path) -> dict | None:
-    """The config.json of the fgic run a weights file was saved in; None where there is none (a file from
-    elsewhere)."""
-    try:
-        found = read_object(path) if path.is_file() else None
-    except FgicError:
-        return None
-    return found if found is not None and all(k in found for k in ("arch", "num_classes")) else None
 
 
 def check_as_trained(trained: dict, args: argparse.Namespace, num_classes: int, source: str) -> None:

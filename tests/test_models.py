@@ -252,7 +252,8 @@ def test_the_inputs_are_normalised_as_the_weights_were_trained(tmp_path):
     assert models.normalization("efficientnet_v2_l", "none") == augment.IMAGENET
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"arch": "efficientnet_v2_l", "mean": [0.5] * 3, "std": [0.5] * 3}))
+    (run / "config.json").write_text(json.dumps({"arch": "efficientnet_v2_l", "num_classes": 3, "mean": [0.5] * 3,
+                                                "std": [0.5] * 3}))
     assert models.normalization("efficientnet_v2_l", str(run / "best.pt")) == halves  # a weights file's fgic run
     (run / "config.json").write_text(json.dumps({"architectures": ["Whatever"]}))  # not fgic's
     assert models.normalization("efficientnet_v2_l", str(run / "best.pt")) == augment.IMAGENET
