@@ -22,7 +22,9 @@ from fgic import checkpoint, cluster, compiling, config, data, engine, models, o
 from fgic.cli import run_cli
 from fgic.cluster import Launch
 from fgic.dist import Dist, pick_device
+from fgic.errors import FgicError
 from fgic.requeue import requeue
+from fgic.runlock import RunLock
 from fgic.runlog import RunLog
 from fgic.signals import StopRequest
 
@@ -63,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest(hooks).install()  # from the start: a warning during set-up is acted on at the first step
     run = resolve(argv)
     dist = Dist.start(run.launch, run.device)
-    try:
-        return train(run, dist, stop, hooks)
+    try:  # the run folder's lock before its checkpoint is read; --eval-only writes no run folder
+        with (RunLock(None) if run.args.eval_only else
+              dist.agree(lambda: RunLock.take(run.run_dir, dist.is_main))) as lock:
+            return train(run, dist, stop, lock, hooks)
     finally:
         dist.close()
 
@@ -76,7 +80,6 @@ def resolve(argv: list[str]) -> Run:
     launch = cluster.detect()
     gpus = cluster.parse_gpus(args.gpu)
     device = pick_device(args.device, gpus, launch.local_rank)
-    args.amp = engine.resolve_amp(args.amp, device)  # before the run folder, whose name holds it
     if launch.kind == "single" and len(gpus) > 1:
         cluster.relaunch_per_gpu(gpus, argv)
     data.check_batch(args.batch_size, launch.world_size)
@@ -85,10 +88,34 @@ def resolve(argv: list[str]) -> Run:
     weights_own = models.normalization(args.arch, args.weights)  # what the flags leave unset
     args.mean, args.std = list(args.mean or weights_own.mean), list(args.std or weights_own.std)
     dataset, root = data.resolve(args.data, args.data_root)
+    args.amp = auto_amp(args, dataset, device, launch.rank == 0) if args.amp == "auto" else args.amp  # named in run_dir
     classes = data.check_layout(root)
     if args.workers is None:
         args.workers = data.default_workers(launch.local_world_size, launch.kind)
     return Run(args, dataset, root, classes, config.run_dir(args, dataset), launch, device)
+
+
+def auto_amp(args: argparse.Namespace, dataset: str, device: torch.device, say: bool) -> str:
+    """-a auto's mode: the device's (engine.resolve_amp), unless this is a requeued Slurm job that wrote its checkpoint
+    in the other 16-bit mode's run folder, on another kind of GPU: it continues there in that mode rather than starting
+    over in a folder of its own. A bf16 run requeued onto a GPU without bfloat16 is refused. `say`: the notice is this
+    process's to print."""
+    mine = engine.resolve_amp("auto", device)
+    if mine == "off":
+        return mine
+    other = "fp16" if mine == "bf16" else "bf16"
+    ours, theirs = (config.run_dir(argparse.Namespace(**{**vars(args), "amp": a}), dataset) for a in (mine, other))
+    if checkpoint.own_requeued(theirs) is None:
+        return mine
+    gpu = torch.cuda.get_device_name(device)
+    if other == "bf16":
+        raise FgicError(f"-a auto: this requeued job's run {theirs} trains in bf16, which this {gpu} lacks; resubmit "
+                        f"it for a GPU with bfloat16 (compute capability 8.0 or later, e.g. sbatch --constraint), or "
+                        f"give -a fp16 to start an fp16 run in {ours}")
+    if say:
+        print(f"fgic: notice: -a auto continues this requeued job's run {theirs} in fp16, the mode it started in (on "
+              f"this {gpu} a new run would train in bf16, in {ours})", file=sys.stderr, flush=True)
+    return other
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -101,8 +128,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)  # a few CUDA backward kernels have no such variant
 
 
-def train(run: Run, dist: Dist, stop: StopRequest, hooks: testhooks.Hooks = testhooks.NONE) -> int:
-    """The recipe: set-up, resume (or --eval-only's score), the epochs, the summary."""
+def train(run: Run, dist: Dist, stop: StopRequest, lock: RunLock, hooks: testhooks.Hooks = testhooks.NONE) -> int:
+    """The recipe: set-up, resume (or --eval-only's score), the epochs, the summary. `lock`: the run folder's, which
+    every write to it checks first."""
     args, run_dir, cfg = run.args, run.run_dir, run.config()
     say = print if dist.is_main else (lambda *a, **k: None)
     seed_everything(args.seed, args.deterministic)
@@ -112,7 +140,7 @@ def train(run: Run, dist: Dist, stop: StopRequest, hooks: testhooks.Hooks = test
         ckpt_path, out_dir = None, scored.out_dir
     else:
         scored, ckpt_path, out_dir = None, dist.agree(lambda: checkpoint.select(args.resume, run_dir)), run_dir
-    log = open_log(run, dist, out_dir)
+    log = open_log(run, dist, out_dir, lock)
 
     # Set-up: the model (--eval-only's checkpoint replaces all its weights), the data, the optimization.
     model = build_model(run, dist, "none" if scored and scored.ckpt else args.weights, hooks)
@@ -151,7 +179,7 @@ def train(run: Run, dist: Dist, stop: StopRequest, hooks: testhooks.Hooks = test
         ddp_model = compiling.compiled(ddp_model, dist, args.compile_mode, run_dir, args.cache_dir)
     every = STOP_CHECK_EVERY if cuda else 1
     started = time.perf_counter() - progress.wall_seconds  # the run's wall time counts its earlier sessions
-    saves = Checkpoints(dist, run_dir, cfg, model, opt, hooks)
+    saves = Checkpoints(dist, run_dir, cfg, model, opt, lock, hooks)
     saves.write(progress, "the trial checkpoint write", trial=True)  # a full disk is said now, not after an epoch
 
     # The epochs: train, score the model (and its EMA), record, checkpoint; a stop signal leaves with a checkpoint.
@@ -177,7 +205,7 @@ def train(run: Run, dist: Dist, stop: StopRequest, hooks: testhooks.Hooks = test
         record = epoch_record(epoch + 1, lr, seconds, tr.metrics, te, ema)
         if args.compile:
             record["compiled"] = ddp_model.compiled  # what ran: see fgic.compiling
-        log.epoch(record)
+        dist.agree(lambda: log.epoch(record), during="the epoch's records")  # a lost lock stops every rank
         progress, bests = progress.after_epoch(epoch + 1, te["acc"], ema and ema["acc"], time.perf_counter() - started)
         saves.write(progress, "the checkpoint writes", bests)
         log.checkpointed(record)
@@ -209,13 +237,13 @@ def resume(dist: Dist, ckpt_path: Path | None, cfg: dict, model: nn.Module, opt:
     return progress
 
 
-def open_log(run: Run, dist: Dist, out_dir: Path) -> RunLog:
+def open_log(run: Run, dist: Dist, out_dir: Path, lock: RunLock) -> RunLog:
     """The run's records in `out_dir`, with TensorBoard and W&B as the flags say. An unwritable folder is said before
     any set-up work; the folder itself appears once the checks have passed."""
     args = run.args
     wandb = (dict(project=args.wandb_project, entity=args.wandb_entity, group=args.wandb_group,
                   name=f"{run.dataset}/{run.run_dir.name}") if args.wandb else None)
-    log = RunLog(out_dir, dist.is_main, tensorboard=args.tensorboard, wandb=wandb)
+    log = RunLog(out_dir, dist.is_main, tensorboard=args.tensorboard, wandb=wandb, lock=lock)
     dist.agree(lambda: log.make_dir("--output-dir" if out_dir == run.run_dir else "--eval-only --weights"))
     return log
 
@@ -264,6 +292,7 @@ class Checkpoints:
     config: dict
     model: nn.Module
     opt: optim.Optimization
+    lock: RunLock
     hooks: testhooks.Hooks
 
     def write(self, progress: checkpoint.Progress, during: str, bests: Iterable[str] = (), trial: bool = False) -> None:
@@ -273,6 +302,7 @@ class Checkpoints:
         def save() -> None:
             if not self.dist.is_main:
                 return
+            self.lock.check()
             for best in bests:
                 module, name = (self.model, runlog.BEST) if best == "best" else (self.opt.ema.module, runlog.BEST_EMA)
                 checkpoint.save_atomic(module.state_dict(), self.run_dir / name)

@@ -32,12 +32,20 @@ def resolve_amp(amp: str, device: torch.device) -> str:
         return amp
     if device.type != "cuda":
         return "off"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if has_bf16(device) else "fp16"
+
+
+def has_bf16(device: torch.device) -> bool:
+    """Whether a CUDA device computes in bfloat16 natively: compute capability 8.0 or later, or ROCm.
+    torch.cuda.is_bf16_supported() also says yes for a V100 or T4, where bfloat16 is emulated (including_emulation
+    defaults to True), and is asked of the current device, not this one."""
+    return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
 
 
 def check_amp(amp: str, device: torch.device) -> None:
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise FgicError(f"-a/--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use -a fp16")
+    if amp == "bf16" and device.type == "cuda" and not has_bf16(device):
+        raise FgicError(f"-a/--amp bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 (compute "
+                        f"capability 8.0 or later); use -a fp16")
 
 
 def inputs(loader, batch: Batch, device: torch.device) -> Batch:

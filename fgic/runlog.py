@@ -11,6 +11,7 @@ from pathlib import Path
 from fgic import tblog
 from fgic.errors import FgicError
 from fgic.jsonfile import read_object, read_text, write_json
+from fgic.runlock import RunLock, unwritable
 from fgic.wandb_log import WandbRun
 
 CHECKPOINT = "checkpoint.pt"  # the run folder's latest state (fgic.checkpoint writes it; fgic.report looks for it)
@@ -39,10 +40,13 @@ def read_records(path: Path) -> list[dict]:
 
 class RunLog:
     """Appends one record per finished epoch, to the files and to TensorBoard and W&B where asked; every method is a
-    no-op on ranks other than 0. `wandb`: WandbRun.open's keyword arguments (project, entity, group, name), or None."""
+    no-op on ranks other than 0. `wandb`: WandbRun.open's keyword arguments (project, entity, group, name), or None.
+    `lock`: the run folder's (fgic.runlock), checked before each write that changes what the folder holds."""
 
-    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool = False, wandb: dict | None = None):
+    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool = False, wandb: dict | None = None,
+                 lock: RunLock | None = None):
         self.dir, self.is_main, self.tensorboard, self.tb = run_dir, is_main, tensorboard, None
+        self.lock = lock or RunLock(None)
         self.wandb, self.wb = wandb, None
         self.metrics, self.csv = run_dir / "metrics.jsonl", run_dir / "train_log.csv"
 
@@ -59,8 +63,7 @@ class RunLog:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise FgicError(f"{flag}: cannot write the run folder {self.dir} ({exc.strerror or exc}); "
-                            f"give a writable folder") from None
+            raise unwritable(self.dir, exc, flag) from None
         finally:
             for folder in made:
                 try:
@@ -73,6 +76,7 @@ class RunLog:
         RUN_DIR.old-N (N the first free), kept whole rather than partly overwritten. Returns where it went."""
         if not self.is_main or not self.dir.is_dir() or not any(self.dir.iterdir()):
             return None
+        self.lock.check()
         n = 1
         while (old := self.dir.with_name(f"{self.dir.name}.old-{n}")).exists():
             n += 1
@@ -89,6 +93,7 @@ class RunLog:
         summary.json of an earlier attempt goes: the run is unfinished until this one writes its own."""
         if not self.is_main:
             return
+        self.lock.check()
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "config.json", config)
         (self.dir / "summary.json").unlink(missing_ok=True)
@@ -113,6 +118,7 @@ class RunLog:
     def epoch(self, record: dict) -> None:
         if not self.is_main:
             return
+        self.lock.check()
         # fsynced: the epoch's checkpoint comes next, and a node crash must not keep it while losing its record (the
         # resume would go on past the epoch, and fgic.report would call the run unfinished)
         with open(self.metrics, "a") as f:

@@ -1,13 +1,15 @@
 """The training step and the evaluation: fgic's optimizer on a step the GradScaler skips, exact per-class counts."""
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
-from fgic import augment, config, engine, optim
+from fgic import augment, config, ddp, engine, optim
 from fgic.batch import Batch
 from fgic.cluster import Launch
 from fgic.dist import Dist
+from fgic.errors import FgicError
 from tests.helpers import train_step
 
 
@@ -73,3 +75,57 @@ def test_amp_auto_is_the_seeds_float32_on_the_cpu():
     assert args.amp == "auto"
     cpu = torch.device("cpu")
     assert [engine.resolve_amp(a, cpu) for a in ("auto", "off", "bf16", "fp16")] == ["off", "off", "bf16", "fp16"]
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A CUDA device of a chosen compute capability, as fgic.engine asks torch about it."""
+    def make(major: int, name: str) -> torch.device:
+        monkeypatch.setattr(torch.version, "hip", None)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # as on a V100
+        return torch.device("cuda", 0)
+    return make
+
+
+def test_amp_auto_is_fp16_on_a_gpu_whose_bfloat16_is_emulated(gpu):
+    """torch.cuda.is_bf16_supported() says yes on a V100 or T4 (emulation); -a auto there is fp16, as documented, and
+    an explicit -a bf16 is refused in one line."""
+    v100 = gpu(7, "Tesla V100-SXM2-32GB")
+    assert engine.resolve_amp("auto", v100) == "fp16" and not engine.has_bf16(v100)
+    with pytest.raises(FgicError, match=r"^-a/--amp bf16: Tesla V100-SXM2-32GB has no native bfloat16 .*; use -a fp16"):
+        engine.check_amp("bf16", v100)
+    engine.check_amp("fp16", v100)
+    a100 = gpu(8, "NVIDIA A100-SXM4-80GB")
+    assert engine.resolve_amp("auto", a100) == "bf16" and engine.has_bf16(a100)
+    engine.check_amp("bf16", a100)
+
+
+def job_checkpoint(run_dir, job: str) -> None:
+    run_dir.mkdir(parents=True)
+    torch.save({"model": {}, "epoch": 3, "config": {"slurm_job_id": job}}, run_dir / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("started,now,job,restart,expected", [
+    ("fp16", 8, "77", "1", "fp16"),  # started on a V100, requeued onto an A100: continued in fp16
+    ("bf16", 7, "77", "1", "refused"),  # started on an A100, requeued onto a V100
+    ("fp16", 8, "76", "1", "bf16"),  # another job's fp16 run (-a fp16 given): this one trains its own bf16 run
+    ("fp16", 8, "77", "0", "bf16"),  # the job's first start
+    ("bf16", 8, "77", "1", "bf16"),
+])
+def test_amp_auto_continues_the_requeued_jobs_run_in_the_mode_it_started_in(tmp_path, monkeypatch, capsys, gpu,
+                                                                            started, now, job, restart, expected):
+    device = gpu(now, "GPU")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", restart)
+    args = config.parse(["-d", "demo", "--output-dir", str(tmp_path)])
+    job_checkpoint(tmp_path / "demo" / f"resnet18-{started}-s2020", job)
+    if expected == "refused":
+        with pytest.raises(FgicError, match=rf"^-a auto: this requeued job's run {tmp_path}/demo/resnet18-bf16-s2020 "
+                                            r"trains in bf16, which this GPU lacks; resubmit it for a GPU"):
+            ddp.auto_amp(args, "demo", device, say=True)
+        return
+    assert ddp.auto_amp(args, "demo", device, say=True) == expected
+    notice = capsys.readouterr().err
+    assert ("-a auto continues this requeued job's run" in notice) == (expected != engine.resolve_amp("auto", device))

@@ -65,8 +65,10 @@ class Lab:
     root: Path
     alpha: Path
     procs: dict
+    env: dict
     jobs: dict = field(default_factory=dict)  # name -> job id of the preempted runs
     drivers: dict = field(default_factory=dict)  # name -> Driver: what a test does to its job while it runs
+    duplicate: subprocess.CompletedProcess | None = None  # the cancelled job's command submitted again (sbatch)
 
     def finish(self, name: str) -> str:
         """Wait for one submitted command; its output."""
@@ -184,10 +186,10 @@ def lab(tmp_path_factory):
                             "--output-dir", root / "reference"]),
         "reference2": start(cluster.command(["-d", alpha, *tiny_args(**LONG), "--output-dir", root / "reference2"], 2)),
     }
-    lab = Lab(root, alpha, procs)
+    lab = Lab(root, alpha, procs, env)
     preempted = [(f"{layout}_{sig}", preempt_by_scancel) for layout in ("gpu2", "srun2") for sig in SIGNALS]
     for name, action in (*preempted, ("timelimit", preempt_by_time_limit), ("submitit_preempted", preempt_by_scancel),
-                         ("cancelled", cancel)):
+                         ("cancelled", duplicate_then_cancel)):
         lab.drivers[name] = Driver(action, lab, name)
         lab.drivers[name].start()
     yield lab
@@ -296,6 +298,15 @@ def cancel(lab: Lab, name: str) -> None:
     subprocess.run(["scancel", lab.jobs[name]], check=True)
 
 
+def duplicate_then_cancel(lab: Lab, name: str) -> None:
+    """The same command submitted again while the job trains (its lock held), then the plain scancel."""
+    first_epoch_done(lab, name)
+    lab.duplicate = subprocess.run(["sbatch", "--wait", "--parsable", *CPU_JOB, TRAIN, "-d", str(lab.alpha),
+                                    *tiny_args(**ENDLESS), "--output-dir", str(lab.root / name)], cwd=lab.root,
+                                   env=lab.env, capture_output=True, text=True, timeout=WAIT_S)
+    cancel(lab, name)
+
+
 def preempt_by_time_limit(lab: Lab, name: str) -> None:
     """The job asks for USR2 WARN_S before its limit; once it has trained an epoch, its limit is cut to less than
     WARN_S from now, so the warning comes at Slurm's next check (within 30 s), mid-training: the first attempt cannot
@@ -348,16 +359,24 @@ def test_two_process_job_preempted_by_a_signal_to_its_whole_step_ends_as_an_unin
 
 
 def test_a_cancelled_job_stops_with_its_checkpoint_and_is_not_requeued(lab):
-    """A plain scancel ends with SIGTERM too: fgic checkpoints, but the job stays cancelled."""
+    """A plain scancel ends with SIGTERM too: fgic checkpoints, but the job stays cancelled. Before it, the same
+    command submitted again was refused, naming the job that trains the run folder, and changed nothing in it."""
     name = "cancelled"
     lab.drivers[name].check()
     lab.finish(name)
     job = lab.jobs[name]
+    run = lab.root / name / "alpha" / RUN
+    duplicate = lab.duplicate.stdout.strip().split(";")[0]
+    refused = (lab.root / f"fgic-{duplicate}.out").read_text()
+    held = rf"error: {re.escape(str(run))} is being trained by pid \d+ on \S+, Slurm job {job}, since "
+    assert lab.duplicate.returncode != 0 and re.search(held, refused), f"{lab.duplicate}\n{refused}"
+    epochs = [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert epochs == list(range(1, len(epochs) + 1)), epochs
     log = (lab.root / f"fgic-{job}.out").read_text()
     assert "fgic: stopped by SIGTERM" in log and f"job {job} is COMPLETING, not running" in log, log
     assert "(restart 1)" not in log and "requeued Slurm job" not in log
-    ckpt = torch.load(lab.root / name / "alpha" / RUN / "checkpoint.pt", weights_only=True)
-    assert (ckpt["epoch"], ckpt["step"]) >= (1, 1)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) >= (1, 1) and not (run.parent / f".{RUN}.lock").exists()
     states = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True,
                             text=True).stdout.split()
     assert states and states[0].startswith("CANCELLED"), states

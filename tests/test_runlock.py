@@ -1,0 +1,248 @@
+"""One training process per run folder (fgic.runlock): a second start is refused while the first may run, and a lock
+whose holder is gone (a dead process of this machine, a rebooted machine, an earlier start of the same Slurm job, a
+heartbeat older than STALE_S) is taken over; a holder whose lock was taken over stops before writing."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+
+from fgic import runlock
+from fgic.errors import FgicError
+from fgic.runlock import Holder, RunLock, lock_path
+from fgic.runlog import RunLog
+from tests.helpers import popen, read_jsonl, run_fgic, workers
+from tests.test_resume import RUN, STEP_SLEEP, args_for, data8, wait_inside_epoch_2  # noqa: F401
+
+
+def place(run_dir, holder: Holder, age_s: float = 0.0):
+    """A lock file of `holder`, its heartbeat `age_s` seconds old."""
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(holder)) + "\n")
+    if age_s:
+        then = time.time() - age_s
+        os.utime(path, (then, then))
+    return path
+
+
+def dead_process() -> tuple[int, str]:
+    """The pid and start time of a process of this machine that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    start = runlock._process_start(child.pid)
+    child.kill()
+    child.wait()
+    return child.pid, start
+
+
+def test_a_second_start_is_refused_while_the_first_holds_the_lock(tmp_path):
+    run = tmp_path / "runs" / "cub" / "r"
+    with RunLock.take(run, True):
+        assert lock_path(run) == tmp_path / "runs" / "cub" / ".r.lock" and lock_path(run).is_file()
+        with pytest.raises(FgicError) as err:
+            RunLock.take(run, True)
+        assert str(err.value).startswith(f"{run} is being trained by pid {os.getpid()} on ")
+        assert "run the same command once it has ended, or give another --output-dir / --note" in str(err.value)
+        assert RunLock.take(tmp_path / "runs" / "cub" / "other", True).release() is None  # another run: its own lock
+    assert not lock_path(run).exists()
+    RunLock.take(run, True).release()  # free again
+
+
+def test_other_ranks_take_nothing(tmp_path):
+    with RunLock.take(tmp_path / "r", False) as lock:
+        lock.check()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_folders_made_for_the_lock_go_if_nothing_was_written(tmp_path):
+    (tmp_path / "runs").mkdir()
+    RunLock.take(tmp_path / "runs" / "cub" / "r", True).release()
+    assert list(tmp_path.rglob("*")) == [tmp_path / "runs"]
+    with RunLock.take(tmp_path / "runs" / "cub" / "r", True):
+        (tmp_path / "runs" / "cub" / "r").mkdir()  # the run started: its folder stays
+    assert (tmp_path / "runs" / "cub" / "r").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FgicError, match=r"^--output-dir: cannot write the run folder .*/file/cub/r \(Not a dir"):
+        RunLock.take(tmp_path / "file" / "cub" / "r", True)
+
+
+@pytest.mark.parametrize("case", ["dead process", "rebooted", "requeued job", "silent"])
+def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path, capsys, case):
+    me, age = Holder.me({"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"}), 0.0
+    if case == "dead process":
+        pid, start = dead_process()
+        theirs, why = replace(me, token="t", pid=pid, process_start=start), "its process no longer runs"
+    elif case == "rebooted":
+        theirs, why = replace(me, token="t", boot_id="another-boot"), "its machine has rebooted since"
+    elif case == "requeued job":  # on another node, its heartbeat fresh: Slurm ended it before the restart
+        theirs, why = replace(me, token="t", host="node-b", slurm_restart=1), "an earlier start of this Slurm job"
+    else:
+        theirs, why, age = replace(me, token="t", host="node-b", slurm_job_id="5"), "its last heartbeat was", 600.0
+    run = tmp_path / "r"
+    place(run, theirs, age)
+    with RunLock.take(run, True, {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"}) as lock:
+        assert Holder.parse(lock_path(run).read_text()) == lock.holder != theirs
+    err = capsys.readouterr().err
+    assert f"fgic: notice: took over the run folder's lock {lock_path(run)} from {theirs}: {why}" in err, err
+    assert not list(tmp_path.iterdir())  # nothing left beside it
+
+
+@pytest.mark.parametrize("case", ["alive here", "other node", "same job, same start", "half written"])
+def test_a_lock_whose_holder_may_run_is_kept(tmp_path, case):
+    me = Holder.me({"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"})
+    run = tmp_path / "r"
+    holders = {"alive here": replace(me, token="t"),  # this process stands for a live one
+               "other node": replace(me, token="t", host="node-b", slurm_job_id="5", slurm_restart=0),
+               "same job, same start": replace(me, token="t", host="node-b")}
+    if case == "half written":
+        lock_path(run).write_text("")
+    else:
+        place(run, holders[case], age_s=runlock.STALE_S - 60)
+    before = lock_path(run).read_text()
+    with pytest.raises(FgicError, match=f"^{run} is being trained by "):
+        RunLock.take(run, True, {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"})
+    assert lock_path(run).read_text() == before
+
+
+def test_a_holder_whose_lock_was_taken_over_or_removed_stops_before_writing(tmp_path):
+    run = tmp_path / "r"
+    lock = RunLock.take(run, True)
+    log = RunLog(run, True, lock=lock)
+    log.start({"arch": "resnet18"}, 0)
+    log.epoch({"epoch": 1, "lr": 0.1, "train_loss": 1.0, "train_acc": 50.0, "test_acc": 40.0})
+    other = place(run, replace(lock.holder, token="other", pid=1))
+    with pytest.raises(FgicError, match=r"lock was taken over by pid 1 on .*; stopping without writing more"):
+        log.epoch({"epoch": 2, "lr": 0.1, "train_loss": 1.0, "train_acc": 50.0, "test_acc": 40.0})
+    with pytest.raises(FgicError, match="lock was taken over"):
+        log.set_aside()
+    mine = lock.holder
+    lock.release()
+    assert other.is_file()  # the release leaves the new holder's lock alone
+    other.unlink()
+    with pytest.raises(FgicError, match="lock was removed while this process trained it"):
+        RunLock(run, mine).check()
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_the_heartbeat_refreshes_the_lock_until_it_is_taken_over(tmp_path):
+    run = tmp_path / "r"
+    with RunLock.take(run, True, heartbeat_s=0.05) as lock:
+        path = lock_path(run)
+        os.utime(path, (time.time() - 1000, time.time() - 1000))
+        time.sleep(0.5)
+        assert runlock._age(path) < 5
+        place(run, replace(lock.holder, token="other"), age_s=1000)
+        time.sleep(0.5)
+        assert runlock._age(path) > 900  # not refreshed for the new holder
+        assert not lock.beat.is_alive()
+
+
+def test_a_process_forked_from_the_holder_does_not_release_it(tmp_path):
+    """A loader worker forked from rank 0 that tears down its copy of the lock."""
+    run = tmp_path / "r"
+    with RunLock.take(run, True):
+        pid = os.fork()
+        if pid == 0:
+            RunLock(run, Holder.parse(lock_path(run).read_text())).release()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert lock_path(run).is_file()
+
+
+def test_a_start_that_finds_another_starts_fresh_lock_in_place_of_the_stale_one_gives_it_back(tmp_path, monkeypatch):
+    """Two starts judge one stale lock; the other one breaks it and takes its own before this one renames: this one
+    must not break the fresh lock, but put it back and be refused."""
+    run = tmp_path / "r"
+    place(run, replace(Holder.me({}), token="stale", host="node-b"), age_s=1000)
+    fresh = replace(Holder.me({}), token="fresh", host="node-c")
+    rename = os.rename
+
+    def late_rename(src, dst):
+        monkeypatch.setattr(os, "rename", rename)
+        lock_path(run).unlink()
+        place(run, fresh)
+        rename(src, dst)
+    monkeypatch.setattr(os, "rename", late_rename)
+    with pytest.raises(FgicError, match=f"^{run} is being trained by pid {fresh.pid} on node-c"):
+        RunLock.take(run, True)
+    assert Holder.parse(lock_path(run).read_text()) == fresh and [p.name for p in tmp_path.iterdir()] == [".r.lock"]
+
+
+def _contend(run, barrier, results):
+    barrier.wait()
+    try:
+        lock = RunLock.take(run, True)
+        results.put("took")
+        time.sleep(1.0)  # held while the others look
+        lock.release()
+    except FgicError as exc:
+        results.put(str(exc))
+
+
+@pytest.mark.e2e
+def test_starts_racing_for_a_stale_lock_let_exactly_one_through(tmp_path):
+    """Six processes at once on a stale lock: one takes it, the others are refused with the holder's line."""
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(3):
+        run = tmp_path / f"r{attempt}"
+        place(run, replace(Holder.me({}), token="t", host="node-b"), age_s=1000)
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_contend, args=(run, barrier, results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        got = sorted(results.get(timeout=60) for _ in procs)
+        for p in procs:
+            p.join()
+        assert got[-1] == "took" and got.count("took") == 1, got
+        assert all(g.startswith(f"{run} is being trained by ") for g in got[:-1]), got  # a holder, or one mid-write
+        assert not lock_path(run).exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.e2e
+def test_the_same_command_twice_on_two_processes_refuses_the_second_and_the_first_goes_on(data8, tmp_path):  # noqa: F811
+    args = args_for(data8, tmp_path, cache="off", extra=("--epochs", "100"))  # still training when the second starts
+    run = tmp_path.joinpath(*RUN)
+    first = popen(args, 2, **STEP_SLEEP)
+    pids = workers(first, 2)
+    wait_inside_epoch_2(first, run)
+    second = run_fgic(args, nproc=2)
+    held = re.findall(rf"^fgic\.ddp: error: {re.escape(str(run))} is being trained by pid (\d+) on "
+                      rf"{re.escape(socket.gethostname())}, since .*; run the same command once it has ended",
+                      second.stderr, re.M)
+    assert second.returncode != 0 and len(held) == 1 and int(held[0]) in pids, second.stderr
+    assert not re.search(r'File ".*/fgic/', second.stderr), second.stderr
+    assert first.poll() is None  # the first goes on; stopped now as Slurm would
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    out, err = first.communicate(timeout=300)
+    assert "checkpoint written, resume with the same command" in err, err
+    epochs = [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 1, epochs
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == len(epochs) and not lock_path(run).exists()
+
+
+@pytest.mark.e2e
+def test_a_killed_run_leaves_its_lock_and_the_same_command_takes_it_over_at_once(data8, tmp_path):  # noqa: F811
+    """SIGKILL (the OOM killer, a node's watchdog): no release; on the same machine the lock is known to be free."""
+    args = args_for(data8, tmp_path, cache="off")
+    run = tmp_path.joinpath(*RUN)
+    first = popen(args, 1, **STEP_SLEEP)
+    wait_inside_epoch_2(first, run)
+    first.kill()
+    first.communicate(timeout=60)
+    assert Holder.parse(lock_path(run).read_text()).pid == first.pid
+    res = run_fgic(args)
+    assert res.returncode == 0, res.stderr
+    assert f"took over the run folder's lock {lock_path(run)} from pid {first.pid} on " in res.stderr, res.stderr
+    assert "its process no longer runs" in res.stderr and f"resuming {run / 'checkpoint.pt'} at epoch 2" in res.stdout
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2] and not lock_path(run).exists()
