@@ -129,11 +129,17 @@ def differences(saved: dict, current: dict) -> list[str]:
             for k in MEANING if saved.get(k) != current.get(k)]
     # The dataset's name and class count may match another dataset's (a folder of the same name): its classes tell
     # (a checkpoint from before they were kept has none)
-    ours, theirs = saved.get("classes"), current.get("classes")
-    if isinstance(ours, list) and isinstance(theirs, list) and ours != theirs:
-        first = next((a, b) for a, b in itertools.zip_longest(ours, theirs) if a != b)
-        diff.append(f"-d's classes: {first[0]!r} -> {first[1]!r}")
-    return diff
+    changed = class_change(saved.get("classes"), current.get("classes"))
+    return diff + ([f"-d's classes: {changed}"] if changed else [])
+
+
+def class_change(saved, current) -> str | None:
+    """The first class that differs between two class lists, as "'saved' -> 'current'"; None when they are alike or
+    one is unknown (a config from before the lists were kept)."""
+    if not (isinstance(saved, list) and isinstance(current, list)) or saved == current:
+        return None
+    first = next((a, b) for a, b in itertools.zip_longest(saved, current) if a != b)
+    return f"{first[0]!r} -> {first[1]!r}"
 
 
 @dataclass

@@ -136,7 +136,7 @@ def train(run: Run, dist: Dist, stop: StopRequest, lock: RunLock, hooks: testhoo
     seed_everything(args.seed, args.deterministic)
     # What to continue or score, and where the results go: the run folder, or beside --eval-only's --weights FILE.
     if args.eval_only:
-        scored = dist.agree(lambda: scoring.target(args, run_dir, len(run.classes)))
+        scored = dist.agree(lambda: scoring.target(args, run_dir, run.classes))
         ckpt_path, out_dir = None, scored.out_dir
     else:
         scored, ckpt_path, out_dir = None, dist.agree(lambda: checkpoint.select(args.resume, run_dir)), run_dir

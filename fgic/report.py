@@ -18,7 +18,9 @@ file (a name per combination, e.g. failed/DATASET-RUN_NAME.json as slurm/sweep.s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ CONFIG_KEYS = ALWAYS_SHOWN + tuple(k for k in MEANING if k not in ("dataset", "n
     + ("note",)
 # Published top-1 of the single-GPU ResNet-50 recipe, best epoch selected on the test set.
 PUBLISHED = {"cub": 86.74, "aircraft": 93.25, "cars": 94.09}
+PUBLISHED_CLASSES = {"cub": 200, "aircraft": 100, "cars": 196}  # Aircraft's variants, not its 70 families
 PUBLISHED_ARCH = "resnet50"
 BEST_LABEL = "best epoch (selected on the test set)"
 EMA_LABEL = "EMA final epoch"
@@ -55,21 +58,26 @@ class Run:
     records: list = field(default_factory=list)
     summary: dict | None = None
     why: str = ""  # empty when finished
+    label: str = ""  # the dataset's name with what tells it from another dataset of that name (see label_datasets)
 
     @property
     def finished(self) -> bool:
         return not self.why
 
     @property
-    def dataset(self) -> str:
+    def name(self) -> str:
         return str(self.config.get("dataset") or self.path.parent.name)
 
+    @property
+    def dataset(self) -> str:
+        return self.label or self.name
+
     def key(self, keys) -> tuple:
-        return tuple(self.config.get(k) for k in keys)
+        return tuple(tuple(v) if isinstance(v, list) else v for v in (self.config.get(k) for k in keys))  # --mean
 
 
 def load_run(folder: Path) -> Run:
-    """A run folder's files, and why it is not finished (empty when it is)."""
+    """A run folder's files, and why it is not in the table (empty when it is finished)."""
     metrics, summary = folder / "metrics.jsonl", folder / "summary.json"
     run = Run(folder, completed(read_object(folder / "config.json")))
     run.records = read_records(metrics)
@@ -77,7 +85,10 @@ def load_run(folder: Path) -> Run:
         run.summary = read_object(summary)
     epochs = run.config.get("epochs")
     done = [r.get("epoch") for r in run.records]
-    if not isinstance(epochs, int):
+    aside = re.fullmatch(r"(.+)\.old-\d+", folder.name)
+    if aside:  # averaged with the run that replaced it, it would count its seed twice
+        run.why = f"set aside when {aside[1]} started over (--resume none, or a new --resume PATH)"
+    elif not isinstance(epochs, int):
         run.why = "config.json has no epochs"
     elif done != list(range(1, len(done) + 1)):
         run.why = f"metrics.jsonl has epochs {done}, expected 1, 2, ..."
@@ -94,7 +105,30 @@ def load_run(folder: Path) -> Run:
 
 
 def find_runs(root: Path) -> list[Run]:
-    return [load_run(p.parent) for p in sorted(root.rglob("config.json"))]
+    runs = [load_run(p.parent) for p in sorted(root.rglob("config.json"))]
+    label_datasets(runs)
+    return runs
+
+
+def label_datasets(runs: list[Run]) -> None:
+    """Runs on datasets of one name that are not the same data (Aircraft's 100 variants and its 70 families, two
+    birds folders, another test split) are labelled with what tells them apart: the class count, the test images, or
+    the class names; so that no column averages them together. A copy of the same data elsewhere keeps the name."""
+    names: dict[str, list[Run]] = {}
+    for run in runs:
+        names.setdefault(run.name, []).append(run)
+    for name, group in names.items():
+        counts = [r.config.get("num_classes") for r in group]
+        tests = [r.records[-1].get("test_total") if r.records else None for r in group]
+        lists = [hashlib.sha1(json.dumps(r.config["classes"]).encode()).hexdigest()[:6]
+                 if isinstance(r.config.get("classes"), list) else None for r in group]  # None: an older config
+        told = next(((values, shown) for values, shown in ((counts, "{} classes"), (tests, "{} test images"),
+                                                            (lists, "classes #{}"))
+                     if len({v for v in values if v is not None}) > 1), None)
+        if told is None:
+            continue
+        for run, value in zip(group, told[0]):
+            run.label = f"{name} ({told[1].format(value) if value is not None else 'unknown'})"
 
 
 def find_failures(root: Path) -> list[dict]:
@@ -140,7 +174,7 @@ def duration(seconds) -> str:
 def fmt(value) -> str:
     if value is None or value == "":
         return "–"
-    if isinstance(value, list):  # --mean, --std
+    if isinstance(value, (list, tuple)):  # --mean, --std
         return " ".join(map(fmt, value))
     return f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -182,10 +216,12 @@ def table(finished: list[Run]) -> list[str]:
                 emas = [r.summary["ema_final_test_acc"] for r in runs if "ema_final_test_acc" in r.summary]
                 cells.append(spread(emas) if emas else "")
         lines.append("| " + " | ".join(cells) + " |")
-    if any(r.config.get("arch") == PUBLISHED_ARCH and r.dataset in PUBLISHED for r in finished):
+    published = {d for d in datasets if d in PUBLISHED and all(r.config.get("num_classes") == PUBLISHED_CLASSES[d]
+                                                                for r in finished if r.dataset == d)}
+    if any(r.config.get("arch") == PUBLISHED_ARCH and r.dataset in published for r in finished):
         cells = [f"{PUBLISHED_ARCH}, published" if k == "arch" else "" for k in keys]
         for d in datasets:
-            cells += ["", f"{PUBLISHED[d]:.2f}" if d in PUBLISHED else ""] + ([""] if d in ema else [])
+            cells += ["", f"{PUBLISHED[d]:.2f}" if d in published else ""] + ([""] if d in ema else [])
         lines.append("| " + " | ".join(cells) + " |")
     for (config, d), seeds in sorted(repeated_seeds(groups).items(), key=lambda kv: (order(kv[0][0]), kv[0][1])):
         lines.append(f"\nNote: {d}, {', '.join(f'{k} {fmt(v)}' for k, v in zip(keys, config))}: seed "
@@ -241,7 +277,7 @@ def render(root: Path, runs: list[Run], failures: list[dict], evaluated: list[st
         out.append("No finished runs yet.")
     unfinished = [r for r in runs if not r.finished]
     if unfinished:
-        out += ["", "## Unfinished runs (not in the table)", ""]
+        out += ["", "## Unfinished and set-aside runs (not in the table)", ""]
         out += [f"- `{r.path.relative_to(root)}`: {r.why}" for r in unfinished]
     if failures:
         out += ["", "## Failed runs (not in the table)", ""]

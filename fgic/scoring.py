@@ -33,10 +33,10 @@ class Target:
         return f"{self.flag} {self.path}"
 
 
-def target(args: argparse.Namespace, run_dir: Path, num_classes: int) -> Target:
+def target(args: argparse.Namespace, run_dir: Path, classes: list[str]) -> Target:
     """--resume PATH (or the run folder's checkpoint), scored into the run folder; or --weights FILE, into eval-STEM
     beside FILE: an fgic checkpoint as one (its EMA with --model-ema), a state_dict as the model's weights. Refused
-    where the flags would score it otherwise than it was trained (AS_TRAINED, the class count)."""
+    where the flags would score it otherwise than it was trained (AS_TRAINED, the classes of -d)."""
     weights_file = args.weights != "none" and args.weights.split(":")[0] != "imagenet"
     if weights_file and args.resume not in ("auto", "none"):
         raise FgicError(f"--eval-only scores one model: give --resume {args.resume} or --weights {args.weights}, "
@@ -60,15 +60,19 @@ def target(args: argparse.Namespace, run_dir: Path, num_classes: int) -> Target:
         trained = ckpt["config"]
     found = Target(path, flag, ckpt, out_dir)
     if trained is not None:
-        check_as_trained(config.completed(trained), args, num_classes, found.source)
+        check_as_trained(config.completed(trained), args, classes, found.source)
     return found
 
 
-def check_as_trained(trained: dict, args: argparse.Namespace, num_classes: int, source: str) -> None:
-    classes = trained.get("num_classes")
-    if classes is not None and classes != num_classes:
-        raise FgicError(f"--eval-only {source}: trained for {classes} classes, this -d has {num_classes}; give the -d "
+def check_as_trained(trained: dict, args: argparse.Namespace, classes: list[str], source: str) -> None:
+    count = trained.get("num_classes")
+    if count is not None and count != len(classes):
+        raise FgicError(f"--eval-only {source}: trained for {count} classes, this -d has {len(classes)}; give the -d "
                         f"it was trained on")
+    changed = checkpoint.class_change(trained.get("classes"), classes)  # a renamed class shifts every later label
+    if changed:
+        raise FgicError(f"--eval-only {source}: trained on other classes than this -d's ({changed}); give the -d it "
+                        f"was trained on")
     given = vars(args)
     differ = [k for k in AS_TRAINED if trained.get(k) is not None and trained[k] != given[k]]
     if differ:

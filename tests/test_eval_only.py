@@ -3,6 +3,7 @@ eval.json where the README says: the run folder for a checkpoint, eval-STEM besi
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -75,3 +76,19 @@ def test_a_checkpoint_given_as_weights_is_scored_as_one(trained):
     ev = json.loads((run / "eval-checkpoint" / "eval.json").read_text())
     assert ev["model"] == f"{run / 'checkpoint.pt'} (EMA)"
     assert ev["correct"] == read_jsonl(run / "metrics.jsonl")[-1]["ema_test_correct"]
+
+
+def test_a_dataset_whose_classes_are_named_otherwise_is_refused(trained, tiny_data, tmp_path):
+    """A class folder renamed (or a mirror without the numeric prefixes, sorted otherwise): as many classes, but the
+    labels would shift, and eval.json's per-class accuracies and confusions would name the wrong classes."""
+    args, run = trained
+    other = tmp_path / "tiny"
+    shutil.copytree(tiny_data, other)
+    for split in ("train", "test"):
+        (other / split / "class_00").rename(other / split / "class_99")  # sorted last now
+    flags = [other if a == str(tiny_data) else a for a in args]
+    res = run_fgic([*map(str, flags), "--eval-only", "--resume", str(run / "checkpoint.pt")])
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip() == (f"fgic.ddp: error: --eval-only --resume {run / 'checkpoint.pt'}: trained on other "
+                                  f"classes than this -d's ('class_00' -> 'class_01'); give the -d it was trained on")
+    assert not list(tmp_path.rglob("eval.json"))

@@ -17,16 +17,21 @@ from fgic.runlog import RunLog
 from tests.helpers import REPO, fgic_env, optional
 
 
-def make_run(root, dataset, seed, accs, epochs=None, finish=True, flags=(), ema=None):
+def make_run(root, dataset, seed, accs, epochs=None, finish=True, flags=(), ema=None, num_classes=None,
+             test_total=100):
     """A run folder as fgic.ddp leaves it: config.json from the real parser, one record per epoch in `accs` (test
-    top-1), and summary.json when `finish`."""
+    top-1), and summary.json when `finish`. The dataset's classes: its official count (200 for another name)."""
     args = config.parse(["-d", dataset, "-s", str(seed), "--epochs", str(epochs or len(accs)), *flags])
     args.amp = engine.resolve_amp(args.amp, torch.device("cpu"))  # as fgic.ddp.resolve, on the CPU
+    args.mean, args.std = list(args.mean or config.IMAGENET_MEAN), list(args.std or config.IMAGENET_STD)  # likewise
     folder = root / dataset / config.run_name(args)
     log = RunLog(folder, is_main=True)
-    log.start({**vars(args), "dataset": dataset, "num_classes": 200}, 0)
+    num_classes = num_classes or report.PUBLISHED_CLASSES.get(dataset, 200)
+    log.start({**vars(args), "dataset": dataset, "num_classes": num_classes,
+               "classes": [f"{i:03d}" for i in range(num_classes)]}, 0)
     for epoch, acc in enumerate(accs, 1):
-        log.epoch({"epoch": epoch, "lr": 0.1 / epoch, "train_loss": 1.0 / epoch, "train_acc": acc + 5, "test_acc": acc})
+        log.epoch({"epoch": epoch, "lr": 0.1 / epoch, "train_loss": 1.0 / epoch, "train_acc": acc + 5, "test_acc": acc,
+                   "test_total": test_total})
     if finish:
         best = max(accs)
         log.write("summary.json", {"final_test_acc": accs[-1], "best_test_acc": best,
@@ -147,11 +152,67 @@ def test_unfinished_and_failed_runs_are_listed_not_averaged(tmp_path):
     assert rows["resnet50/off"]["cub final epoch"] == spread([80.0, 82.0])
     assert rows["resnet50/off"]["cub best epoch (selected on the test set)"] == spread([80.0, 82.0], n=False)
     assert "aircraft final epoch" not in rows["resnet50/off"]
-    unfinished = text.split("## Unfinished runs (not in the table)")[1].split("##")[0]
+    unfinished = text.split("## Unfinished and set-aside runs (not in the table)")[1].split("##")[0]
     assert f"`{crashed.relative_to(tmp_path)}`: 2/4 epochs; checkpoint.pt present" in unfinished
     assert f"`{stale.relative_to(tmp_path)}`: 1/2 epochs; no checkpoint" in unfinished
     failed = text.split("## Failed runs (not in the table)")[1]
     assert "/data/nowhere/aircraft, seed 0, amp off: exit code 2; args `--epochs 2`; log `logs/sweep_7_3.out`" in failed
+
+
+def test_runs_of_other_data_under_one_dataset_name_get_columns_of_their_own(tmp_path):
+    """Aircraft at its 100 variants and at its 70 families (two data roots, one name), or the same classes with
+    another test split, or renamed classes: never averaged together, and the published number only beside the
+    official classes. The same data in another folder (a node-local copy) stays one dataset."""
+    make_run(tmp_path / "variant", "aircraft", 0, [90.0])
+    make_run(tmp_path / "copy", "aircraft", 1, [92.0])
+    make_run(tmp_path / "family", "aircraft", 0, [96.0], num_classes=70)
+    make_run(tmp_path / "a", "birds", 0, [50.0])
+    make_run(tmp_path / "b", "birds", 0, [70.0], test_total=60)
+    _, rows = results_table(run_report(tmp_path))
+    assert rows["resnet50/off"]["aircraft (100 classes) final epoch"] == spread([90.0, 92.0])
+    assert rows["resnet50/off"]["aircraft (70 classes) final epoch"] == spread([96.0])
+    assert "resnet50, published/" not in rows  # beside a column of another name than the published dataset's
+    assert rows["resnet50/off"]["birds (100 test images) final epoch"] == spread([50.0])
+    assert rows["resnet50/off"]["birds (60 test images) final epoch"] == spread([70.0])
+    # renamed classes, the same count and test split
+    renamed = make_run(tmp_path / "c", "cub", 0, [80.0])
+    make_run(tmp_path / "d", "cub", 1, [60.0])
+    cfg = json.loads((renamed / "config.json").read_text())
+    write_json(renamed / "config.json", {**cfg, "classes": ["x", *cfg["classes"][1:]]})
+    runs = report.find_runs(tmp_path)
+    assert sorted(r.dataset for r in runs if r.name == "cub")[0].startswith("cub (classes #")
+    assert len({r.dataset for r in runs if r.name == "cub"}) == 2
+
+
+def test_a_published_number_is_shown_only_beside_the_official_classes(tmp_path):
+    make_run(tmp_path, "cub", 0, [80.0], num_classes=150)  # a subset of CUB
+    _, rows = results_table(run_report(tmp_path))
+    assert set(rows) == {"resnet50/off"}
+
+
+def test_runs_that_differ_in_their_normalisation_are_grouped_by_it(tmp_path):
+    """--mean/--std are lists in config.json: a key of the table (a traceback before)."""
+    make_run(tmp_path, "cub", 0, [80.0])
+    make_run(tmp_path, "cub", 1, [82.0])
+    make_run(tmp_path, "cub", 0, [70.0], flags=("--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5", "-n", "h"))
+    keys, rows = results_table(run_report(tmp_path))
+    assert keys == ["arch", "amp", "mean", "std", "note"]
+    assert rows["resnet50/off/0.485 0.456 0.406/0.229 0.224 0.225/–"]["cub final epoch"] == spread([80.0, 82.0])
+    assert rows["resnet50/off/0.5 0.5 0.5/0.5 0.5 0.5/h"]["cub final epoch"] == spread([70.0])
+
+
+def test_a_run_set_aside_by_a_restart_is_listed_not_averaged(tmp_path):
+    """--resume none moved the earlier run (seed 1) to RUN_DIR.old-1; its rerun replaced it."""
+    make_run(tmp_path, "cub", 0, [80.0])
+    old = make_run(tmp_path, "cub", 1, [40.0])
+    old.rename(old.with_name(old.name + ".old-1"))
+    make_run(tmp_path, "cub", 1, [86.0])
+    text = run_report(tmp_path)
+    _, rows = results_table(text)
+    assert rows["resnet50/off"]["cub final epoch"] == spread([80.0, 86.0]) and "counted more than once" not in text
+    listed = text.split("## Unfinished and set-aside runs (not in the table)")[1]
+    assert f"`cub/{old.name}.old-1`: set aside when {old.name} started over (--resume none, or a new --resume " \
+        f"PATH)" in listed
 
 
 def test_restarting_a_run_removes_the_earlier_summary(tmp_path):
