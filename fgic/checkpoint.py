@@ -97,11 +97,18 @@ def select(resume: str, run_dir: Path, env: os._Environ | dict = os.environ) -> 
 
 def continues(own: Path, path: Path) -> bool:
     """Whether the checkpoint `own` is of a run that started from `path` (its --resume named that file)."""
-    try:  # mmap: the config without reading the weights
-        started = torch.load(own, map_location="cpu", weights_only=True, mmap=True)["config"].get("resume")
-    except Exception:  # not a checkpoint this can read: fgic.ddp's own load says why
-        return False
+    started = saved_config(own).get("resume")
     return isinstance(started, str) and Path(started).is_file() and Path(started).samefile(path)
+
+
+def saved_config(path: Path) -> dict:
+    """A checkpoint's config, read with mmap (not its weights); {} for a file that is not a readable fgic checkpoint
+    (fgic.ddp's own load of it says why)."""
+    try:
+        config = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+    except Exception:  # noqa: BLE001  (any damage: torch raises several kinds)
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def own_requeued(run_dir: Path, env: os._Environ | dict = os.environ) -> Path | None:
@@ -112,7 +119,7 @@ def own_requeued(run_dir: Path, env: os._Environ | dict = os.environ) -> Path | 
     path = run_dir / CHECKPOINT
     if not job or int(env.get("SLURM_RESTART_COUNT") or 0) < 1 or not path.is_file():
         return None
-    return path if load(path)["config"].get("slurm_job_id") == job else None
+    return path if saved_config(path).get("slurm_job_id") == job else None
 
 
 def load(path: Path) -> dict:

@@ -65,11 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest(hooks).install()  # from the start: a warning during set-up is acted on at the first step
     run = resolve(argv)
     dist = Dist.start(run.launch, run.device)
+    locks = []  # kept outside agree: a peer that fails there must not leave rank 0's lock behind
     try:  # the run folder's lock before its checkpoint is read; --eval-only writes no run folder
-        with (RunLock(None) if run.args.eval_only else
-              dist.agree(lambda: RunLock.take(run.run_dir, dist.is_main))) as lock:
-            return train(run, dist, stop, lock, hooks)
+        if not run.args.eval_only:
+            dist.agree(lambda: locks.append(RunLock.take(run.run_dir, dist.is_main)))
+        return train(run, dist, stop, locks[0] if locks else RunLock(None), hooks)
     finally:
+        for lock in locks:
+            lock.release()
         dist.close()
 
 

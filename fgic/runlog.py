@@ -140,6 +140,7 @@ class RunLog:
 
     def write(self, name: str, obj: dict) -> None:
         if self.is_main:
+            self.lock.check()
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json(self.dir / name, obj)
 

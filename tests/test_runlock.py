@@ -76,42 +76,95 @@ def test_the_folders_made_for_the_lock_go_if_nothing_was_written(tmp_path):
         RunLock.take(tmp_path / "file" / "cub" / "r", True)
 
 
-@pytest.mark.parametrize("case", ["dead process", "rebooted", "requeued job", "silent"])
-def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path, capsys, case):
-    me, age = Holder.me({"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"}), 0.0
+@pytest.fixture
+def squeue(tmp_path, monkeypatch):
+    """A squeue on PATH that shows job 5 RUNNING and no other job (ended, purged from its list)."""
+    fake = tmp_path / "bin" / "squeue"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\n[ "$3" = 5 ] && echo RUNNING\nexit 0\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+
+
+JOB77 = {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"}
+QUIET = runlock.SILENT_S + 10  # seconds without a heartbeat: silent enough for a holder presumed gone
+
+
+@pytest.mark.parametrize("case", ["dead process", "rebooted", "requeued job", "torchrun restart", "ended job",
+                                  "silent"])
+def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path, capsys, squeue, case):
+    me, age = Holder.me(JOB77), 0.0
     if case == "dead process":
         pid, start = dead_process()
         theirs, why = replace(me, token="t", pid=pid, process_start=start), "its process no longer runs"
     elif case == "rebooted":
         theirs, why = replace(me, token="t", boot_id="another-boot"), "its machine has rebooted since"
-    elif case == "requeued job":  # on another node, its heartbeat fresh: Slurm ended it before the restart
-        theirs, why = replace(me, token="t", host="node-b", slurm_restart=1), "an earlier start of this Slurm job"
+    elif case == "requeued job":  # on another node: Slurm ended it before the restart, and it has stopped beating
+        theirs, age = replace(me, token="t", host="node-b", slurm_restart=1), QUIET
+        why = f"an earlier start of this Slurm job (restart 1), and its last heartbeat was {QUIET:.0f} s ago"
+    elif case == "torchrun restart":  # an elastic restart put rank 0 on another node
+        theirs = replace(me, token="t", host="node-b", torchrun_id="r", torchrun_restart=0)
+        me, age = replace(me, torchrun_id="r", torchrun_restart=1), QUIET
+        why = "an earlier start of this torchrun run (restart 0)"
+    elif case == "ended job":  # squeue no longer shows it (a chained job after a cancel that SIGKILLed it)
+        theirs, age, why = replace(me, token="t", host="node-b", slurm_job_id="6"), QUIET, "its Slurm job 6 has ended"
     else:
-        theirs, why, age = replace(me, token="t", host="node-b", slurm_job_id="5"), "its last heartbeat was", 600.0
+        theirs, age = replace(me, token="t", host="node-b", slurm_job_id="5"), 600.0
+        why = "its last heartbeat was 600 s ago"
     run = tmp_path / "r"
     place(run, theirs, age)
-    with RunLock.take(run, True, {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"}) as lock:
+    env = {**JOB77, "TORCHELASTIC_RUN_ID": me.torchrun_id or "", "TORCHELASTIC_RESTART_COUNT": me.torchrun_restart}
+    with RunLock.take(run, True, env) as lock:
         assert Holder.parse(lock_path(run).read_text()) == lock.holder != theirs
     err = capsys.readouterr().err
     assert f"fgic: notice: took over the run folder's lock {lock_path(run)} from {theirs}: {why}" in err, err
-    assert not list(tmp_path.iterdir())  # nothing left beside it
+    assert [p.name for p in tmp_path.iterdir()] == ["bin"]  # nothing left beside it
 
 
-@pytest.mark.parametrize("case", ["alive here", "other node", "same job, same start", "half written"])
-def test_a_lock_whose_holder_may_run_is_kept(tmp_path, case):
-    me = Holder.me({"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"})
+@pytest.mark.parametrize("case", ["alive here", "other node", "same job, same start", "running job", "half written",
+                                  "requeued job, alive here"])
+def test_a_lock_whose_holder_may_run_is_kept(tmp_path, squeue, case):
+    me = Holder.me(JOB77)
     run = tmp_path / "r"
     holders = {"alive here": replace(me, token="t"),  # this process stands for a live one
-               "other node": replace(me, token="t", host="node-b", slurm_job_id="5", slurm_restart=0),
-               "same job, same start": replace(me, token="t", host="node-b")}
+               "other node": replace(me, token="t", host="node-b", slurm_job_id=None, slurm_restart=0),
+               "same job, same start": replace(me, token="t", host="node-b"),
+               "running job": replace(me, token="t", host="node-b", slurm_job_id="5"),
+               # Slurm requeued the job (a node that lost the controller), but its process still runs here
+               "requeued job, alive here": replace(me, token="t", slurm_restart=1)}
     if case == "half written":
         lock_path(run).write_text("")
     else:
         place(run, holders[case], age_s=runlock.STALE_S - 60)
     before = lock_path(run).read_text()
     with pytest.raises(FgicError, match=f"^{run} is being trained by "):
-        RunLock.take(run, True, {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"})
+        RunLock.take(run, True, JOB77)
     assert lock_path(run).read_text() == before
+
+
+def test_a_holder_presumed_gone_is_waited_for_until_silent_then_taken_over(tmp_path, capsys):
+    """A requeue that starts while its earlier start's heartbeat is recent (killed moments ago): it waits for the
+    silence instead of failing the job; a holder that keeps beating is refused when the wait is over."""
+    me, run = Holder.me(JOB77), tmp_path / "r"
+    place(run, replace(me, token="t", host="node-b", slurm_restart=1), age_s=runlock.SILENT_S - 1.5)
+    started = time.monotonic()
+    RunLock.take(run, True, JOB77).release()
+    assert 1.0 < time.monotonic() - started < 10 and "took over" in capsys.readouterr().err
+    with RunLock.take(tmp_path / "s", True, JOB77) as beating:  # earlier restart, same job, beating from afar
+        path = lock_path(tmp_path / "s")
+        path.write_text(json.dumps(asdict(replace(beating.holder, host="node-b", slurm_restart=1))) + "\n")
+        with pytest.raises(FgicError, match=r"it is an earlier start of this Slurm job \(restart 1\), which frees it "
+                                            r"after 65 s without a heartbeat"):
+            RunLock.take(tmp_path / "s", True, JOB77, wait_s=0.5)
+
+
+def test_an_unreadable_process_is_taken_for_a_running_one(monkeypatch):
+    """/proc mounted with hidepid, another user's process: not known dead."""
+    def denied(pid, sig):
+        raise PermissionError
+    monkeypatch.setattr(os, "kill", denied)
+    monkeypatch.setattr(runlock, "_process_start", lambda pid: None)
+    assert runlock._running(12345, "678")
 
 
 def test_a_holder_whose_lock_was_taken_over_or_removed_stops_before_writing(tmp_path):
@@ -140,10 +193,10 @@ def test_the_heartbeat_refreshes_the_lock_until_it_is_taken_over(tmp_path):
         path = lock_path(run)
         os.utime(path, (time.time() - 1000, time.time() - 1000))
         time.sleep(0.5)
-        assert runlock._age(path) < 5
+        assert runlock._age(os.stat(path), tmp_path) < 5
         place(run, replace(lock.holder, token="other"), age_s=1000)
         time.sleep(0.5)
-        assert runlock._age(path) > 900  # not refreshed for the new holder
+        assert runlock._age(os.stat(path), tmp_path) > 900  # not refreshed for the new holder
         assert not lock.beat.is_alive()
 
 
@@ -159,23 +212,53 @@ def test_a_process_forked_from_the_holder_does_not_release_it(tmp_path):
         assert lock_path(run).is_file()
 
 
-def test_a_start_that_finds_another_starts_fresh_lock_in_place_of_the_stale_one_gives_it_back(tmp_path, monkeypatch):
-    """Two starts judge one stale lock; the other one breaks it and takes its own before this one renames: this one
-    must not break the fresh lock, but put it back and be refused."""
+def test_a_lock_replaced_after_it_was_judged_stale_is_not_removed(tmp_path, monkeypatch):
+    """Two starts judge one stale lock; the other one breaks it and takes its own before this one breaks: this one
+    must not remove the fresh lock, but look again and be refused."""
     run = tmp_path / "r"
     place(run, replace(Holder.me({}), token="stale", host="node-b"), age_s=1000)
     fresh = replace(Holder.me({}), token="fresh", host="node-c")
-    rename = os.rename
+    age = runlock._age
 
-    def late_rename(src, dst):
-        monkeypatch.setattr(os, "rename", rename)
+    def judged_then_replaced(stat, folder):
+        monkeypatch.setattr(runlock, "_age", age)
         lock_path(run).unlink()
         place(run, fresh)
-        rename(src, dst)
-    monkeypatch.setattr(os, "rename", late_rename)
+        return age(stat, folder)
+    monkeypatch.setattr(runlock, "_age", judged_then_replaced)
     with pytest.raises(FgicError, match=f"^{run} is being trained by pid {fresh.pid} on node-c"):
         RunLock.take(run, True)
     assert Holder.parse(lock_path(run).read_text()) == fresh and [p.name for p in tmp_path.iterdir()] == [".r.lock"]
+
+
+def test_a_failed_read_stops_neither_the_holder_nor_its_heartbeat(tmp_path, monkeypatch):
+    """EIO once (a Lustre eviction, an NFS soft-mount timeout): proof of nothing."""
+    run = tmp_path / "r"
+    with RunLock.take(run, True, heartbeat_s=0.05) as lock:
+        read = type(lock.path).read_text
+        failures = [OSError(5, "Input/output error")] * 3
+
+        def flaky(self, *a, **k):
+            if self == lock.path and failures:
+                raise failures.pop()
+            return read(self, *a, **k)
+        monkeypatch.setattr(type(lock.path), "read_text", flaky)
+        lock.check()
+        time.sleep(0.5)
+        assert not failures and lock.beat.is_alive()
+        os.utime(lock.path, (time.time() - 1000, time.time() - 1000))
+        time.sleep(0.5)
+        assert runlock._age(os.stat(lock.path), tmp_path) < 5  # still beating
+
+
+def test_a_lock_whose_write_fails_is_not_left_half_written(tmp_path, monkeypatch):
+    """A full disk or quota at the lock's write: one line, and no empty lock to refuse the next start."""
+    def full(fd):
+        raise OSError(122, "Disk quota exceeded")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(FgicError, match=r"^--output-dir: cannot write the run folder .*/r \(Disk quota exceeded\)"):
+        RunLock.take(tmp_path / "runs" / "r", True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _contend(run, barrier, results):
