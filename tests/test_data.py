@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -191,3 +192,19 @@ def test_a_run_trains_beside_hidden_folders(tmp_path):
     assert res.returncode == 0, res.stderr
     config = json.loads(next((tmp_path / "runs").rglob("config.json")).read_text())
     assert config["classes"] == ["class_00", "class_01"] and config["num_classes"] == 2
+
+
+def test_the_fingerprint_of_a_copy_elsewhere_is_the_same_and_of_changed_files_not(tiny_data, tmp_path):
+    """What fgic.ddp compares across ranks: node-local copies agree; a missing image, a file of another size, or a
+    relabelled one do not."""
+    def of(root):
+        splits = [data.KeyedImageFolder(root / s, s == "train", 72, 64, 4, 0) for s in data.SPLITS]
+        return data.fingerprint(root, splits)
+    copy = tmp_path / "node-local" / "tiny"
+    shutil.copytree(tiny_data, copy)
+    assert of(copy) == of(tiny_data)
+    image = copy / "test" / "class_01" / "000.jpg"
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert of(copy) != of(tiny_data)
+    image.rename(copy / "test" / "class_02" / "999.jpg")
+    assert of(copy) != of(tiny_data)
