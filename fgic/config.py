@@ -10,16 +10,27 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fgic.errors import FgicError
 
 LR_PER_256 = 0.1  # the seed's linear scaling rule: --lr = global batch / 256 x 0.1
+
+
+class OptDefaults(NamedTuple):
+    lr_per_256: float  # the lr rule: --lr = global batch / 256 x this
+    weight_decay: float
+
+
+# --lr's rule and --weight-decay's default follow the optimizer that runs (a preset's or --opt's): the seed's SGD, and
+# MAE's AdamW fine-tuning (5e-4 x batch/256, wd 0.05). AdamW at SGD's rule would step 200x too far.
+OPTIMIZERS = {"sgd": OptDefaults(LR_PER_256, 5e-4), "adamw": OptDefaults(5e-4, 0.05)}
 # ImageNet's per-channel statistics: how torchvision's weights and most of timm's take their inputs, and how every run
 # from before --mean/--std took them.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # --recipe NAME: values for the flags left unset, over the seed's (RECIPE) and the demo's. Sources in the README
-# ("Recipes"); "lr_per_256" replaces LR_PER_256 in the lr rule. What each preset leaves out of its source is said there.
+# ("Recipes"); the lr rule and weight decay are its optimizer's (OPTIMIZERS). What each preset leaves out of its source
+# is said there.
 RECIPES = {
     "seed": {},
     # torchvision's ResNet-50 IMAGENET1K_V2 recipe (references/classification), its pieces for fine-tuning: the seed's
@@ -29,7 +40,7 @@ RECIPES = {
               "model_ema": True, "model_ema_steps": 32, "model_ema_decay": 0.998},
     # MAE's ViT fine-tuning recipe (AdamW, lr 5e-4 x batch/256, wd 0.05, layer decay 0.65, 5 warmup epochs, mixup 0.8,
     # cutmix 1.0, random erasing 0.25), with TrivialAugment for RandAugment and torchvision's ViT clipping and EMA.
-    "transformer": {"opt": "adamw", "lr_per_256": 5e-4, "weight_decay": 0.05, "norm_weight_decay": 0.0,
+    "transformer": {"opt": "adamw", "norm_weight_decay": 0.0,
                     "layer_decay": 0.65, "lr_warmup_epochs": 5, "lr_warmup_method": "linear",
                     "lr_warmup_decay": 0.01, "clip_grad_norm": 1.0, "auto_augment": "ta_wide", "random_erase": 0.25,
                     "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "model_ema": True, "model_ema_steps": 32,
@@ -156,10 +167,12 @@ FLAGS = {
              help="GLOBAL batch, split evenly over the processes (default {default})"),
         Flag(names=("--epochs",), type=int, recipe=128, demo=8, meaning=4, help="epochs (default {default})"),
         Flag(names=("--lr",), type=float, meaning=5,  # None: the lr rule (scaled_lr)
-             help=f"learning rate (default: global batch / 256 x {LR_PER_256:g})"),
+             help="learning rate (default: global batch / 256 x " + ", ".join(
+                 f"{o.lr_per_256:g} for {name}" for name, o in OPTIMIZERS.items()) + ")"),
         Flag(names=("--momentum",), type=float, recipe=0.9, meaning=6, help="SGD momentum (default {default})"),
-        Flag(names=("--weight-decay", "--wd"), type=float, recipe=5e-4, meaning=7,
-             help="weight decay, SGD's or AdamW's (default {default:g}; a --recipe's own)"),
+        Flag(names=("--weight-decay", "--wd"), type=float, meaning=7,  # None: the optimizer's (OPTIMIZERS)
+             help="weight decay (default: " + ", ".join(f"{o.weight_decay:g} for {name}"
+                                                         for name, o in OPTIMIZERS.items()) + ")"),
         Flag(names=("--label-smoothing", "--smoothing"), type=float, recipe=0.1, meaning=8,
              help="label smoothing (default {default:g})"),
         Flag(names=("--recipe",), choices=tuple(RECIPES), recipe="seed", later=True, meaning=14,
@@ -288,16 +301,18 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                         f"and test/")
     if getattr(args, "recipe", None) is None:
         args.recipe = RECIPE["recipe"]
-    preset = dict(RECIPES[args.recipe])
-    per_256 = preset.pop("lr_per_256", LR_PER_256)
+    preset = RECIPES[args.recipe]
     defaults = {**RECIPE, **(DEMO if args.data == "demo" else {}), **preset}
     from_preset = {key for key in preset if getattr(args, key, None) is None}
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.amp = _resolve_amp(str(args.amp))
+    rule = OPTIMIZERS[args.opt]
+    if args.weight_decay is None:
+        args.weight_decay = rule.weight_decay
     if args.lr is None:
-        args.lr = scaled_lr(args.batch_size, per_256)
+        args.lr = scaled_lr(args.batch_size, rule.lr_per_256)
     args.note = args.note.strip()
     if args.note and not all(c.isalnum() or c in "-_." for c in args.note):
         raise FgicError(f"-n/--note {args.note!r}: use letters, digits, '-', '_' or '.' (it becomes part of a folder "

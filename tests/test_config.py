@@ -119,6 +119,18 @@ def test_a_recipe_fills_only_unset_flags_and_keeps_the_lr_rule():
     assert (d.arch, d.crop, d.opt, d.epochs) == ("resnet18", 64, "adamw", 8)
 
 
+@pytest.mark.parametrize("flags,opt,lr,wd", [
+    ((), "sgd", 0.025, 5e-4),
+    (("--opt", "adamw"), "adamw", 1.25e-4, 0.05),  # SGD's rule gave AdamW 0.025: 200x MAE's
+    (("--recipe", "transformer", "--opt", "sgd"), "sgd", 0.025, 5e-4),  # AdamW's gave SGD 1.25e-4 and wd 0.05
+    (("--recipe", "tv-v2", "--opt", "adamw", "-b", "128"), "adamw", 2.5e-4, 0.05),
+    (("--opt", "adamw", "--wd", "0.01", "--lr", "0.001"), "adamw", 0.001, 0.01),  # typed values stay
+])
+def test_the_lr_rule_and_weight_decay_follow_the_optimizer_that_runs(flags, opt, lr, wd):
+    a = parse("-d", "cub", *flags)
+    assert (a.opt, a.lr, a.weight_decay) == (opt, pytest.approx(lr), wd)
+
+
 def test_configs_from_before_the_later_options_read_as_the_seed_recipe():
     seed = {**vars(parse("-d", "cub")), "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # fgic.ddp's
     old = {k: v for k, v in seed.items() if k not in config.LATER}
@@ -185,7 +197,7 @@ def test_the_helps_defaults_are_the_values_an_unset_flag_takes():
             want = "off" if value is None or value is False else f"{value:g}" if isinstance(value, float) else value
             assert said.group(1) in (str(want), f"./{want}"), (action.option_strings, said.group(1), value)
             checked.append(action.dest)
-    assert {"batch_size", "epochs", "weight_decay", "momentum", "crop", "seed", "model_ema_decay"} <= set(checked)
+    assert {"batch_size", "epochs", "momentum", "crop", "seed", "model_ema_decay"} <= set(checked)  # wd: a rule
 
 
 def test_a_flags_help_and_its_recipe_value_are_one_value():
@@ -195,5 +207,5 @@ def test_a_flags_help_and_its_recipe_value_are_one_value():
 
 def test_the_presets_name_only_flags():
     keys = {f.key for f in config.EVERY_FLAG}
-    assert {name: sorted(set(p) - keys - {"lr_per_256"}) for name, p in config.RECIPES.items()} == \
+    assert {name: sorted(set(p) - keys) for name, p in config.RECIPES.items()} == \
         {name: [] for name in config.RECIPES}
