@@ -6,7 +6,6 @@ import argparse
 import os
 import random
 import signal
-import socket
 import sys
 import time
 from collections.abc import Iterable
@@ -19,7 +18,7 @@ import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgic import checkpoint, cluster, compiling, config, data, engine, models, optim, runlog, scoring, testhooks
+from fgic import agreed, checkpoint, cluster, compiling, config, data, engine, models, optim, runlog, scoring, testhooks
 from fgic.cli import run_cli
 from fgic.cluster import Launch
 from fgic.dist import Dist, pick_device
@@ -68,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     dist = Dist.start(run.launch, run.device)
     locks = []  # kept outside agree: a peer that fails there must not leave rank 0's lock behind
     try:  # the run folder's lock before its checkpoint is read; --eval-only writes no run folder
+        agreed.same_amp(dist, run.args.amp)  # before the run folder, whose name holds it
         if not run.args.eval_only:
             dist.agree(lambda: locks.append(RunLock.take(run.run_dir, dist.is_main)))
         return train(run, dist, stop, locks[0] if locks else RunLock(None), hooks)
@@ -151,7 +151,7 @@ def train(run: Run, dist: Dist, stop: StopRequest, lock: RunLock, hooks: testhoo
     train_set, test_set, train_loader, test_loader = dist.agree(  # scan, cache: the slowest node is waited for
         lambda: data.build(data.DataSpec.of(args), run.root, dist.world_size, dist.rank,
                            pin_memory=dist.device.type == "cuda"))
-    check_same_data(run, dist, train_set, test_set)
+    agreed.same_images(dist, run.root, train_set, test_set)
     steps_per_epoch = len(train_loader)  # now, before set_epoch's skip shortens the loader (until the next set_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     opt = dist.agree(lambda: optim.build(model, dist.device, args, steps_per_epoch))  # --layer-decay's arch check
@@ -240,22 +240,6 @@ def resume(dist: Dist, ckpt_path: Path | None, cfg: dict, model: nn.Module, opt:
     progress = checkpoint.restore(dist.agree(lambda: checkpoint.load(ckpt_path)), ckpt_path, cfg, model, opt)
     opt.steps = progress.epoch * steps_per_epoch + progress.step
     return progress
-
-
-def check_same_data(run: Run, dist: Dist, train_set, test_set) -> None:
-    """Every process sees the same images. Node-local copies of -d that differ (one still syncing, a node with an
-    older copy) would shard other lists: other images on each rank, or other step counts, which hang at an epoch's
-    end until the collective's timeout."""
-    if not dist.distributed:
-        return
-    seen = dist.gather((data.fingerprint(run.root, (train_set, test_set)), len(train_set), len(test_set),
-                        socket.gethostname()), patient=True)
-    if all(s[0] == seen[0][0] for s in seen):
-        return
-    views = [f"rank {r} on {host}: {n} train / {m} test images" for r, (fp, n, m, host) in enumerate(seen)
-             if r == 0 or fp != seen[0][0]]
-    raise FgicError(f"-d {run.root}: the processes see other images ({'; '.join(views[:4])}, not the same files); "
-                    f"give every node the same, complete copy of the dataset", shown=dist.is_main)
 
 
 def open_log(run: Run, dist: Dist, out_dir: Path, lock: RunLock) -> RunLog:

@@ -109,3 +109,17 @@ def test_ranks_reading_other_copies_of_the_data_stop_with_one_line(tiny_data, tm
         f"/ 101 test images; rank 1 on {host}: {train} train / 101 test images, not the same files); give every node "
         f"the same, complete copy of the dataset"], res.stderr
     assert not (tmp_path / "runs" / "tiny").exists() or not any((tmp_path / "runs" / "tiny").iterdir())
+
+
+def test_ranks_whose_devices_resolve_amp_auto_otherwise_stop_with_one_line(tiny_data, tmp_path):
+    """A job on unlike GPUs (bf16 beside a V100): -a auto would train rank 1 in fp16 with a GradScaler beside rank 0
+    in another mode, averaging scaled gradients with unscaled ones, each rank naming its own run folder."""
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(epochs=1, batch_size=6), "--output-dir", str(tmp_path)],
+                   nproc=2, program=("-m", "tests.mixed_gpus"), timeout=300)
+    host = socket.gethostname()
+    errors = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert res.returncode != 0 and errors == [
+        f"fgic.ddp: error: -a/--amp resolves to other modes on this job's devices (rank 0 on {host} (cpu): off; "
+        f"rank 1 on {host} (cpu): fp16); give one mode that every device has, e.g. -a fp16, or run on alike GPUs"], \
+        res.stderr
+    assert list(tmp_path.iterdir()) == []

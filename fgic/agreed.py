@@ -1,0 +1,45 @@
+"""What every process of a job must have alike before it trains, checked across the processes at set-up: the mixed
+precision mode (-a auto resolves per device) and the images (-d may be a copy on each node). Each check fails on
+every process together, in one line that names the processes that differ."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+
+from fgic import data
+from fgic.dist import Dist
+from fgic.errors import FgicError
+
+
+def same_amp(dist: Dist, amp: str) -> None:
+    """One mode on every process. On a job whose GPUs differ (one with bfloat16 beside a V100 or T4), -a auto would
+    train some ranks in bf16 and others in fp16 with a GradScaler, averaging scaled gradients with unscaled ones,
+    and give each rank another run folder."""
+    if not dist.distributed:
+        return
+    name = torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else dist.device.type
+    seen = dist.gather((amp, name, socket.gethostname()), patient=True)
+    if all(s[0] == seen[0][0] for s in seen):
+        return
+    views = [f"rank {r} on {host} ({gpu}): {mode}" for r, (mode, gpu, host) in enumerate(seen)
+             if r == 0 or mode != seen[0][0]]
+    raise FgicError(f"-a/--amp resolves to other modes on this job's devices ({'; '.join(views[:4])}); give one mode "
+                    f"that every device has, e.g. -a fp16, or run on alike GPUs", shown=dist.is_main)
+
+
+def same_images(dist: Dist, root: Path, train_set, test_set) -> None:
+    """The same images on every process. Node-local copies of -d that differ (one still syncing, a node with an
+    older copy) would shard other lists: other images on each rank, or other step counts, which hang at an epoch's
+    end until the collective's timeout."""
+    if not dist.distributed:
+        return
+    seen = dist.gather((data.fingerprint(root, (train_set, test_set)), len(train_set), len(test_set),
+                        socket.gethostname()), patient=True)
+    if all(s[0] == seen[0][0] for s in seen):
+        return
+    views = [f"rank {r} on {host}: {n} train / {m} test images" for r, (fp, n, m, host) in enumerate(seen)
+             if r == 0 or fp != seen[0][0]]
+    raise FgicError(f"-d {root}: the processes see other images ({'; '.join(views[:4])}, not the same files); "
+                    f"give every node the same, complete copy of the dataset", shown=dist.is_main)
