@@ -117,7 +117,8 @@ FLAGS = {
         Flag(names=("-w", "-j", "--workers"), type=int, meaning=0,  # None: from the CPUs of each process
              help="data loader workers per process (default: from the CPUs)"),
         Flag(names=("--resize",), type=int, recipe=512, demo=72, meaning=9,
-             help="resize to N x N before cropping (default {default})"),
+             help="resize to N x N before cropping (default {default}; with --crop C given alone, C x 512/448, the "
+                  "recipe's ratio, as timm's crop_pct 0.875)"),
         Flag(names=("--crop", "--train-crop-size", "--img-size"), type=int, recipe=448, demo=64, meaning=10,
              help="crop size, training and test (default {default})"),
         Flag(names=("--padding",), type=int, recipe=8, demo=4, meaning=11,
@@ -304,6 +305,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     preset = RECIPES[args.recipe]
     defaults = {**RECIPE, **(DEMO if args.data == "demo" else {}), **preset}
     from_preset = {key for key in preset if getattr(args, key, None) is None}
+    if args.resize is None and args.crop is not None:  # --img-size 224 alone: a 512 px resize left 19% in its crops
+        args.resize = round(args.crop * RECIPE["resize"] / RECIPE["crop"])
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

@@ -33,6 +33,17 @@ def test_demo_defaults_only_fill_unset_flags():
     assert (b.epochs, b.arch, b.crop, b.weights) == (3, "resnet50", 56, "none")
 
 
+@pytest.mark.parametrize("flags,resize,crop", [
+    (("--img-size", "224"), 256, 224),  # timm's name: a 512 px resize left 19% of the image in the test crop
+    (("--train-crop-size", "384"), 439, 384),
+    (("--crop", "224", "--resize", "224"), 224, 224),  # typed: kept
+    ((), 512, 448),
+])
+def test_a_crop_given_alone_brings_the_resize_at_the_recipes_ratio(flags, resize, crop):
+    a = parse("-d", "cub", *flags)
+    assert (a.resize, a.crop) == (resize, crop)
+
+
 def test_compile_is_off_by_default_and_its_mode_is_speed_only():
     """--compile stays off until a GPU measurement of a whole run decides it (BENCHMARKS.md); --compile-mode picks
     kernels, not arithmetic: a resume across modes is not refused (it is not in MEANING), as across process counts."""
@@ -61,7 +72,7 @@ def test_legacy_apex_amp_maps_to_native_fp16_with_a_notice(capsys):
     (("-a", "fp8"), "-a/--amp"),
     (("-n", "my run"), "-n/--note"),
     (("-b", "0"), "--batch-size"),
-    (("--crop", "600"), "--crop"),
+    (("--crop", "600", "--resize", "512"), "--crop"),
     (("--label-smoothing", "1.5"), "--label-smoothing"),
     (("-w", "-1"), "-w/--workers"),
     (("--lr-warmup-epochs", "128"), "--lr-warmup-epochs"),
