@@ -172,6 +172,35 @@ def warmup_cosine(epochs: int, steps_per_epoch: int, warmup_epochs: int, method:
     return factor
 
 
+EMA_PREFIX = "module."  # AveragedModel's state: the model's keys under its `module`
+
+
+def ema_average(decay: float):
+    """AveragedModel's multi_avg_fn: the EMA of the floating-point tensors, the integer ones (Swin's and MaxViT's
+    relative_position_index, BatchNorm's num_batches_tracked) copied. torch's get_ema_multi_avg_fn averages those too,
+    in float, and truncates: at decay 0.968 an index of 55 becomes 54 after one update, and the EMA model's attention
+    reads other bias-table entries (swin_t: 996 of 28,812 index entries moved after two updates)."""
+    lerp = get_ema_multi_avg_fn(decay)
+
+    def update(ema: list[torch.Tensor], current: list[torch.Tensor], n_averaged) -> None:
+        if ema[0].is_floating_point() or ema[0].is_complex():  # AveragedModel groups the tensors by dtype
+            lerp(ema, current, n_averaged)
+        else:
+            for e, c in zip(ema, current):
+                e.copy_(c)
+    return update
+
+
+def exact_buffers(state: dict, reference: dict, prefix: str = "") -> dict:
+    """An EMA's state (keys `prefix` + the model's) with its integer tensors taken from `reference`, the model's
+    state: they are never averaged (ema_average), and an EMA saved before that was so holds them truncated."""
+    def exact(key: str, value):
+        name = key[len(prefix):]
+        integer = isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex())
+        return reference[name] if integer and key.startswith(prefix) and name in reference else value
+    return {k: exact(k, v) for k, v in state.items()}
+
+
 def ema_decay(decay: float, batch_size: int, every: int, epochs: int) -> float:
     """torchvision's reference adjustment of --model-ema-decay to the global batch, the steps between updates and the
     epochs: the EMA's horizon is then epochs / ((1 - decay) x train images) epochs, whatever the batch."""
@@ -257,7 +286,7 @@ class Optimization:
         if state.get("scaler") and self.scaler.is_enabled():  # a disabled scaler saves {} and must not load it
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
-            self.ema.load_state_dict(state["model_ema"])
+            self.ema.load_state_dict(exact_buffers(state["model_ema"], state["model"], EMA_PREFIX))
 
 
 def build(model: nn.Module, device: torch.device, args, steps_per_epoch: int) -> Optimization:
@@ -285,7 +314,7 @@ def build(model: nn.Module, device: torch.device, args, steps_per_epoch: int) ->
     ema = None
     if args.model_ema:
         decay = ema_decay(args.model_ema_decay, args.batch_size, args.model_ema_steps, args.epochs)
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        ema = AveragedModel(model, multi_avg_fn=ema_average(decay), use_buffers=True)
         notice = ema_horizon_notice(args, steps_per_epoch, decay)
         if notice and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
             print(notice, file=sys.stderr, flush=True)

@@ -97,7 +97,7 @@ def load(model: nn.Module, opt: optim.Optimization, found: Target) -> tuple[nn.M
     if "model_ema" not in found.ckpt:
         raise FgicError(f"--eval-only --model-ema: {path} holds no EMA weights (trained without --model-ema); "
                         f"give --no-model-ema to evaluate its weights")
-    opt.ema.load_state_dict(found.ckpt["model_ema"])
+    opt.ema.load_state_dict(optim.exact_buffers(found.ckpt["model_ema"], found.ckpt["model"], optim.EMA_PREFIX))
     return opt.ema.module, f"{path} (EMA)"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fgic import augment, images, models
+from fgic import augment, images, models, optim
 from fgic.config import completed
 from fgic.errors import FgicError
 from fgic.jsonfile import read_object
@@ -103,12 +103,15 @@ def load(source: str, ema: bool | None = None) -> Trained:
                         f"leave --ema out")
     use_ema = has_ema and ema is not False
     if use_ema:
-        state = {k[len("module."):]: v for k, v in obj["model_ema"].items() if k.startswith("module.")}
+        state = optim.exact_buffers({k[len(optim.EMA_PREFIX):]: v for k, v in obj["model_ema"].items()
+                                     if k.startswith(optim.EMA_PREFIX)}, obj["model"])
     else:
         state = read_state_dict(weights, SOURCE)
     del obj
     model = models.build(config["arch"], len(classes), "none", crop=config["crop"], keyed_drop=False,
                          stochastic_depth=config.get("stochastic_depth"), dropout=config.get("dropout"))
+    if Path(weights).name == BEST_EMA:  # an EMA's integer buffers are the model's constants (optim.exact_buffers)
+        state = optim.exact_buffers(state, model.state_dict())
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -252,3 +252,38 @@ def test_a_runs_step_is_the_bare_step_with_its_schedule_and_ema():
     for a, b in zip(run(True, 0.1), run(False, 0.1), strict=True):
         assert torch.equal(a, b)
     assert not all(torch.equal(a, b) for a, b in zip(run(True, 0.1), run(True, None)))
+
+
+def swin_with_ema(decay: float):
+    torch.manual_seed(0)
+    model = models.swin_t(num_classes=3)
+    return model, torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=optim.ema_average(decay), use_buffers=True)
+
+
+def test_the_ema_copies_integer_buffers_and_averages_the_rest():
+    """Swin's relative_position_index: torch's EMA function averaged it in float and truncated (55 -> 54 at the
+    tv-v2 preset's adjusted decay), so the EMA model read other bias-table entries."""
+    model, ema = swin_with_ema(0.968)
+    for _ in range(2):  # an unchanged model: its EMA is itself, bit for bit
+        ema.update_parameters(model)
+    assert all(torch.equal(ema.module.state_dict()[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update_parameters(model)
+    index = "features.1.0.attn.relative_position_index"
+    assert torch.equal(ema.module.state_dict()[index], model.state_dict()[index])
+    weight = "head.weight"
+    assert torch.allclose(ema.module.state_dict()[weight], model.state_dict()[weight] - 0.968, atol=1e-6)
+
+
+def test_an_ema_saved_with_truncated_indices_is_loaded_with_the_models():
+    """Checkpoints written before ema_average: their EMA's index buffers come back as the model's, on resume,
+    --eval-only --model-ema and fgic.predict."""
+    model, ema = swin_with_ema(0.968)
+    index = "module.features.1.0.attn.relative_position_index"
+    broken = {**ema.state_dict(), index: ema.state_dict()[index] - (ema.state_dict()[index] % 7 == 5).long()}
+    assert not torch.equal(broken[index], model.state_dict()[index[len("module."):]])
+    repaired = optim.exact_buffers(broken, model.state_dict(), optim.EMA_PREFIX)
+    assert torch.equal(repaired[index], model.state_dict()[index[len("module."):]])
+    assert repaired["module.head.weight"] is broken["module.head.weight"] and "n_averaged" in repaired

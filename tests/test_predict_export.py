@@ -238,3 +238,13 @@ def test_export_onnx_without_the_extra_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(FgicError, match=r"--format onnx: needs onnx and onnxscript \(pip install onnx onnxscript"):
         export.main([str(run / "best.pt"), "--format", "onnx"])
+
+
+def test_a_best_ema_file_with_truncated_indices_predicts_with_the_models_own(tmp_path):
+    """best_ema.pt of a Swin written before the EMA copied its integer buffers: loaded with the built model's."""
+    run = fake_run(tmp_path / "run", "swin_t", 224)
+    state = torch.load(run / "best.pt", weights_only=True)
+    index = "features.1.0.attn.relative_position_index"
+    torch.save({**state, index: state[index] - (state[index] % 7 == 5).long()}, run / "best_ema.pt")
+    loaded = trained.load(str(run / "best_ema.pt")).model.state_dict()
+    assert torch.equal(loaded[index], state[index]) and torch.equal(loaded["head.weight"], state["head.weight"])
