@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from fgic import data
 from fgic.dist import Dist
 from fgic.errors import FgicError
 
@@ -29,14 +28,13 @@ def same_amp(dist: Dist, amp: str) -> None:
                     f"that every device has, e.g. -a fp16, or run on alike GPUs", shown=dist.is_main)
 
 
-def same_images(dist: Dist, root: Path, train_set, test_set) -> None:
-    """The same images on every process. Node-local copies of -d that differ (one still syncing, a node with an
-    older copy) would shard other lists: other images on each rank, or other step counts, which hang at an epoch's
-    end until the collective's timeout."""
+def same_images(dist: Dist, root: Path, files: str, train_images: int, test_images: int) -> None:
+    """The same images (`files`: data.fingerprint) on every process. Node-local copies of -d that differ (one still
+    syncing, a node with an older copy) would shard other lists: other images on each rank, or other step counts,
+    which hang at an epoch's end until the collective's timeout."""
     if not dist.distributed:
         return
-    seen = dist.gather((data.fingerprint(root, (train_set, test_set)), len(train_set), len(test_set),
-                        socket.gethostname()), patient=True)
+    seen = dist.gather((files, train_images, test_images, socket.gethostname()), patient=True)
     if all(s[0] == seen[0][0] for s in seen):
         return
     views = [f"rank {r} on {host}: {n} train / {m} test images" for r, (fp, n, m, host) in enumerate(seen)

@@ -137,7 +137,13 @@ def differences(saved: dict, current: dict) -> list[str]:
     # The dataset's name and class count may match another dataset's (a folder of the same name): its classes tell
     # (a checkpoint from before they were kept has none)
     changed = class_change(saved.get("classes"), current.get("classes"))
-    return diff + ([f"-d's classes: {changed}"] if changed else [])
+    diff += [f"-d's classes: {changed}"] if changed else []
+    # The images (data.fingerprint: relative paths, sizes, labels; a checkpoint from before it has none): moving the
+    # data resumes, other images (a copy still syncing on the requeue's node, --skip-bad-images dropping others) do not
+    if saved.get("data_files") and current.get("data_files") and saved["data_files"] != current["data_files"]:
+        counts = [f"{c.get('train_images')} train / {c.get('test_images')} test" for c in (saved, current)]
+        diff.append(f"-d's images: other files ({counts[0]} then, {counts[1]} now)")
+    return diff
 
 
 def class_change(saved, current) -> str | None:

@@ -151,7 +151,10 @@ def train(run: Run, dist: Dist, stop: StopRequest, lock: RunLock, hooks: testhoo
     train_set, test_set, train_loader, test_loader = dist.agree(  # scan, cache: the slowest node is waited for
         lambda: data.build(data.DataSpec.of(args), run.root, dist.world_size, dist.rank,
                            pin_memory=dist.device.type == "cuda"))
-    agreed.same_images(dist, run.root, train_set, test_set)
+    images = {"data_files": data.fingerprint(run.root, (train_set, test_set)), "train_images": len(train_set),
+              "test_images": len(test_set)}  # checked on resume (checkpoint.differences)
+    agreed.same_images(dist, run.root, *images.values())
+    cfg.update(images)
     steps_per_epoch = len(train_loader)  # now, before set_epoch's skip shortens the loader (until the next set_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     opt = dist.agree(lambda: optim.build(model, dist.device, args, steps_per_epoch))  # --layer-decay's arch check

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -222,3 +223,27 @@ def test_a_run_started_from_resume_path_continues_its_own_checkpoint_and_moves_a
         assert scores(read_jsonl(c / "metrics.jsonl")) == scores(records)  # epoch 2 from epoch1.pt, as b's: no other
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.e2e  # in-process, but seconds of work
+def test_a_resume_onto_other_images_is_refused_and_onto_a_moved_copy_goes_on(tiny_data, tmp_path):
+    """A requeue on a node whose copy of -d lacks an image (or --skip-bad-images leaving others out) would continue
+    the run on another training set, with its lr schedule shifted; the same files elsewhere are the same data."""
+    copy = tmp_path / "a" / "tiny"
+    shutil.copytree(tiny_data, copy)
+    out = str(tmp_path / "runs")
+    try:
+        assert ddp.main(["-d", str(copy), *tiny_args(epochs=2), "--output-dir", out]) == 0
+        moved = tmp_path / "b" / "tiny"
+        moved.parent.mkdir()
+        copy.rename(moved)
+        (moved / "train" / "class_01" / "003.jpg").unlink()
+        with pytest.raises(FgicError, match=r"made with other options \(-d's images: other files \(24 train / 101 "
+                                            r"test then, 23 train / 101 test now\)\); --resume none starts over"):
+            ddp.main(["-d", str(moved), *tiny_args(epochs=2), "--output-dir", out])
+        shutil.copy(tiny_data / "train" / "class_01" / "003.jpg", moved / "train" / "class_01" / "003.jpg")
+        assert ddp.main(["-d", str(moved), *tiny_args(epochs=2), "--output-dir", out]) == 0  # moved: the same run
+    finally:
+        torch.use_deterministic_algorithms(False)
+    run = tmp_path / "runs" / "tiny" / "resnet18-off-s2020"
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
