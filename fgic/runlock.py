@@ -236,8 +236,8 @@ class RunLock:
                 gone, why = True, f"{why}, and its last heartbeat was {age:.0f} s ago"
             if gone:
                 cls._break(path, stat, theirs, why)
-            elif why and time.monotonic() < deadline:
-                time.sleep(min(5.0, max(SILENT_S - age, 0.1)))  # presumed gone: wait for its silence
+            elif why and time.monotonic() < deadline:  # presumed gone: wait for its silence
+                time.sleep(min(5.0, max(SILENT_S - age, 0.1), max(deadline - time.monotonic(), 0.0)))
             else:
                 raise cls._held(run_dir, path, theirs, age, why)
         raise FgicError(f"{path}: other processes keep taking this run folder's lock; see which ones train "

@@ -209,6 +209,7 @@ def test_the_exports_crop_offset_is_torchvisions_center_crop(resize, crop):
     assert torch.equal(torch.from_numpy(np.array(pil)).permute(2, 0, 1), F.center_crop(image, [crop, crop]))
 
 
+@pytest.mark.e2e  # in-process, but torch.export takes seconds (the quick loop stays under a minute)
 def test_the_exports_description_names_every_decode_step(tmp_path, tiny_data):
     """Read by its steps alone (tests/plain_consumer.py), an EXIF-rotated JPEG and a 16-bit PNG give fgic.predict's
     logits: the rotation and the bit depth are part of the description."""
