@@ -255,8 +255,9 @@ def test_a_runs_step_is_the_bare_step_with_its_schedule_and_ema():
 
 
 def swin_with_ema(decay: float):
+    """A small Swin (swin_t's layers at 1/6 of its width and depth) and its EMA."""
     torch.manual_seed(0)
-    model = models.swin_t(num_classes=3)
+    model = models.swin_transformer.SwinTransformer([4, 4], 16, [1, 1], [1, 1], [7, 7], num_classes=3)
     return model, torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=optim.ema_average(decay), use_buffers=True)
 
 
