@@ -191,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     full = get_args_parser().parse_args(argv)  # --help, and every flag checked before anything is submitted
     args, fgic_argv = launcher_parser(add_help=False).parse_known_args(argv)
-    fgic_argv = without(fgic_argv, ("-d", "--data", "--data-path", "-s", "--seed", "-a", "--amp"))  # the grid's
+    grid = {"datasets": ("-d", "--data", "--data-path"), "seeds": ("-s", "--seed"), "amps": ("-a", "--amp")}
+    for plural, flags in grid.items():  # both given: the grid's values would replace the flag's without a word
+        if getattr(args, plural) and without(fgic_argv, flags) != fgic_argv:
+            raise FgicError(f"--{plural} and {flags[0]}: give one of them (each job gets the grid's --{plural} value, "
+                            f"not {flags[0]}'s)")
+    fgic_argv = without(fgic_argv, sum(grid.values(), ()))  # each job gets the grid's
     args.datasets = args.datasets or ([full.data] if full.data else None)
     if not args.datasets:
         raise FgicError(f"--datasets: name at least one dataset ({', '.join(config.REGISTRY)} or a folder), or give -d")

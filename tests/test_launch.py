@@ -138,6 +138,11 @@ def test_submitit_sweeps_any_flag_into_distinct_run_folders(tiny_data, tmp_path,
     (["-d", "DATA", "--amps", "fp8"], "-a/--amp 'fp8': choose auto, off, fp16 or bf16"),
     (["-d", "DATA", "--sweep", "lr=0.1,x"], "--sweep lr=x: argument --lr: invalid float value: 'x'"),
     (["-d", "DATA", "--sweep", "arch=resnet18,nonet"], "--arch nonet"),
+    # a grid flag beside its plural: the grid's values replaced it without a word (-s 5 trained seed 0)
+    (["-d", "DATA", "--datasets", "DATA"], "--datasets and -d: give one of them"),
+    (["--datasets", "DATA", "--seeds", "0", "-s", "5"], "--seeds and -s: give one of them"),
+    (["--datasets", "DATA", "--seeds", "0", "-s5"], "--seeds and -s: give one of them"),
+    (["--datasets", "DATA", "--amps", "off", "-a", "bf16"], "--amps and -a: give one of them"),
 ])
 def test_submitit_checks_every_combination_before_submitting(tiny_data, argv, message):
     from fgic.errors import FgicError
