@@ -65,6 +65,17 @@ def default_data_root() -> str:
     return os.environ.get("FGIC_DATA", "data")
 
 
+class TimmWarmup(argparse.Action):
+    """--lr-warmup-epochs N (torchvision's: the shape is --lr-warmup-method's), or timm's --warmup-epochs N, whose
+    warmup is linear: it sets --lr-warmup-method linear where that is not given (a later one still wins). Constant,
+    torchvision's default, would hold a timm user's lr at 1% for N epochs, then jump to the full lr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        if option_string == "--warmup-epochs" and getattr(namespace, "lr_warmup_method", None) is None:
+            namespace.lr_warmup_method = "linear"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Flag:
     """One fgic.ddp flag: argparse's arguments, whether it changes what a run computes, where its value comes from
@@ -187,7 +198,8 @@ FLAGS = {
              help="layer-wise lr decay: block k of L gets lr x X^(L+1-k), the head lr (ViT, Swin, ConvNeXt, "
                   "EfficientNet, MobileNet, RegNet, ResNet, MaxViT, MNASNet, ShuffleNet, timm models; default off)"),
         Flag(names=("--lr-warmup-epochs", "--warmup-epochs"), type=int, recipe=0, later=True, meaning=18,
-             help="epochs of lr warmup, per step, before the cosine (default {default})"),
+             action=TimmWarmup, help="epochs of lr warmup, per step, before the cosine (default {default}; timm's "
+                                     "--warmup-epochs warms up linearly, as in timm)"),
         Flag(names=("--lr-warmup-method",), choices=("linear", "constant"), recipe="constant", later=True,
              meaning=19, help="warmup shape (default {default})"),
         Flag(names=("--lr-warmup-decay",), type=float, recipe=0.01, later=True, meaning=20,

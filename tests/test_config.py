@@ -220,3 +220,14 @@ def test_the_presets_name_only_flags():
     keys = {f.key for f in config.EVERY_FLAG}
     assert {name: sorted(set(p) - keys) for name, p in config.RECIPES.items()} == \
         {name: [] for name in config.RECIPES}
+
+
+@pytest.mark.parametrize("flags,method", [
+    (("--warmup-epochs", "5"), "linear"),  # timm's name, timm's shape (it held the lr at 1%, then jumped)
+    (("--lr-warmup-epochs", "5"), "constant"),  # torchvision's name, torchvision's default
+    (("--warmup-epochs", "5", "--lr-warmup-method", "constant"), "constant"),
+    (("--lr-warmup-method", "constant", "--warmup-epochs", "5"), "constant"),
+])
+def test_timms_warmup_flag_warms_up_as_timm_does(flags, method):
+    a = parse("-d", "cub", *flags)
+    assert (a.lr_warmup_epochs, a.lr_warmup_method) == (5, method)
