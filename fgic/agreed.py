@@ -19,13 +19,10 @@ def same_amp(dist: Dist, amp: str) -> None:
     if not dist.distributed:
         return
     name = torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else dist.device.type
-    seen = dist.gather((amp, name, socket.gethostname()), patient=True)
-    if all(s[0] == seen[0][0] for s in seen):
-        return
-    views = [f"rank {r} on {host} ({gpu}): {mode}" for r, (mode, gpu, host) in enumerate(seen)
-             if r == 0 or mode != seen[0][0]]
-    raise FgicError(f"-a/--amp resolves to other modes on this job's devices ({'; '.join(views[:4])}); give one mode "
-                    f"that every device has, e.g. -a fp16, or run on alike GPUs", shown=dist.is_main)
+    views = differing(dist, amp, f" ({name}): {amp}")
+    if views:
+        raise FgicError(f"-a/--amp resolves to other modes on this job's devices ({views}); give one mode that every "
+                        f"device has, e.g. -a fp16, or run on alike GPUs", shown=dist.is_main)
 
 
 def same_images(dist: Dist, root: Path, files: str, train_images: int, test_images: int) -> None:
@@ -34,10 +31,17 @@ def same_images(dist: Dist, root: Path, files: str, train_images: int, test_imag
     which hang at an epoch's end until the collective's timeout."""
     if not dist.distributed:
         return
-    seen = dist.gather((files, train_images, test_images, socket.gethostname()), patient=True)
-    if all(s[0] == seen[0][0] for s in seen):
-        return
-    views = [f"rank {r} on {host}: {n} train / {m} test images" for r, (fp, n, m, host) in enumerate(seen)
-             if r == 0 or fp != seen[0][0]]
-    raise FgicError(f"-d {root}: the processes see other images ({'; '.join(views[:4])}, not the same files); "
-                    f"give every node the same, complete copy of the dataset", shown=dist.is_main)
+    views = differing(dist, files, f": {train_images} train / {test_images} test images")
+    if views:
+        raise FgicError(f"-d {root}: the processes see other images ({views}, not the same files); give every node "
+                        f"the same, complete copy of the dataset", shown=dist.is_main)
+
+
+def differing(dist: Dist, value, said: str) -> str:
+    """'' when every process has rank 0's `value`; else rank 0 and up to three that differ, each as 'rank R on HOST'
+    and its `said`."""
+    seen = dist.gather((value, said, socket.gethostname()), patient=True)
+    if all(v == seen[0][0] for v, _, _ in seen):
+        return ""
+    views = [f"rank {r} on {host}{text}" for r, (v, text, host) in enumerate(seen) if r == 0 or v != seen[0][0]]
+    return "; ".join(views[:4])
