@@ -17,9 +17,16 @@ def run_cli(main: Callable[[], int | None], prog: str = "fgic") -> None:
         code = main()
     except FgicError as exc:
         if exc.shown if exc.shown is not None else local_rank() == 0:
-            print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+            _line(f"{prog}: error: {exc}")
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        _line(f"{prog}: interrupted")
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def _line(text: str) -> None:
+    """Print a line every process may print at once in one write: print's two (the text, then the newline) ran two
+    ranks' lines together under PYTHONUNBUFFERED=1, which Slurm scripts and containers often set."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()

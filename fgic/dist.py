@@ -104,7 +104,9 @@ class Dist:
                 messages = [None] * self.world_size
                 dist.all_gather_object(messages, None if error is None else str(error), group=self.setup_group)
                 if error is None:
-                    raise FgicError(f"another process failed during {during}; its message is above", shown=True)
+                    first = next(rank for rank, message in enumerate(messages) if message is not None)
+                    raise FgicError(f"another process failed during {during}; rank {first} printed its message",
+                                    shown=True)
                 error.shown = str(error) not in messages[:self.rank]
         if error is not None:
             raise error

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torchvision
 from fgic import cluster, ddp
 from fgic.cli import run_cli
 from fgic.demo import make_tiny
+from fgic.errors import FgicError
 from tests.helpers import run_fgic, tiny_args
 
 
@@ -161,6 +163,29 @@ def test_a_model_is_scored_as_it_was_trained(tmp_path, good, case, trained, mess
 
 
 @pytest.mark.e2e
+class Writes(list):
+    def write(self, text):
+        self.append(text)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("raised,line,code", [(FgicError("bad flag", shown=True), "fgic.ddp: error: bad flag\n", 2),
+                                              (KeyboardInterrupt(), "fgic.ddp: interrupted\n", 130)])
+def test_a_line_every_rank_prints_is_one_write(monkeypatch, raised, line, code):
+    """Under PYTHONUNBUFFERED=1 each write is a system call of its own: print's text and newline apart ran two ranks'
+    lines together in CI's log (\"...its message is abovefgic.ddp: error: ...\")."""
+    writes = Writes()
+    monkeypatch.setattr(sys, "stderr", writes)
+
+    def fail():
+        raise raised
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(fail, "fgic.ddp")
+    assert exit_.value.code == code and writes == [line]
+
+
 def test_the_real_command_prints_one_line_and_exits_2(tmp_path, good):
     res = run_fgic(["-d", str(good), *tiny_args(epochs=1), "--arch", "resnet5", "--output-dir", str(tmp_path)])
     assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -303,6 +303,8 @@ def test_the_same_command_twice_on_two_processes_refuses_the_second_and_the_firs
                       rf"{re.escape(socket.gethostname())}, since .*; run the same command once it has ended",
                       second.stderr, re.M)
     assert second.returncode != 0 and len(held) == 1 and int(held[0]) in pids, second.stderr
+    assert re.search(r"^fgic\.ddp: error: another process failed during set-up; rank 0 printed its message$",
+                     second.stderr, re.M), second.stderr  # each rank's line whole, even under PYTHONUNBUFFERED=1
     assert not re.search(r'File ".*/fgic/', second.stderr), second.stderr
     assert first.poll() is None  # the first goes on; stopped now as Slurm would
     for pid in pids:
