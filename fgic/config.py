@@ -72,7 +72,7 @@ class TimmWarmup(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
-        if option_string == "--warmup-epochs" and getattr(namespace, "lr_warmup_method", None) is None:
+        if option_string == "--warmup-epochs" and values and getattr(namespace, "lr_warmup_method", None) is None:
             namespace.lr_warmup_method = "linear"
 
 
@@ -205,7 +205,7 @@ FLAGS = {
         Flag(names=("--lr-warmup-decay",), type=float, recipe=0.01, later=True, meaning=20,
              help="warmup's first lr factor (default {default:g})"),
         Flag(names=("--clip-grad-norm", "--clip-grad"), type=float, later=True, meaning=21,
-             help="clip the global gradient norm to X (default off)"),
+             help="clip the global gradient norm to X (default off; 0: off, as to undo a --recipe's)"),
         Flag(names=("--model-ema",), action=argparse.BooleanOptionalAction, recipe=False, later=True, meaning=22,
              help="also keep and evaluate an exponential moving average of the weights"),
         Flag(names=("--model-ema-decay",), type=float, recipe=0.99998, later=True, meaning=23,
@@ -317,6 +317,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     preset = RECIPES[args.recipe]
     defaults = {**RECIPE, **(DEMO if args.data == "demo" else {}), **preset}
     from_preset = {key for key in preset if getattr(args, key, None) is None}
+    given = {key for key, value in vars(args).items() if value is not None}  # by the user: before the defaults
     if args.resize is None and args.crop is not None:  # --img-size 224 alone: a 512 px resize left 19% in its crops
         args.resize = round(args.crop * RECIPE["resize"] / RECIPE["crop"])
     for key, value in defaults.items():
@@ -344,8 +345,30 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise FgicError(f"--label-smoothing {args.label_smoothing}: must be in [0, 1)")
     if args.lr <= 0:
         raise FgicError(f"--lr {args.lr}: must be positive")
+    if args.clip_grad_norm == 0:  # off: how a preset's clipping is turned off
+        args.clip_grad_norm = None
     check_recipe(args, from_preset)
+    check_used(args, given, from_preset)
     return args
+
+
+def check_used(args: argparse.Namespace, given: set, from_preset: set = frozenset()) -> None:
+    """A flag the user gave that the run would not use is refused: a sweep over it would train identical runs under
+    different names, and a forgotten switch (--model-ema, --wandb) would go unnoticed."""
+    def source(key: str) -> str:
+        return f" (from --recipe {args.recipe})" if key in from_preset else ""
+    no_warmup = f"used with a warmup only; --lr-warmup-epochs is 0{source('lr_warmup_epochs')}"
+    needs = (("momentum", args.opt == "sgd", f"SGD's; --opt is {args.opt}{source('opt')}", "add --opt sgd"),
+             ("model_ema_decay", args.model_ema, "used with --model-ema only", "add --model-ema"),
+             ("model_ema_steps", args.model_ema, "used with --model-ema only", "add --model-ema"),
+             ("lr_warmup_method", args.lr_warmup_epochs > 0, no_warmup, "give --lr-warmup-epochs"),
+             ("lr_warmup_decay", args.lr_warmup_epochs > 0, no_warmup, "give --lr-warmup-epochs"),
+             ("wandb_entity", args.wandb, "used with --wandb only", "add --wandb"),
+             ("wandb_group", args.wandb, "used with --wandb only", "add --wandb"))
+    for key, used, why, fix in needs:
+        if key in given and not used:
+            flag = next(f.names[0] for f in EVERY_FLAG if f.key == key)
+            raise FgicError(f"{flag} {getattr(args, key)}: {why}; {fix}, or leave it out")
 
 
 def check_recipe(args: argparse.Namespace, from_preset: set = frozenset()) -> None:
@@ -363,7 +386,7 @@ def check_recipe(args: argparse.Namespace, from_preset: set = frozenset()) -> No
         if value is not None and not 0 < value <= 1:
             raise FgicError(f"{flag} {value}: must be in (0, 1]")
     if args.clip_grad_norm is not None and args.clip_grad_norm <= 0:
-        raise FgicError(f"--clip-grad-norm {args.clip_grad_norm}: must be positive (leave it out for no clipping)")
+        raise FgicError(f"--clip-grad-norm {args.clip_grad_norm}: must be positive, or 0 for no clipping")
     if args.model_ema_steps < 1:
         raise FgicError(f"--model-ema-steps {args.model_ema_steps}: must be at least 1")
     if args.lr_warmup_epochs >= args.epochs:

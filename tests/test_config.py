@@ -82,7 +82,7 @@ def test_legacy_apex_amp_maps_to_native_fp16_with_a_notice(capsys):
     (("--layer-decay", "0"), "--layer-decay"),
     (("--model-ema-decay", "1.5"), "--model-ema-decay"),
     (("--model-ema-steps", "0"), "--model-ema-steps"),
-    (("--clip-grad-norm", "0"), "--clip-grad-norm"),
+    (("--clip-grad-norm", "-1"), "--clip-grad-norm"),
     (("--norm-weight-decay", "-0.1"), "--norm-weight-decay"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
@@ -231,3 +231,34 @@ def test_the_presets_name_only_flags():
 def test_timms_warmup_flag_warms_up_as_timm_does(flags, method):
     a = parse("-d", "cub", *flags)
     assert (a.lr_warmup_epochs, a.lr_warmup_method) == (5, method)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--opt", "adamw", "--momentum", "0.8"), r"^--momentum 0\.8: SGD's; --opt is adamw; add --opt sgd, or leave it"),
+    (("--recipe", "transformer", "--momentum", "0.8"), r"--opt is adamw \(from --recipe transformer\)"),
+    (("--model-ema-decay", "0.999"), r"^--model-ema-decay 0\.999: used with --model-ema only; add --model-ema"),
+    (("--recipe", "tv-v2", "--no-model-ema", "--model-ema-steps", "8"), r"^--model-ema-steps 8: used with --model-ema"),
+    (("--lr-warmup-method", "linear"), r"^--lr-warmup-method linear: used with a warmup only; --lr-warmup-epochs is 0"),
+    (("--recipe", "tv-v2", "--lr-warmup-epochs", "0", "--lr-warmup-decay", "0.1"), r"^--lr-warmup-decay 0\.1: used"),
+    (("--wandb-group", "g"), r"^--wandb-group g: used with --wandb only; add --wandb, or leave it out"),
+    (("--wandb-entity", "me"), r"^--wandb-entity me: used with --wandb only"),
+])
+def test_a_flag_the_run_would_not_use_is_refused(flags, message):
+    """A value accepted and then ignored: a sweep over it trains the same run under several names."""
+    with pytest.raises(FgicError, match=message):
+        parse("-d", "cub", *flags)
+
+
+@pytest.mark.parametrize("flags", [
+    ("--opt", "sgd", "--momentum", "0.8"), ("--model-ema", "--model-ema-decay", "0.999"),
+    ("--recipe", "tv-v2", "--model-ema-steps", "8"),  # the preset's EMA
+    ("--lr-warmup-epochs", "2", "--lr-warmup-method", "linear"), ("--warmup-epochs", "0"),  # timm's: no method given
+    ("--recipe", "transformer"), ("--recipe", "tv-v2"), ("--wandb", "--wandb-group", "g"),
+])
+def test_flags_the_run_uses_are_accepted(flags):
+    parse("-d", "cub", *flags)
+
+
+def test_clip_grad_norm_0_turns_a_presets_clipping_off():
+    assert parse("-d", "cub", "--recipe", "transformer").clip_grad_norm == 1.0
+    assert parse("-d", "cub", "--recipe", "transformer", "--clip-grad-norm", "0").clip_grad_norm is None
