@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from fgic import augment, cache, images, signals
+from fgic import augment, cache, images, samplers, signals
 from fgic.batch import collate
 from fgic.cacheload import CachedBatches, CachedImageFolder
 from fgic.config import REGISTRY, dataset_name
@@ -173,6 +173,7 @@ class DataSpec:
     cutmix_alpha: float = 0.0
     mean: tuple[float, ...] = augment.IMAGENET.mean
     std: tuple[float, ...] = augment.IMAGENET.std
+    sample_order: str = samplers.ORDER  # not a flag: a resumed run's is its checkpoint's (samplers.order_of)
 
     @property
     def normalization(self) -> augment.Normalization:
@@ -184,9 +185,10 @@ class DataSpec:
                              self.normalization.fill)
 
     @classmethod
-    def of(cls, args) -> DataSpec:
+    def of(cls, args, sample_order: str = samplers.ORDER) -> DataSpec:
         """The spec of fgic.ddp's resolved flags."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name != "sample_order"},
+                   sample_order=sample_order)
 
 
 def build(spec: DataSpec, root: Path, world_size: int, rank: int, pin_memory: bool):
@@ -205,7 +207,7 @@ def build(spec: DataSpec, root: Path, world_size: int, rank: int, pin_memory: bo
     per_process = spec.batch_size // world_size
     opts = dict(num_workers=spec.workers, pin_memory=pin_memory, persistent_workers=spec.workers > 0,
                 collate_fn=collate)  # Batch items -> a Batch
-    sampler = TrainSampler(len(train_set), world_size, rank, spec.seed)
+    sampler = TrainSampler(len(train_set), world_size, rank, spec.seed, spec.sample_order)
     if isinstance(train_set, CachedImageFolder) and train_set.device_crops:  # whole batches from the map by threads
         train_loader = CachedBatches(train_set, sampler, per_process, threads=max(spec.workers, 1), pin=pin_memory)
     else:

@@ -26,6 +26,7 @@ from fgic.errors import FgicError
 from fgic.requeue import requeue
 from fgic.runlock import RunLock
 from fgic.runlog import RunLog
+from fgic.samplers import ORDER, order_of
 from fgic.signals import StopRequest
 
 STOP_CHECK_EVERY = 8  # steps between the ranks' agreement on a stop request on GPUs (each one syncs the host)
@@ -148,13 +149,14 @@ def train(run: Run, dist: Dist, stop: StopRequest, lock: RunLock, hooks: testhoo
 
     # Set-up: the model (--eval-only's checkpoint replaces all its weights), the data, the optimization.
     model = build_model(run, dist, "none" if scored and scored.ckpt else args.weights, hooks)
+    order = order_of(checkpoint.saved_config(ckpt_path)) if ckpt_path else ORDER  # a resumed run keeps its own
     train_set, test_set, train_loader, test_loader = dist.agree(  # scan, cache: the slowest node is waited for
-        lambda: data.build(data.DataSpec.of(args), run.root, dist.world_size, dist.rank,
+        lambda: data.build(data.DataSpec.of(args, order), run.root, dist.world_size, dist.rank,
                            pin_memory=dist.device.type == "cuda"))
     images = {"data_files": data.fingerprint(run.root, (train_set, test_set)), "train_images": len(train_set),
               "test_images": len(test_set)}  # checked on resume (checkpoint.differences)
     agreed.same_images(dist, run.root, *images.values())
-    cfg.update(images)
+    cfg.update(images, sample_order=order)
     steps_per_epoch = len(train_loader)  # now, before set_epoch's skip shortens the loader (until the next set_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     opt = dist.agree(lambda: optim.build(model, dist.device, args, steps_per_epoch))  # --layer-decay's arch check

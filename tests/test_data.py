@@ -4,12 +4,13 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as tf
+from torch.utils.data import DistributedSampler
 from torchvision.datasets import ImageFolder
 
 from fgic import augment, data, images
 from fgic.demo import make_tiny
 from fgic.errors import FgicError
-from fgic.samplers import ShardSampler, TrainSampler
+from fgic.samplers import ORDER, ShardSampler, TrainSampler, order_of
 from tests.helpers import run_fgic, tiny_args
 
 
@@ -38,6 +39,33 @@ def test_global_batches_do_not_depend_on_the_world_size(n):
         assert global_batches(n, 6, 2, 7, epoch) == one
         assert global_batches(n, 6, 3, 7, epoch) == one
     assert global_batches(n, 6, 1, 7, 0) != global_batches(n, 6, 1, 7, 1)  # set_epoch reshuffles
+
+
+def orders(seed, epochs, order, n=50, world=1, rank=0, skip=0):
+    s = TrainSampler(n, world, rank, seed, order)
+    out = []
+    for epoch in epochs:
+        s.set_epoch(epoch, skip)
+        out.append([i for _, i in s])
+    return out
+
+
+def test_seeds_one_apart_train_on_orders_of_their_own():
+    """DistributedSampler's seed + epoch gave seed 2021 seed 2020's orders one epoch later: a seed sweep's runs were
+    not independent."""
+    assert orders(2021, range(0, 5), "seed+epoch") == orders(2020, range(1, 6), "seed+epoch")  # the old flaw
+    new = [o for seed in range(2018, 2023) for o in orders(seed, range(6), "keyed")]
+    assert len({tuple(o) for o in new}) == len(new) == 30
+
+
+@pytest.mark.parametrize("world,rank,skip", [(1, 0, 0), (3, 2, 0), (2, 1, 5)])
+def test_a_run_from_before_the_keyed_order_resumes_in_its_own_order(world, rank, skip):
+    """DistributedSampler's own permutation, position for position, for checkpoints that name no order."""
+    assert order_of({}) == "seed+epoch" and order_of({"sample_order": "keyed"}) == "keyed" == ORDER
+    theirs = DistributedSampler(range(50), num_replicas=world, rank=rank, shuffle=True, seed=2020, drop_last=True)
+    for epoch in (0, 7):
+        theirs.set_epoch(epoch)
+        assert orders(2020, [epoch], "seed+epoch", 50, world, rank, skip) == [list(theirs)[skip:]]
 
 
 @pytest.mark.parametrize("n,world", [(101, 1), (101, 2), (101, 3), (2, 3), (0, 2)])

@@ -88,6 +88,8 @@ def test_output_contract(runs):
     cfg = json.loads((rd / "config.json").read_text())
     assert (cfg["world_size"], cfg["per_process_batch"], cfg["batch_size"], cfg["launcher"]) == (2, 6, 12, "torchrun")
     assert cfg["lr"] == pytest.approx(12 / 256 * 0.1) and cfg["torch"] == torch.__version__ and cfg["device"] == "cpu"
+    saved = torch.load(rd / "checkpoint.pt", weights_only=True)["config"]
+    assert cfg["sample_order"] == "keyed" == saved["sample_order"]  # a resume continues the order saved
     metrics = read_jsonl(rd / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2]
     for key in ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "test_correct",
