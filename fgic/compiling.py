@@ -2,8 +2,9 @@
 
 torch.compile fails lazily, at the first step (no working C++ compiler for inductor's CPU kernels, a Triton that
 cannot build, an op the backend cannot lower). fgic compiles through a backend that tries inductor and agrees on
-the outcome with every rank before any compiled code runs; if inductor failed on any of them, rank 0 prints one
-warning line and every rank trains the eager module from that very step on, with the eager arithmetic.
+the outcome with every rank before the graph runs; if inductor failed on any of them, rank 0 prints one warning
+line and every rank trains the eager module from that very step on, with the eager arithmetic (the step's buffers
+put back first: the graphs before a graph break have run, and BatchNorm's statistics would count the step twice).
 
 Caches: inductor's (TORCHINDUCTOR_CACHE_DIR, unless the user set one) goes into the node-local folder of the
 decoded-image cache (--cache-dir, $FGIC_CACHE or fgic-cache-UID in $TMPDIR or /tmp), where fast local disk and
@@ -45,6 +46,7 @@ class Compiled(nn.Module):
         self.dist, self.mode, self.run_dir = dist, mode, run_dir
         self.compiled, self.compiles, self.saved = True, 0, 0
         self.reason = None
+        self.kept: list[torch.Tensor] | None = None  # the buffers before a training step (see forward)
         inductor = torch._TorchCompileInductorWrapper(None if mode == "default" else mode, None, None)
         self.__dict__["step"] = torch.compile(module, backend=self._backend(inductor))  # not a submodule
 
@@ -78,22 +80,38 @@ class Compiled(nn.Module):
         if self.compiled:
             first = self.compiles == 0
             start = time.perf_counter()
+            buffers = list(self._orig_mod.buffers()) if self._orig_mod.training else []
+            self._keep(buffers)
             try:
                 out = self.step(*args, **kwargs)
             except Exception:
                 if self.reason is None:  # not the compiler: a real error of the step
                     raise
-                out = None  # the graph never ran: the same step again, eagerly
+                out = None  # the step again, eagerly
             if self.reason is not None:  # on every rank (with TORCHDYNAMO_SUPPRESS_ERRORS dynamo ran it eagerly)
                 self.compiled = False
                 if self.dist.is_main:
                     print(f"fgic: warning: --compile failed ({self.reason}); training eager", file=sys.stderr,
                           flush=True)
-                return self._orig_mod(*args, **kwargs) if out is None else out
+                if out is not None:
+                    return out
+                if buffers:  # graphs before a graph break may have run: BatchNorm's statistics would count twice
+                    torch._foreach_copy_(buffers, self.kept)
+                return self._orig_mod(*args, **kwargs)
             if self.compiles > self.saved:
                 self._compiled_now(time.perf_counter() - start, first)
             return out
         return self._orig_mod(*args, **kwargs)
+
+    def _keep(self, buffers: list[torch.Tensor]) -> None:
+        """A copy of the training step's buffers, in one foreach copy into tensors made once (ResNet-50: 161
+        buffers, 0.2 MB)."""
+        if not buffers:
+            return
+        if self.kept is None or [(k.shape, k.dtype, k.device) for k in self.kept] != \
+                [(b.shape, b.dtype, b.device) for b in buffers]:
+            self.kept = [torch.empty_like(b) for b in buffers]
+        torch._foreach_copy_(self.kept, buffers)
 
     def _compiled_now(self, seconds: float, first: bool) -> None:
         """After a step that compiled: say so (rank 0), and save the mega-cache to the run folder."""

@@ -189,3 +189,45 @@ def test_a_failing_compiler_leaves_the_step_eager_in_process(tmp_path, monkeypat
     assert [line for line in err if line.startswith("fgic:")] == \
         [f"fgic: warning: --compile failed ({step.reason}); training eager"] and "C++ compiler" in step.reason
     assert not (tmp_path / compiling.CACHE_FILE).exists()
+
+
+class TwoGraphs(torch.nn.Module):
+    """Two BatchNorms with a graph break between them: dynamo compiles and runs the first graph before it compiles
+    the second."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        x = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(x * 2)
+
+
+def test_a_compile_failing_after_a_graph_ran_leaves_one_steps_statistics(tmp_path, monkeypatch):  # in-process
+    """The eager retry of a step whose second graph failed to compile: BatchNorm's running statistics count the step
+    once (the first graph had updated them: twice, before the buffers were kept)."""
+    compiles = []
+
+    class SecondFails:  # inductor's stand-in: the first graph as traced, the second raises
+        def __init__(self, *args):
+            pass
+
+        def __call__(self, gm, example_inputs):
+            compiles.append(gm)
+            if len(compiles) == 2:
+                raise RuntimeError("the second graph's lowering failed")
+            return gm.forward
+    monkeypatch.setattr(torch, "_TorchCompileInductorWrapper", SecondFails)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours, eager = TwoGraphs(), TwoGraphs()
+    eager.load_state_dict(ours.state_dict())
+    step = compiling.compiled(ours, Dist(cluster.Launch("single"), torch.device("cpu")), "default", tmp_path,
+                              str(tmp_path))
+    x = torch.randn(8, 4)
+    out = step(x)
+    assert len(compiles) == 2 and step.compiled is False and "second graph" in step.reason
+    assert torch.equal(out, eager(x))
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), eager.state_dict().values()))
+    assert ours.a.num_batches_tracked.item() == 1
