@@ -22,11 +22,19 @@ def run_dir(out, name="resnet18-off-s2020"):
 
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):
-    """The same 2-epoch training on 1, 2 and 3 processes (global batch 6)."""
+    """The same 2-epoch training on 1, 2 and 3 processes (global batch 6), and "control": the one-process run with
+    each batch's samples reversed (tests.rounding_control, in the 1-process run's own process): float rounding alone."""
     out = {}
     for world in WORLDS:
         folder = tmp_path_factory.mktemp(f"w{world}")
-        res = run_fgic(["-d", str(tiny_data), *tiny_args(), "--output-dir", str(folder)], nproc=world)
+        args = ["-d", str(tiny_data), *tiny_args()]
+        if world == 1:
+            control = tmp_path_factory.mktemp("control")
+            res = run_fgic([*args, "--output-dir", str(control)],
+                           program=("-m", "tests.rounding_control", "--plain-to", str(folder)))
+            out["control"] = (control, res)
+        else:
+            res = run_fgic([*args, "--output-dir", str(folder)], nproc=world)
         assert res.returncode == 0, res.stdout + res.stderr
         out[world] = (folder, res)
     return out
@@ -36,21 +44,30 @@ def weights(folder):
     return torch.load(run_dir(folder) / "checkpoint.pt", weights_only=True)["model"]
 
 
+def difference(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in b if k.endswith(("weight", "bias")))
+
+
 def test_same_weights_and_accuracy_on_1_2_3_processes(runs):
+    """Up to float rounding: within 10x the rounding control, in the weights and in each epoch's training loss (float
+    rounding, amplified by ReLU + BatchNorm over 8 steps, moved the control's second-epoch loss by 3%; a real layout
+    dependence is far larger: per-process BatchNorm moved the weights 4.5e-2 on this very setup)."""
     ref = weights(runs[1][0])
     ref_metrics = read_jsonl(run_dir(runs[1][0]) / "metrics.jsonl")
+    control = difference(weights(runs["control"][0]), ref)
+    control_losses = [abs(c["train_loss"] - r["train_loss"])
+                      for c, r in zip(read_jsonl(run_dir(runs["control"][0]) / "metrics.jsonl"), ref_metrics)]
+    assert 0 < control < 1e-2
     for world in (2, 3):
         other = weights(runs[world][0])
         assert other.keys() == ref.keys()
-        diff = max((other[k] - ref[k]).abs().max().item() for k in ref if k.endswith(("weight", "bias")))
-        print(f"max abs weight difference, {world} processes vs 1: {diff:.3g}")
-        # float32 rounding, amplified by ReLU + BatchNorm over 4 steps: measured 2e-3 here. A real layout
-        # dependence is far larger: per-process BatchNorm gave 4.5e-2 on this very setup.
-        assert diff < 1e-2
+        diff = difference(other, ref)
+        print(f"max abs weight difference, {world} processes vs 1: {diff:.3g} (rounding control {control:.3g})")
+        assert diff <= 10 * control
         metrics = read_jsonl(run_dir(runs[world][0]) / "metrics.jsonl")
         assert [m["test_correct"] for m in metrics] == [m["test_correct"] for m in ref_metrics]
-        for m, r in zip(metrics, ref_metrics):
-            assert m["train_loss"] == pytest.approx(r["train_loss"], rel=1e-3)
+        for m, r, c in zip(metrics, ref_metrics, control_losses):
+            assert abs(m["train_loss"] - r["train_loss"]) <= 10 * c + 1e-6 * r["train_loss"], (m, r, c)
 
 
 def cpu() -> str:
@@ -60,11 +77,18 @@ def cpu() -> str:
     return " ".join([torch.backends.cpu.get_cpu_capability(), *names[:1]])
 
 
-def test_the_seed_recipe_gives_the_records_it_gave_before_the_recipe_flags(runs):
-    """The default run against the records fgic wrote for it before issue 13's flags existed: byte for byte on the
-    torch and CPU that wrote them; elsewhere, equal up to float rounding."""
+def test_the_seed_recipe_gives_the_records_it_gave_before_the_recipe_flags(runs, tiny_data, tmp_path):
+    """The default run, in the training order of runs from before the keyed order (tests.old_order: as one resumed
+    from their checkpoints trains), against the records fgic wrote for it before issue 13's flags existed: byte for
+    byte on the torch and CPU that wrote them; elsewhere, equal up to float rounding. The keyed order's run differs."""
     golden = json.loads((REPO / "tests" / "data" / "seed_recipe_tiny.json").read_text())["runs"]
-    ours = [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(run_dir(runs[1][0]) / "metrics.jsonl")]
+    res = run_fgic(["-d", str(tiny_data), *tiny_args(), "--output-dir", str(tmp_path)],
+                   program=("-m", "tests.old_order"))
+    assert res.returncode == 0, res.stderr
+    assert json.loads((run_dir(tmp_path) / "config.json").read_text())["sample_order"] == "seed+epoch"
+    ours = [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(run_dir(tmp_path) / "metrics.jsonl")]
+    keyed = read_jsonl(run_dir(runs[1][0]) / "metrics.jsonl")
+    assert [r["train_loss"] for r in keyed] != [r["train_loss"] for r in ours]
     here = [g["records"] for g in golden if (g["torch"], g["cpu"]) == (torch.__version__, cpu())]
     if here:
         assert ours == here[0]
