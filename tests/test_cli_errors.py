@@ -186,6 +186,7 @@ def test_a_line_every_rank_prints_is_one_write(monkeypatch, raised, line, code):
     assert exit_.value.code == code and writes == [line]
 
 
+@pytest.mark.e2e
 def test_the_real_command_prints_one_line_and_exits_2(tmp_path, good):
     res = run_fgic(["-d", str(good), *tiny_args(epochs=1), "--arch", "resnet5", "--output-dir", str(tmp_path)])
     assert res.returncode == 2 and "Traceback" not in res.stderr
