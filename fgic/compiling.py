@@ -108,8 +108,7 @@ class Compiled(nn.Module):
         buffers, 0.2 MB)."""
         if not buffers:
             return
-        if self.kept is None or [(k.shape, k.dtype, k.device) for k in self.kept] != \
-                [(b.shape, b.dtype, b.device) for b in buffers]:
+        if self.kept is None:  # the wrapped module's buffers are fixed once it is compiled
             self.kept = [torch.empty_like(b) for b in buffers]
         torch._foreach_copy_(self.kept, buffers)
 
