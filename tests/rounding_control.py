@@ -5,10 +5,13 @@ one-process run is what float rounding alone makes of the run: the yardstick for
 CPU's thread count is none: a ViT's matmuls give the same bits on 1 and 2 threads (measured with vit_b_32's gradients).
 
 --plain-to DIR first runs fgic.ddp ARGS as given, into --output-dir DIR, in this process: the plain run and its control
-from one process start (an fgic.ddp start is ~3 CPU-s of imports; fgic.ddp's main seeds and builds everything anew)."""
+from one process start (an fgic.ddp start is ~3 CPU-s of imports; fgic.ddp's main seeds and builds everything anew).
+--torch-masks-to DIR then runs them again with torch's own dropout and stochastic depth masks (FGIC_TEST_TORCH_DROP),
+into DIR: how far a change of masks alone moves the run."""
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 
 from fgic import ddp, samplers
@@ -27,9 +30,17 @@ def reverse_batches(batch: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--plain-to"]:
-        plain_dir, argv = argv[1], argv[2:]
-        if code := ddp.main([*argv, "--output-dir", plain_dir]):
+    first = {}  # the runs before the control, in their order: --plain-to, --torch-masks-to
+    while argv[:1] in (["--plain-to"], ["--torch-masks-to"]):
+        first[argv[0]], argv = argv[1], argv[2:]
+    for flag, folder in first.items():
+        torch_masks = flag == "--torch-masks-to"
+        if torch_masks:
+            os.environ["FGIC_TEST_TORCH_DROP"] = "1"  # fgic.ddp's main reads its test hooks from the environment
+        code = ddp.main([*argv, "--output-dir", folder])
+        if torch_masks:
+            del os.environ["FGIC_TEST_TORCH_DROP"]
+        if code:
             return code
     reverse_batches(int(argv[argv.index("--batch-size") + 1]))
     return ddp.main(argv)
