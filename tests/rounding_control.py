@@ -19,7 +19,8 @@ from fgic.cli import run_cli
 
 
 def reverse_batches(batch: int) -> None:
-    """Every `batch` consecutive samples of the training order come reversed (one process: one batch)."""
+    """Every `batch` consecutive samples of this process's training order come reversed: its share of one step's
+    global batch (under torchrun, each rank's share: the steps keep their samples, a resumed run included)."""
     plain = samplers.TrainSampler.__iter__
 
     def reversed_iter(self):
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> int:
             del os.environ["FGIC_TEST_TORCH_DROP"]
         if code:
             return code
-    reverse_batches(int(argv[argv.index("--batch-size") + 1]))
+    reverse_batches(int(argv[argv.index("--batch-size") + 1]) // int(os.environ.get("WORLD_SIZE", 1)))
     return ddp.main(argv)
 
 
