@@ -13,7 +13,7 @@ import torch
 from fgic import drop, models
 from fgic.config import get_args_parser
 from fgic.demo import make_tiny
-from tests.helpers import max_difference, popen, read_jsonl, run_fgic, same_result, tiny_args, workers
+from tests.helpers import final_weights, max_difference, popen, read_jsonl, run_fgic, same_result, tiny_args, workers
 
 # family: (smallest torchvision member, the smallest crop its structure takes near 64, flags). torchvision builds its
 # ViTs without dropout and stochastic depth: --dropout 0.1 gives one keyed layer per block (and RegNets have none).
@@ -80,7 +80,7 @@ class FamilyRuns:
         """The run's final weights and its metrics.jsonl rows."""
         if key not in self.results:
             run = self.run(key)
-            self.results[key] = (torch.load(run / "checkpoint.pt", weights_only=True)["model"],
+            self.results[key] = (final_weights(run),
                                  read_jsonl(run / "metrics.jsonl"))
             if key != "w2":
                 shutil.rmtree(run)

@@ -70,6 +70,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def final_weights(run: Path) -> dict:
+    """A run folder's last weights: its checkpoint's model state_dict."""
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+
+
 TIMING = ("epoch_seconds", "train_images_per_second")
 
 

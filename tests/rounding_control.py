@@ -30,17 +30,21 @@ def reverse_batches(batch: int) -> None:
     samplers.TrainSampler.__iter__ = reversed_iter
 
 
+# the runs made before the control, in the order given, each with its test hooks (fgic.ddp's main reads them from the
+# environment)
+FIRST = {"--plain-to": {}, "--torch-masks-to": {"FGIC_TEST_TORCH_DROP": "1"}}
+
+
 def main(argv: list[str]) -> int:
-    first = {}  # the runs before the control, in their order: --plain-to, --torch-masks-to
-    while argv[:1] in (["--plain-to"], ["--torch-masks-to"]):
-        first[argv[0]], argv = argv[1], argv[2:]
-    for flag, folder in first.items():
-        torch_masks = flag == "--torch-masks-to"
-        if torch_masks:
-            os.environ["FGIC_TEST_TORCH_DROP"] = "1"  # fgic.ddp's main reads its test hooks from the environment
+    first = []
+    while argv[:1] and argv[0] in FIRST:
+        first.append((argv[0], argv[1]))
+        argv = argv[2:]
+    for flag, folder in first:
+        os.environ.update(FIRST[flag])
         code = ddp.main([*argv, "--output-dir", folder])
-        if torch_masks:
-            del os.environ["FGIC_TEST_TORCH_DROP"]
+        for hook in FIRST[flag]:
+            del os.environ[hook]
         if code:
             return code
     reverse_batches(int(argv[argv.index("--batch-size") + 1]) // int(os.environ.get("WORLD_SIZE", 1)))

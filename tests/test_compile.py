@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 from fgic import cluster, compiling, drop
 from fgic.demo import make_tiny
 from fgic.dist import Dist
-from tests.helpers import max_difference, popen, read_jsonl, run_fgic, same_result, tiny_args, workers
+from tests.helpers import final_weights, max_difference, popen, read_jsonl, run_fgic, same_result, tiny_args, workers
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
 
@@ -62,7 +62,7 @@ class Runs:
         return self.made[name]
 
     def weights(self, name: str) -> dict:
-        return torch.load(self.folder(name) / "checkpoint.pt", weights_only=True)["model"]
+        return final_weights(self.folder(name))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, TIMING, read_jsonl, run_fgic, tiny_args
+from tests.helpers import REPO, TIMING, final_weights, read_jsonl, run_fgic, tiny_args
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
 
@@ -41,7 +41,7 @@ def runs(tiny_data, tmp_path_factory):
 
 
 def weights(folder):
-    return torch.load(run_dir(folder) / "checkpoint.pt", weights_only=True)["model"]
+    return final_weights(run_dir(folder))
 
 
 def difference(a: dict, b: dict) -> float:
