@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from torchvision import datasets
 from torchvision import transforms as T
 
-from fgic import augment, config, data, demo, drop, engine, images, models, optim
+from fgic import augment, config, data, demo, drop, engine, images, models, optim, syncbn
 from fgic.batch import Batch, collate
 from fgic.cli import run_cli
 from fgic.config import RECIPE
@@ -157,6 +157,8 @@ def train_cmd(a) -> dict:
     if a.pipeline == "original" and a.recipe != "seed":
         raise FgicError(f"--pipeline original --recipe {a.recipe}: the original pipeline has the seed's augmentation "
                         f"only; use --pipeline fgic")
+    if a.sync_bn and a.no_batchnorm:
+        raise FgicError("--sync-bn --no-batchnorm: there is no BatchNorm left to synchronise; give one of them")
     device = pick_device(a.device, [], 0)
     models.check_arch(a.arch)
     models.check_input(a.arch, a.crop)
@@ -165,9 +167,11 @@ def train_cmd(a) -> dict:
     root = _data_root(a.data) if a.data else None
     classes = len(data.check_layout(root)) if root else a.num_classes
     model = models.build(a.arch, classes, "none", crop=a.crop).to(device)
+    if a.no_batchnorm:
+        model = without_batchnorm(model)
+    flops = step_flops(model, a, device, nn.CrossEntropyLoss())  # a copy's (one holding a process group has none)
     if a.sync_bn:  # fgic.ddp's BatchNorm of several processes, on a group of one: its cost beside plain BatchNorm
-        one_process_group(device)
-        model = models.sync_batchnorm(model, device, distributed=True)
+        model = syncbn.convert_sync_batchnorm(model, process_group=one_process_group(device))
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         engine.check_amp(a.amp, device)
@@ -179,11 +183,12 @@ def train_cmd(a) -> dict:
     step_model = compile_as_asked(engine.WithLoss(model, criterion), a) if a.compile else model  # as fgic.ddp
     pin = device.type == "cuda"
 
+    # One batch kept on the device: the synthetic source, and the reference step's input on every source.
+    x = augment.normalize(torch.randint(0, 256, (a.batch_size, 3, a.crop, a.crop), dtype=torch.uint8,
+                                        device=device), augment.IMAGENET)
+    batch = Batch(x.contiguous(memory_format=torch.channels_last) if pin else x,
+                  torch.randint(0, classes, (a.batch_size,), device=device))
     if a.synthetic:
-        x = augment.normalize(torch.randint(0, 256, (a.batch_size, 3, a.crop, a.crop), dtype=torch.uint8,
-                                            device=device), augment.IMAGENET)
-        batch = Batch(x.contiguous(memory_format=torch.channels_last) if pin else x,
-                      torch.randint(0, classes, (a.batch_size,), device=device))
         source = synthetic_mixed(batch, extra, a.crop, classes) if extra.mixing else itertools.repeat(batch)
         what = "synthetic batch already on the device" + (", mixed with itself rolled by one" if extra.mixing else "")
     elif a.pipeline == "fgic":
@@ -200,7 +205,6 @@ def train_cmd(a) -> dict:
                         b.labels.to(device, non_blocking=True)) for b in endless(loader))
         what = f"original: ImageFolder + PIL transforms, {a.workers} workers, float batches copied to the device"
 
-    flops = step_flops(model, a, device, criterion)
     fixed = torch.tensor([augment.drop_key(0, 0, i) for i in range(a.batch_size)], device=device)
     def step():
         batch = next(source)  # the loader's drop keys, or fixed ones for a source without
@@ -219,6 +223,9 @@ def train_cmd(a) -> dict:
               "steps_timed": a.steps, "warmup_steps": a.warmup, "warmup_seconds": warmup, "workers": a.workers,
               "compile": a.compile, "compile_mode": a.compile_mode if a.compile else None,
               "recipe": a.recipe, "step": step_name(flags), "sync_bn": a.sync_bn,
+              "batchnorm": not a.no_batchnorm,
+              "synchronised_batchnorms": sum(isinstance(m, syncbn.AllReduceBatchNorm) and m.synchronises()
+                                             for m in model.modules()),
               "device": _device_name(device), "step_flops": flops, "achieved_tflops": achieved / 1e12,
               "peak_tflops": peak, "peak_from": peak_from,
               "fraction_of_peak": achieved / (peak * 1e12) if peak else None,
@@ -226,13 +233,14 @@ def train_cmd(a) -> dict:
     if not a.synthetic and a.pipeline == "fgic" and loader.dataset.device_crops:
         result.update(prep_cost(loader, device, seconds / a.steps))
     if a.reference:
-        ref_seconds, _, ref_warmup = timed(reference_step(a, classes, device), a, device)
+        ref_seconds, _, ref_warmup = timed(reference_step(a, classes, batch), a, device)
         ref = a.steps * a.batch_size / ref_seconds
         result.update(reference_images_per_second=ref, reference_ratio=rate / ref, reference_warmup_seconds=ref_warmup)
     print(f"training throughput on {result['device']}: {a.arch} at {a.crop} px, amp {a.amp}, batch {a.batch_size}, "
           f"{a.steps} steps timed after {a.warmup} warm-up steps ({warmup:.1f} s)"
           f"{f', compiled (mode {a.compile_mode})' if a.compile else ''}"
-          f"{', synchronised BatchNorm on a group of one process' if a.sync_bn else ''}")
+          f"{', synchronised BatchNorm on a group of one process' if a.sync_bn else ''}"
+          f"{', BatchNorm removed (a bound, not a model that trains well)' if a.no_batchnorm else ''}")
     print(f"data: {what}")
     rows = [(f"training (forward + backward + {step_name(flags)})", rate)]
     if a.reference:
@@ -251,11 +259,23 @@ def train_cmd(a) -> dict:
     return result
 
 
-def one_process_group(device: torch.device) -> None:
-    """A process group of this process alone (NCCL on a GPU, gloo on the CPU), for --sync-bn's collectives."""
+def one_process_group(device: torch.device):
+    """A process group of this process alone (NCCL on a GPU, gloo on the CPU), for --sync-bn's collectives. Named
+    explicitly, it makes every layer gather and reduce over it (AllReduceBatchNorm skips both on a world of one)."""
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              store=torch.distributed.HashStore(), rank=0, world_size=1)
+    return torch.distributed.group.WORLD
+
+
+def without_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm of `module` replaced by nothing (timm's BatchNormAct2d by its activation): the same step without
+    the memory-bound normalisation, what bounds a convolutional network's rate beside its convolutions."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.act if syncbn.norm_act(module) else nn.Identity()
+    for name, child in module.named_children():
+        setattr(module, name, without_batchnorm(child))
+    return module
 
 
 def timed(step, a, device) -> tuple[float, torch.Tensor, float]:
@@ -282,9 +302,11 @@ def compile_as_asked(module: nn.Module, a) -> nn.Module:
 REFERENCE = "the arch without fgic's keyed drop, channels_last on a GPU, autocast, SGD fused on a GPU, label smoothing"
 
 
-def reference_step(a, classes: int, device: torch.device):
-    """The yardstick: a plain PyTorch training step on one synthetic batch of the same shape, as a user would write
-    it from torchvision's reference (torch.compile'd with --compile)."""
+def reference_step(a, classes: int, batch: Batch):
+    """The yardstick: a plain PyTorch training step on `batch` (kept on the device), as a user would write it from
+    torchvision's reference (torch.compile'd with --compile)."""
+    images, labels = batch.images, batch.labels
+    device = images.device
     model = models.build(a.arch, classes, "none", crop=a.crop, keyed_drop=False).to(device)
     cuda = device.type == "cuda"
     if cuda:
@@ -294,9 +316,6 @@ def reference_step(a, classes: int, device: torch.device):
     scaler = torch.amp.GradScaler(device.type, enabled=a.amp == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     forward = compile_as_asked(model, a) if a.compile else model
-    images = torch.randn(a.batch_size, 3, a.crop, a.crop, device=device)
-    images = images.contiguous(memory_format=torch.channels_last) if cuda else images
-    labels = torch.randint(0, classes, (a.batch_size,), device=device)
     model.train()
 
     def step():
@@ -473,6 +492,8 @@ def get_parser() -> argparse.ArgumentParser:
                     help="torch.compile's mode with --compile (default default)")
     tr.add_argument("--sync-bn", action="store_true", help="fgic.ddp's synchronised BatchNorm of several processes, on "
                                                             "a process group of one (its cost beside plain BatchNorm)")
+    tr.add_argument("--no-batchnorm", action="store_true", help="BatchNorm layers removed: what the normalisation "
+                                                                 "costs (a bound, not a recipe)")
     tr.add_argument("--reference", action="store_true", help="also time a plain PyTorch step on the same device and "
                                                               "batch shape; adds reference_images_per_second and "
                                                               "reference_ratio (fgic / reference)")

@@ -62,7 +62,7 @@ class AllReduceBatchNorm(_BatchNorm):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (N, C, ...), got {input.dim()}D input")
 
-    def _distributed(self) -> bool:
+    def synchronises(self) -> bool:
         """Whether to synchronise: over more than one rank, or over a process group named even if it has one rank
         (the combination then changes nothing but the arithmetic's path)."""
         return dist.is_available() and dist.is_initialized() and (
@@ -88,7 +88,7 @@ class AllReduceBatchNorm(_BatchNorm):
         xc = x - mean.view(shape)
         m2 = (xc * xc).sum(dims)  # squared deviations from the mean, local so far
         n = count
-        if self._distributed():
+        if self.synchronises():
             n, mean, m2 = self._combine(total, m2, count)
             xc = x - mean.view(shape)
         if count <= 1 and n <= 1:  # a global count is read (a host sync) only where the local one is this small

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fgic import bench, cacheload, drop, models
+from fgic import bench, cacheload, drop, models, syncbn
 from fgic.errors import FgicError
+from tests.helpers import optional
 
 SMALL = ["--resize", "40", "--crop", "32", "--padding", "4", "-w", "0"]
 
@@ -61,17 +62,36 @@ def test_train_measures_each_source(jpgs, tmp_path, capsys, source):
 
 
 @pytest.mark.e2e  # in-process, but it trains: seconds
-def test_train_beside_a_plain_pytorch_step(tmp_path, capsys):
+def test_train_beside_a_plain_pytorch_step(tmp_path, capsys, monkeypatch):
+    """--sync-bn times fgic's BatchNorm with its collectives: every layer gathers over the group of one, in each
+    timed step (on a world of one without a named group it would skip them and time plain arithmetic)."""
+    gathers = []
+    gather = syncbn.all_gather_rows
+    monkeypatch.setattr(syncbn, "all_gather_rows", lambda x, group=None: gathers.append(group) or gather(x, group))
     out = tmp_path / "train.json"
     bench.main(["train", "--synthetic", *SMALL, "--arch", "resnet18", "-b", "4", "--steps", "2", "--warmup", "1",
                 "--amp", "off", "--device", "cpu", "--reference", "--sync-bn", "--json", str(out)])
     r = json.loads(out.read_text())
     assert r["sync_bn"] and not torch.distributed.is_initialized()  # the group of one is gone again
+    assert r["synchronised_batchnorms"] == 20  # resnet18's
+    assert len(gathers) == 20 * (1 + 2) and all(g is not None for g in gathers)  # the warm-up step, the timed ones
     assert r["reference_images_per_second"] > 0
     assert r["reference_ratio"] == pytest.approx(r["images_per_second"] / r["reference_images_per_second"])
     text = capsys.readouterr().out
     assert "synchronised BatchNorm on a group of one process" in text
     assert "reference: plain PyTorch step" in text and f"ratio fgic / reference: {r['reference_ratio']:.2f}x" in text
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "timm:resnet18", "timm:efficientnet_b0"])
+def test_without_batchnorm_no_norm_is_left_and_the_activations_stay(arch):
+    if arch.startswith("timm:"):
+        optional("timm")
+    model = models.build(arch, 10, "none", crop=32)
+    activations = sum(isinstance(m, (nn.ReLU, nn.SiLU)) for m in model.modules())
+    out = bench.without_batchnorm(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in out.modules())
+    assert sum(isinstance(m, (nn.ReLU, nn.SiLU)) for m in out.modules()) == activations  # timm's BatchNormAct2d's act
+    assert out(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 @pytest.mark.e2e  # in-process, but seconds of work (the quick loop stays under a minute)
@@ -132,6 +152,8 @@ def test_bad_input_is_one_line(tmp_path):
         bench.main(["loader", "-d", str(tmp_path / "none")])
     with pytest.raises(FgicError, match="--crop 600 is larger"):
         bench.main(["loader", "-d", str(tmp_path), "--crop", "600"])
+    with pytest.raises(FgicError, match="--sync-bn --no-batchnorm: there is no BatchNorm left"):
+        bench.main(["train", "--synthetic", "--sync-bn", "--no-batchnorm"])
     with pytest.raises(FgicError, match="--warmup 0: train needs at least 1 warm-up step"):
         bench.main(["train", "--synthetic", "--warmup", "0"])
     if not torch.cuda.is_available():

@@ -58,7 +58,7 @@ def test_fgic_sync_batchnorm_equals_torchs_on_an_nccl_group(nccl_group):
         ref.bias.uniform_(-0.5, 0.5)
     ours = syncbn.AllReduceBatchNorm(8, process_group=nccl_group).to(cuda)
     ours.load_state_dict(ref.state_dict())
-    assert ours._distributed()
+    assert ours.synchronises()
     for _ in range(2):
         x = (torch.randn(6, 8, 5, 5, device=cuda) * 3 + 2).contiguous(memory_format=torch.channels_last)
         xs = [x.clone().requires_grad_() for _ in range(2)]

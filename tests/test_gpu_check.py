@@ -17,7 +17,7 @@ from tests.helpers import REPO
 pytestmark = pytest.mark.e2e  # every test here starts processes
 
 CHECK = REPO / "tests" / "gpu" / "check.sh"
-STEPS = ["env", "make-data", "train-resnet50", "pytest", "train-families", "train-cache", "loader", "train-original"]
+STEPS = ["env", "make-data", "train-resnet50", "pytest", "train-families", "train-cache", "loader", "train-bounds"]
 
 
 def check(*args, cwd=REPO, timeout=120, **env) -> subprocess.CompletedProcess:
@@ -32,7 +32,7 @@ def test_dry_run_lists_the_steps_and_runs_benchmarks_md_commands(tmp_path):
     listed = re.findall(r"^  \[(\d)\] (\S+) +(\d+) s  (.+)$", res.stdout, re.M)
     assert [name for _, name, _, _ in listed] == STEPS
     total = sum(int(limit) for _, _, limit, _ in listed)
-    assert f"limits add up to {total} s, each cut to what is left of the 540 s budget" in res.stdout
+    assert f"limits add up to {total} s, each cut to what is left of the 450 s budget" in res.stdout
     commands = {name: cmd for _, name, _, cmd in listed}
     assert "-m pytest -m gpu $GPU_TESTS" in commands["pytest"]
     marked = sorted(f"tests/{f.name}" for f in (REPO / "tests").glob("test_*.py") if "pytest.mark.gpu" in f.read_text())
@@ -84,7 +84,7 @@ def test_a_step_past_its_limit_is_stopped_and_reported(tmp_path):
     assert "No Python could write the full report" in summary
     assert (f"| env | timeout | {seconds} | {limit} | limit cut from 60 s to the {limit} s left of the budget; "
             f"stopped after its {limit} s limit |") in summary
-    assert "| train-original | not run | 0 | 60 | env did not pass |" in summary
+    assert "| train-bounds | not run | 0 | 300 | env did not pass |" in summary
 
 
 def test_gpu_check_steps_runs_only_the_steps_named(tmp_path):
@@ -96,7 +96,7 @@ def test_gpu_check_steps_runs_only_the_steps_named(tmp_path):
     res = check(str(tmp_path / "r"), PYTHON=str(fake), GPU_CHECK_STEPS="make-data train-cache", TMPDIR=str(tmp_path))
     summary = (tmp_path / "r" / "summary.md").read_text()
     assert "| make-data | pass |" in summary and "| train-cache | pass |" in summary, res.stdout
-    for name in ("train-resnet50", "pytest", "train-families", "loader", "train-original"):
+    for name in ("train-resnet50", "pytest", "train-families", "loader", "train-bounds"):
         assert f"| {name} | not run | 0 |" in summary and "not in GPU_CHECK_STEPS" in summary
     assert res.returncode == 1
 
@@ -105,23 +105,27 @@ def test_report_reads_the_benchmarks_and_pytest_results(tmp_path):
     """tests/gpu/results.py report, on the JSON that fgic.bench writes (merged by label as bench_set.sh does) and a
     junit file with one failure."""
     jpgs, out = tmp_path / "jpg", tmp_path / "r"
+    out.mkdir()
     bench.main(["loader", "--make-data", str(jpgs), "--images", "20"])
     small = ["--resize", "40", "--crop", "32", "--padding", "4", "-w", "0"]
     bench.main(["loader", "-d", str(jpgs), *small, "-b", "4", "--batches", "2", "--warmup", "1",
-                "--json", str(out / "loader.json")])
+                "--json", str(tmp_path / "loader-seed.json")])
     runs = (("old-default", "resnet18", ["--synthetic"]), ("new-default", "resnet18", ["--synthetic", "--reference"]),
             ("bf16-b128", "resnet18", ["--synthetic"]), ("seed", "resnet18", ["-d", str(jpgs)]),
-            ("vit", "timm:test_vit", ["--synthetic"]))
+            ("vit", "timm:test_vit", ["--synthetic"]), ("no-batchnorm", "resnet18", ["--synthetic", "--no-batchnorm"]))
     for name, arch, source in runs:
         bench.main(["train", *source, *small, "--arch", arch, "-b", "4", "--steps", "1", "--warmup", "1",
                     "--amp", "off", "--device", "cpu", "--peak-tflops", "1", "--json", str(tmp_path / f"{name}.json")])
     results_py = [sys.executable, str(REPO / "tests" / "gpu" / "results.py")]
     files = {label: tmp_path / f"{label}.json" for label, _, _ in runs}
-    files["new-default-compiled"] = files["new-default"]  # a stand-in: its warm-up and step time, read as compiled
-    for name, labels in (("train_resnet50", ["old-default", "new-default", "bf16-b128", "new-default-compiled"]),
-                         ("train_cache", ["seed"]), ("train_families", ["vit"])):
-        merged = subprocess.run([*results_py, "merge", str(out / f"{name}.json"),
-                                 *(f"{label}={files[label]}" for label in labels)],
+    # stand-ins: new-default's warm-up and step time, read as compiled (from an empty inductor cache and a warm one)
+    files["new-default-compiled"] = files["new-default-compiled-warm"] = files["new-default"]
+    sets = (("train_resnet50", ["old-default", "new-default", "bf16-b128", "new-default-compiled",
+                                "new-default-compiled-warm"]),
+            ("train_cache", ["seed"]), ("train_families", ["vit"]), ("train_bounds", ["no-batchnorm"]))
+    for name, pairs in (*((name, [f"{label}={files[label]}" for label in labels]) for name, labels in sets),
+                        ("loader", [f"seed={tmp_path / 'loader-seed.json'}"])):
+        merged = subprocess.run([*results_py, "merge", str(out / f"{name}.json"), *pairs],
                                 capture_output=True, text=True, timeout=60)
         assert merged.returncode == 0, merged.stderr
     (tmp_path / "pytest.xml").write_text(  # in the scratch folder, beside env.json, as check.sh leaves it
@@ -131,7 +135,7 @@ def test_report_reads_the_benchmarks_and_pytest_results(tmp_path):
     (tmp_path / "env.json").write_text(json.dumps({"torch": "9.9", "torch_cuda": "13.0", "cudnn": 92400,
                                                    "devices": [{"name": "NVIDIA H200"}]}))
     steps = [("env", "pass"), ("make-data", "pass"), ("train-resnet50", "pass"), ("pytest", "fail"),
-             ("train-families", "pass"), ("train-cache", "pass"), ("loader", "pass"), ("train-original", "timeout")]
+             ("train-families", "pass"), ("train-cache", "pass"), ("loader", "pass"), ("train-bounds", "timeout")]
     (tmp_path / "steps.tsv").write_text("".join(f"{n}\t{s}\t0\t1.5\t60\t-\tcmd\n" for n, s in steps))
     res = subprocess.run([*results_py, "report", str(out),
                           str(tmp_path / "steps.tsv"), str(tmp_path / "env.json"), "540", "99", "1"],
@@ -139,17 +143,19 @@ def test_report_reads_the_benchmarks_and_pytest_results(tmp_path):
     assert res.returncode == 0, res.stderr
     result = json.loads((out / "results.json").read_text())
     one = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name, _, _ in runs}
-    loader = json.loads((out / "loader.json").read_text())
+    loader = json.loads((tmp_path / "loader-seed.json").read_text())
     assert result["ok"] is False and result["bench"] == {
-        "loader": loader, "train-resnet50": {**{k: one[k] for k in ("old-default", "new-default", "bf16-b128")},
-                                             "new-default-compiled": one["new-default"]},
-        "train-cache": {"seed": one["seed"]}, "train-families": {"vit": one["vit"]}}
+        "loader": {"seed": loader},
+        "train-resnet50": {**{k: one[k] for k in ("old-default", "new-default", "bf16-b128")},
+                           "new-default-compiled": one["new-default"], "new-default-compiled-warm": one["new-default"]},
+        "train-cache": {"seed": one["seed"]}, "train-families": {"vit": one["vit"]},
+        "train-bounds": {"no-batchnorm": one["no-batchnorm"]}}
     assert result["pytest"] == {"tests": 4, "failures": 1, "errors": 0, "skipped": 1, "passed": 2,
                                 "failed": ["tests.test_gpu::test_b"]}
     figures = result["figures"]
     assert figures["env"].startswith("NVIDIA H200; torch 9.9, CUDA 13.0")
     assert figures["pytest"] == "2 passed, 1 failed, 0 errors, 1 skipped"
-    assert figures["loader"].startswith(f"fgic {loader['fgic_images_per_second']:,.0f} img/s, original "
+    assert figures["loader"].startswith(f"seed: fgic {loader['fgic_images_per_second']:,.0f} img/s, original "
                                         f"{loader['baseline_images_per_second']:,.0f} img/s: {loader['ratio']:.1f}x")
     old, new, synthetic, cached = one["old-default"], one["new-default"], one["bf16-b128"], one["seed"]
     assert figures["train-resnet50"].startswith(f"old-default: {old['images_per_second']:,.0f} img/s")
@@ -161,11 +167,15 @@ def test_report_reads_the_benchmarks_and_pytest_results(tmp_path):
     whole = (new["warmup_seconds"] + (steps - 1) * new["step_ms"] / 1000) / 60
     assert figures["train-resnet50"].endswith(
         f"; new default / old {ratio:.2f}x; CUB 128 epochs' steps eager {whole:.1f} min, compiled {whole:.1f} min "
-        f"(warm-up {new['warmup_seconds']:.0f} s): compiled / eager time 1.00")
+        f"(warm-up {new['warmup_seconds']:.0f} s, {new['warmup_seconds']:.0f} s with inductor's cache filled): "
+        f"compiled / eager time 1.00")
     share = cached["images_per_second"] / synthetic["images_per_second"]
     assert f"= {100 * cached['prep_fraction_of_step']:.2f}% of a step; seed from the cache / synthetic {share:.2f}x" \
         in figures["train-cache"]
     assert figures["train-families"] == f"vit: {bench_figures(one['vit'])}"
+    bound = one["no-batchnorm"]["images_per_second"] / synthetic["images_per_second"]
+    assert figures["train-bounds"] == (f"no-batchnorm: {bench_figures(one['no-batchnorm'])}; without BatchNorm / "
+                                       f"with, eager {bound:.2f}x")
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# fgic GPU check: FAIL") and "- tests.test_gpu::test_b" in summary
     assert f"| train-cache | pass | 1.5 | 60 | {figures['train-cache']} |" in summary

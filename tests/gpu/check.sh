@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check: every `-m gpu` test and BENCHMARKS.md's GPU benchmarks in one go on a CUDA machine, sized to finish
-# within 9.5 minutes on one H200 with 16 cores (one run inside a 10-minute remote command; six compiled measurements
-# did not fit the earlier 8). Each step runs under its own time limit, cut to what is left of the
-# whole budget, so a hung step costs its limit and no more; a failed step is recorded and the next one runs. The
-# results go to one folder, rewritten after every step (an interrupted run still leaves them), in eight files at
-# most (some remote runners return no more): summary.md, results.json, log.txt (every step's output, pytest's
-# included), train_resnet50.json, train_families.json, train_cache.json, loader.json, train_original.json.
+# The GPU check: every `-m gpu` test and BENCHMARKS.md's GPU benchmarks in one go on a CUDA machine, within 8
+# minutes (one remote command). Each step runs under its own time limit, cut to what is left of the whole budget, so
+# a hung step costs its limit and no more; a failed step is recorded and the next one runs; the steps come in the
+# open issues' priority, and what the budget cuts off is reported as not run (GPU_CHECK_STEPS runs it in another
+# command). The results go to one folder, rewritten after every step (an interrupted run still leaves them), in
+# eight files at most (some remote runners return no more): summary.md, results.json, log.txt (every step's output,
+# pytest's included), train_resnet50.json, train_families.json, train_cache.json, loader.json, train_bounds.json.
 #
 #   bash tests/gpu/check.sh [RESULTS_DIR]   RESULTS_DIR, else $OUT if set, else ./gpu-check-DATE
 #   bash tests/gpu/check.sh --dry-run       the steps with their limits and commands; runs nothing
@@ -13,7 +13,7 @@
 # Exit status: 0 every step passed; 1 a step failed, timed out or was not run; 2 bad arguments; 3 no usable Python,
 # torch or CUDA GPU (one line on stderr says which; the summary is written all the same).
 # Environment: GPU_CHECK_STEPS (the steps to run after env, e.g. "pytest" or "make-data train-cache" to split the
-# check over two remote commands; default all), PYTHON (default python3), GPU_CHECK_BUDGET_S (default 540: the
+# check over two remote commands; default all), PYTHON (default python3), GPU_CHECK_BUDGET_S (default 450: the
 # steps' total, 30 s left for the start and the reports), GPU_CHECK_KEEP=1 keeps the scratch folder (generated JPEGs
 # and the image cache).
 set -uo pipefail  # no -e: a failing step is recorded, the rest still run
@@ -32,15 +32,15 @@ done
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-540}
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "gpu-check: GPU_CHECK_BUDGET_S=$BUDGET: give whole seconds" >&2; exit 2; }
 GRACE=15  # what a step may take past its limit: timeout's 10 s before SIGKILL, then the report
 
 # The steps in order: name, time limit in seconds, command (run by bash from the repository root; $PY is the Python,
 # $D the generated JPEG dataset, $R the results folder, $S the scratch folder).
-STEPS=(env make-data train-resnet50 pytest train-families train-cache loader train-original)
-declare -A LIMIT=([env]=60 [make-data]=60 [train-resnet50]=300 [train-families]=150 [pytest]=240 [train-cache]=90
-                  [loader]=60 [train-original]=60)
+STEPS=(env make-data train-resnet50 pytest train-families train-cache loader train-bounds)
+declare -A LIMIT=([env]=60 [make-data]=60 [train-resnet50]=240 [pytest]=200 [train-families]=180 [train-cache]=120
+                  [loader]=60 [train-bounds]=300)
 declare -A CMD=(
     [env]='"$PY" tests/gpu/results.py env "$S/env.json"'
     [make-data]='"$PY" -m fgic.bench loader --make-data "$D" --images 2560'
@@ -48,17 +48,17 @@ declare -A CMD=(
     [train-families]='bash tests/gpu/bench_set.sh families "$S" "$R/train_families.json"'
     [pytest]='"$PY" -m pytest -m gpu $GPU_TESTS -q -rA -p no:cacheprovider $XDIST --junitxml="$S/pytest.xml" -o junit_logging=all'
     [train-cache]='bash tests/gpu/bench_set.sh cache "$S" "$R/train_cache.json"'
-    [loader]='"$PY" -m fgic.bench loader -d "$D" -w 16 -b 128 --batches 30 --json "$R/loader.json"'
-    [train-original]='"$PY" -m fgic.bench train -d "$D" --pipeline original -w 16 --arch resnet50 --crop 448 --amp bf16 -b 128 --steps 20 --warmup 8 --json "$R/train_original.json"'
+    [loader]='bash tests/gpu/bench_set.sh loader "$S" "$R/loader.json"'
+    [train-bounds]='bash tests/gpu/bench_set.sh bounds "$S" "$R/train_bounds.json"'
 )
 # A step runs only when the step it needs passed (the dataset), and none runs after env failed.
-declare -A NEEDS=([loader]=make-data [train-cache]=make-data [train-original]=make-data)
+declare -A NEEDS=([loader]=make-data [train-cache]=make-data)
 # The order is the open issues' priority: ResNet-50's figures (the old and the new default, fgic against a plain
-# PyTorch step, eager and compiled, synchronised BatchNorm, the new default compiled: the whole-run figure that
-# decides --compile's default, and last max-autotune-no-cudagraphs, whose autotuning may take the rest of the
-# step's 300 s: its set keeps the runs it finished), the tests, the families' (eager and compiled), the
-# cache-fed recipes; the loader's and the original pipeline's, measured before, come last. What the budget cuts off
-# is reported as not run; GPU_CHECK_STEPS="train-resnet50 pytest" and then the rest fit two remote commands.
+# PyTorch step, eager and compiled, the new default compiled from an empty inductor cache and from a warm one: the
+# whole-run figures that decide --compile's default), the tests, the families' (eager and compiled), the cache-fed
+# recipes and the original pipeline, the loaders alone; last what bounds ResNet-50's rate (synchronised BatchNorm,
+# no BatchNorm, CUDA graphs, and max-autotune, whose autotuning may take the rest of the step: its set keeps the runs
+# it finished). GPU_CHECK_STEPS="train-resnet50 pytest" and then the rest fit two remote commands.
 # The files holding a `pytest.mark.gpu` test; the others are not imported (they may need packages a GPU machine
 # lacks, and a collection error would fail the whole step).
 export GPU_TESTS
@@ -90,11 +90,13 @@ export R
 R=$(cd "$R" && pwd)
 # This run's files only: a previous run's benchmark figures must not pass for this one's.
 rm -f "$R/summary.md" "$R/results.json" "$R/log.txt" "$R/pytest.xml" "$R/loader.json" "$R/train_resnet50.json" \
-    "$R/train_cache.json" "$R/train_original.json" "$R/train_families.json"
+    "$R/train_cache.json" "$R/train_bounds.json" "$R/train_families.json"
 export S
 S=$(mktemp -d "${TMPDIR:-/tmp}/fgic-gpu-check.XXXXXX") || { echo "gpu-check: mktemp failed" >&2; exit 2; }
 cleanup() { [[ ${GPU_CHECK_KEEP:-0} == 1 || -z $S || ! -d $S ]] || rm -rf -- "$S"; }
 trap cleanup EXIT
+# Inductor's cache of this run alone: every compile is timed from empty, as a user's first run on a fresh machine.
+export TORCHINDUCTOR_CACHE_DIR=$S/inductor
 export D=$S/jpg FGIC_CACHE=$S/cache PYTHONUNBUFFERED=1 PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} XDIST=
 LOG=$R/log.txt
 STEPS_TSV=$S/steps.tsv
