@@ -102,8 +102,9 @@ def test_a_compile_failure_on_one_rank_is_one_warning_and_every_rank_goes_on_eag
     BackendCompilerFailed traceback (and rank 0 waited in its first BatchNorm's collective for a rank that had left).
     A failure on the only process: test_a_failing_compiler_leaves_the_step_eager_in_process."""
     runs.folder("w2")  # rank 0's graphs in the shared cache: it compiles in seconds, not minutes
-    out = tmp_path / "failing"
-    res = run_fgic(runs.args(out), nproc=2, timeout=1200, program=("-m", "tests.compile_fails", "1"),
+    out, empty = tmp_path / "failing", tmp_path / "empty-inductor-cache"
+    empty.mkdir()
+    res = run_fgic(runs.args(out), nproc=2, timeout=1200, program=("-m", "tests.compile_fails", "1", str(empty)),
                    **runs.env("w2"))
     assert res.returncode == 0, res.stderr[-3000:]
     warnings = [line for line in res.stderr.splitlines() if "warning" in line]

@@ -309,11 +309,13 @@ GPU_FAMILIES = [("vit_b_16", 224), ("convnext_tiny", 224), ("swin_t", 224), ("ma
                 ("efficientnet_v2_s", 224), ("regnet_y_400mf", 224), ("timm:test_vit", 64), ("timm:test_byobnet", 64)]
 
 
-def _family_losses(model: torch.nn.Module, step_model, start: dict, batches: list, cuda: torch.device) -> list:
+def _family_losses(model: torch.nn.Module, compiled: bool, start: dict, batches: list, cuda: torch.device) -> list:
+    """Each step's loss from `start`; compiled as --compile does, the model with its loss (engine.WithLoss)."""
     model.load_state_dict(start)
     opt = optim.sgd(model.parameters(), cuda, lr=0.01, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(cuda.type, enabled=False)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    step_model = torch.compile(engine.WithLoss(model, criterion)) if compiled else model
     keys = torch.arange(len(batches[0][1]), device=cuda)
     return [train_step(step_model, x, y, opt, scaler, criterion, cuda, "bf16", keys=keys + 100 * i)[0].item()
             for i, (x, y) in enumerate(batches)]
@@ -321,8 +323,8 @@ def _family_losses(model: torch.nn.Module, step_model, start: dict, batches: lis
 
 @pytest.mark.parametrize("arch,crop", GPU_FAMILIES)
 def test_each_family_trains_channels_last_in_bf16(arch, crop):
-    """4 steps on a task they learn: finite losses that fall, the masks keyed; compiled, each step's loss within
-    AMP_LOSS_REL of eager's (both bf16: only the kernels' rounding differs)."""
+    """4 steps on a task they learn: finite losses that fall, the masks keyed; compiled with the loss (inductor,
+    Triton), each step's loss within AMP_LOSS_REL of eager's (both bf16: only the kernels' rounding differs)."""
     cuda = torch.device("cuda")
     torch.manual_seed(0)
     rates = {"dropout": 0.1} if arch == "vit_b_16" else {"stochastic_depth": 0.1} if arch.startswith("timm:") else {}
@@ -330,10 +332,10 @@ def test_each_family_trains_channels_last_in_bf16(arch, crop):
     assert arch.startswith("regnet") or any(isinstance(m, drop.KeyedDrop) and m.p > 0 for m in model.modules())
     start = copy.deepcopy(model.state_dict())
     batches = _task_batches(4, crop, 10, 16, cuda)
-    eager = _family_losses(model, model, start, batches, cuda)
+    eager = _family_losses(model, False, start, batches, cuda)
     print(f"{arch} at {crop} px, bf16 losses {[round(v, 4) for v in eager]}")
     assert all(map(math.isfinite, eager)) and eager[-1] < eager[0], eager
-    ours = _family_losses(model, torch.compile(model), start, batches, cuda)
+    ours = _family_losses(model, True, start, batches, cuda)
     print(f"compiled {[round(v, 4) for v in ours]}")
     assert max(abs(a - b) / b for a, b in zip(ours, eager, strict=True)) <= AMP_LOSS_REL, (ours, eager)
 
