@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from fgic import augment, bench, data, drop, engine, models, optim, syncbn
+from fgic import augment, bench, config, data, drop, engine, models, optim, syncbn
 from fgic.batch import collate
 from fgic.cluster import Launch
 from fgic.dist import Dist
@@ -75,27 +75,37 @@ def test_fgic_sync_batchnorm_equals_torchs_on_an_nccl_group(nccl_group):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_no_host_sync_in_a_step_with_synchronized_batchnorm(nccl_group, compiled):
-    """fgic's step with every BatchNorm synchronised over NCCL (the model with its loss, compiled or not) under
+    """fgic's step with every BatchNorm synchronised over NCCL (the model with its loss, compiled or not; the
+    Optimization fgic.ddp builds: fused SGD, gradient clipping, the per-step warmup schedule) under
     torch.cuda.set_sync_debug_mode("error"): no host sync at all (torch's SyncBatchNorm reads its counts to the host
-    in each layer, pytorch#161302; fgic's earlier one read the global count)."""
+    in each layer, pytorch#161302; fgic's earlier one read the global count). Not in it: the EMA, whose update (every
+    --model-ema-steps steps) runs torch's AveragedModel, which reads its update count to the host."""
     cuda = torch.device("cuda")
     torch.manual_seed(0)
     model = syncbn.convert_sync_batchnorm(models.build("resnet18", 10, "none"), process_group=nccl_group)
     model = model.to(cuda).to(memory_format=torch.channels_last)
+    flags = config.parse(["-d", "x", "--arch", "resnet18", "-b", "16", "--epochs", "2", "-a", "bf16",
+                          "--clip-grad-norm", "1", "--lr-warmup-epochs", "1", "--lr-warmup-method", "linear"])
+    opt = optim.build(model, cuda, flags, steps_per_epoch=3)
+    assert opt.per_step and opt.clip_grad_norm == 1 and opt.ema is None
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     step_model = engine.WithLoss(model, criterion)
     step_model = torch.compile(step_model) if compiled else step_model
-    opt = optim.sgd(model.parameters(), cuda, lr=0.01, momentum=0.9, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler(cuda.type, enabled=False)
     batches = _task_batches(3, 64, 10, 16, cuda)
-    losses = [train_step(step_model, *batches[0], opt, scaler, criterion, cuda, "bf16")[0]]  # warm-up, compile
+    keys = torch.arange(16, device=cuda)
+
+    def step(x, y):
+        loss, _ = engine.forward(step_model, x, y, criterion, cuda, "bf16", keys)
+        opt.step(loss)
+        return loss
+    losses = [step(*batches[0])]  # warm-up, compile
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        losses += [train_step(step_model, x, y, opt, scaler, criterion, cuda, "bf16")[0] for x, y in batches[1:]]
+        losses += [step(x, y) for x, y in batches[1:]]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert all(math.isfinite(v.item()) for v in losses)
+    assert all(math.isfinite(v.item()) for v in losses) and opt.steps == 3
 
 
 def test_batched_gpu_crop_equals_the_cpu_crops():
