@@ -94,6 +94,22 @@ def test_without_batchnorm_no_norm_is_left_and_the_activations_stay(arch):
     assert out(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.e2e  # in-process, but it trains: seconds
+def test_compile_compiles_the_reference_in_the_same_mode(tmp_path, monkeypatch):
+    """--compile --reference: fgic's step (the model with its loss) and the plain PyTorch step's model both go
+    through torch.compile in --compile-mode (the compiler itself stood in for: a CPU compile takes minutes)."""
+    compiled = []
+    monkeypatch.setattr(bench, "compile_as_asked", lambda m, a: compiled.append((m, a.compile_mode)) or m)
+    out = tmp_path / "train.json"
+    bench.main(["train", "--synthetic", *SMALL, "--arch", "resnet18", "-b", "4", "--steps", "1", "--warmup", "1",
+                "--amp", "off", "--device", "cpu", "--reference", "--compile", "--compile-mode",
+                "max-autotune-no-cudagraphs", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["compile"] and r["compile_mode"] == "max-autotune-no-cudagraphs" and r["reference_ratio"] > 0
+    assert [type(m).__name__ for m, _ in compiled] == ["WithLoss", "ResNet"]
+    assert {mode for _, mode in compiled} == {"max-autotune-no-cudagraphs"}
+
+
 @pytest.mark.e2e  # in-process, but seconds of work (the quick loop stays under a minute)
 @pytest.mark.parametrize("arch", ["resnet50", "convnext_tiny", "efficientnet_v2_s", "vit_b_16"])
 def test_a_steps_flops_are_three_forwards(arch):
