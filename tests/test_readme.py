@@ -92,7 +92,7 @@ EXAMPLES = [
     (".venv/bin/pip install pytest pytest-xdist ruff && .venv/bin/ruff check . && .venv/bin/python -m pytest -q "
      "-n auto --dist loadfile",
      SUITE),
-    ('.venv/bin/python -m pytest -q -m "not e2e"',
+    ('.venv/bin/python -m pytest -q -m "not e2e" -n auto',
      SUITE),
     ("python -m fgic.ddp -d cub",
      REAL_DATA),
