@@ -495,7 +495,7 @@ def get_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-batchnorm", action="store_true", help="BatchNorm layers removed: what the normalisation "
                                                                  "costs (a bound, not a recipe)")
     tr.add_argument("--reference", action="store_true", help="also time a plain PyTorch step on the same device and "
-                                                              "batch shape; adds reference_images_per_second and "
+                                                              "batch; adds reference_images_per_second and "
                                                               "reference_ratio (fgic / reference)")
     tr.add_argument("--peak-tflops", type=float, help="the device's 16-bit ceiling (default: a table by GPU name)")
     return p
