@@ -223,7 +223,7 @@ def train(run: Run, dist: Dist, stop: StopRequest, lock: RunLock, hooks: testhoo
         say(epoch_line(record, args.epochs), flush=True)
         # A signal during the evaluation or the saves (a large test set, a slow file system) is acted on here, with
         # the checkpoint just written, not after the next epoch's first step: Slurm's SIGKILL follows its SIGTERM
-        # after KillWait (30 s by default; 5 s on the test cluster, where a CI run lost a cancelled job's stop to it).
+        # after KillWait (30 s by default; 15 s on the test cluster).
         if epoch + 1 < args.epochs and stop.agree(dist.max):
             return preempted(dist, stop, log, f"the end of epoch {epoch + 1}")
 

@@ -289,7 +289,7 @@ def preempt_by_scancel(lab: Lab, name: str) -> None:
 
 def cancel(lab: Lab, name: str) -> None:
     """A plain scancel, early in an epoch's training: the stop then comes within a step, well inside the KillWait
-    (5 s here) after which Slurm kills the job (a signal during evaluation waits for the next epoch's first step).
+    (15 s here) after which Slurm kills the job (a signal during evaluation waits for the next epoch's first step).
     The run (ENDLESS) cannot end before it."""
     metrics = first_epoch_done(lab, name) / "metrics.jsonl"
     done = len(read_jsonl(metrics))

@@ -6,7 +6,8 @@
 # slurmd without systemd. The node declares 8 CPUs and 2 GPUs whatever the machine has, so several small jobs fit
 # and GPU-shaped job scripts run: the "GPUs" are character devices made with mknod, for which Slurm sets
 # CUDA_VISIBLE_DEVICES but which nothing can compute on (fgic then trains on the CPU). Short scheduling,
-# credential and KillWait intervals keep requeues at ~12 s instead of ~160 s.
+# credential and KillWait intervals keep requeues at ~12 s instead of ~160 s. KillWait (15 s; Slurm's default 30) must
+# hold a step finished after SIGTERM and its checkpoint write: on a loaded 2-core machine these took over 5 s.
 # Everything the daemons write goes under $FGIC_SLURM_STATE (default /tmp/fgic-slurm); `stop` ends them.
 set -euo pipefail
 
@@ -53,7 +54,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerParameters=sched_interval=2,bf_interval=2
-KillWait=5
+KillWait=15
 JobRequeue=1
 ReturnToService=2
 MpiDefault=none
