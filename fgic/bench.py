@@ -169,7 +169,7 @@ def train_cmd(a) -> dict:
     model = models.build(a.arch, classes, "none", crop=a.crop).to(device)
     if a.no_batchnorm:
         model = without_batchnorm(model)
-    flops = step_flops(model, a, device, nn.CrossEntropyLoss())  # a copy's (one holding a process group has none)
+    flops = step_flops(model, a, device, nn.CrossEntropyLoss())  # on a copy: before --sync-bn's group, which has none
     if a.sync_bn:  # fgic.ddp's BatchNorm of several processes, on a group of one: its cost beside plain BatchNorm
         model = syncbn.convert_sync_batchnorm(model, process_group=one_process_group(device))
     if device.type == "cuda":
@@ -184,10 +184,7 @@ def train_cmd(a) -> dict:
     pin = device.type == "cuda"
 
     # One batch kept on the device: the synthetic source, and the reference step's input on every source.
-    x = augment.normalize(torch.randint(0, 256, (a.batch_size, 3, a.crop, a.crop), dtype=torch.uint8,
-                                        device=device), augment.IMAGENET)
-    batch = Batch(x.contiguous(memory_format=torch.channels_last) if pin else x,
-                  torch.randint(0, classes, (a.batch_size,), device=device))
+    batch = synthetic_batch(a, classes, device) if a.synthetic or a.reference else None
     if a.synthetic:
         source = synthetic_mixed(batch, extra, a.crop, classes) if extra.mixing else itertools.repeat(batch)
         what = "synthetic batch already on the device" + (", mixed with itself rolled by one" if extra.mixing else "")
@@ -257,6 +254,14 @@ def train_cmd(a) -> dict:
         print(f"crop/flip/normalize on the {device.type}: {result['prep_ms_per_batch']:.2f} ms per batch = "
               f"{100 * result['prep_fraction_of_step']:.2f}% of a step")
     return result
+
+
+def synthetic_batch(a, classes: int, device: torch.device) -> Batch:
+    """A normalised batch of random pixels and labels on the device (channels_last on a GPU)."""
+    x = augment.normalize(torch.randint(0, 256, (a.batch_size, 3, a.crop, a.crop), dtype=torch.uint8,
+                                        device=device), augment.IMAGENET)
+    return Batch(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x,
+                 torch.randint(0, classes, (a.batch_size,), device=device))
 
 
 def one_process_group(device: torch.device):

@@ -72,7 +72,7 @@ class FamilyRuns:
         self.test_images = sum(1 for _ in (self.data / "test").rglob("*.jpg"))
         sizes = tiny_args(crop=self.crop, resize=self.crop + self.crop // 8, epochs=EPOCHS, batch_size=batch)
         self.args = ["-d", str(self.data), *sizes, "--arch", self.arch, "--lr", LR, *self.extra]
-        self.masks = has_masks(self.arch, self.crop, self.extra)
+        self.masks = has_masks(family_model(self.arch, self.crop, self.extra))
         self.folders: dict[str, Path] = {}
         self.results: dict[str, tuple[dict, list[dict]]] = {}
 
@@ -104,10 +104,14 @@ class FamilyRuns:
         return out / self.data.name / f"{self.arch.replace(':', '-')}-off-s2020"
 
 
-def has_masks(arch: str, crop: int, extra: list[str]) -> bool:
-    """Whether fgic's build of the arch (with the family's flags) has stochastic depth or dropout at a rate above 0."""
+def family_model(arch: str, crop: int, extra: list[str]) -> torch.nn.Module:
+    """fgic's build of the arch with the family's flags (its stochastic depth and dropout), for 3 classes."""
     config = get_args_parser().parse_args(["-d", "x", *extra])
-    model = models.build(arch, 3, "none", crop=crop, stochastic_depth=config.stochastic_depth, dropout=config.dropout)
+    return models.build(arch, 3, "none", crop=crop, stochastic_depth=config.stochastic_depth, dropout=config.dropout)
+
+
+def has_masks(model: torch.nn.Module) -> bool:
+    """Whether the model has stochastic depth or dropout at a rate above 0."""
     return any(isinstance(m, drop.KeyedDrop) and m.p > 0 for m in model.modules())
 
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from fgic import drop, engine, models
-from fgic.config import get_args_parser
-from tests.families import FAMILIES
+from fgic import engine
+from tests.families import FAMILIES, family_model, has_masks
 from tests.helpers import optional
 
 pytestmark = [pytest.mark.e2e, pytest.mark.families]  # in-process, but seconds of tracing a family (110 s in all)
@@ -24,10 +23,9 @@ def test_each_family_compiles_in_one_graph_with_its_loss_and_masks(family):
     arch, crop, extra, _ = FAMILIES[family]
     if arch.startswith("timm:"):
         optional("timm")
-    flags = get_args_parser().parse_args(["-d", "x", *extra])
     torch.manual_seed(0)
-    model = models.build(arch, 3, "none", crop=crop, stochastic_depth=flags.stochastic_depth, dropout=flags.dropout)
-    assert family == "regnet" or any(isinstance(m, drop.KeyedDrop) and m.p > 0 for m in model.modules())
+    model = family_model(arch, crop, extra)
+    assert family == "regnet" or has_masks(model)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     images, labels, keys = torch.randn(2, 3, crop, crop), torch.tensor([0, 1]), torch.tensor([7, 1234567])
     torch._dynamo.reset()
