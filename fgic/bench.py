@@ -17,22 +17,24 @@ import dataclasses
 import gc
 import itertools
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from torchvision import datasets
 from torchvision import transforms as T
 
-from fgic import augment, config, data, demo, drop, engine, images, models, optim, syncbn
+from fgic import augment, cluster, compiling, config, data, demo, drop, engine, images, models, optim, syncbn
 from fgic.batch import Batch, collate
 from fgic.cli import run_cli
 from fgic.config import RECIPE
-from fgic.dist import pick_device
+from fgic.dist import Dist, pick_device
 from fgic.errors import FgicError
 
 # Dense bf16/fp16 tensor-core peaks from the vendors' spec sheets, TFLOP/s, by a substring of the device name (the
@@ -150,6 +152,11 @@ def loader_cmd(a) -> dict:
 
 
 def train_cmd(a) -> dict:
+    with tempfile.TemporaryDirectory(prefix="fgic-bench-") as run_dir:  # --compile's run folder (its mega-cache)
+        return train(a, Path(run_dir))
+
+
+def train(a, run_dir: Path) -> dict:
     if a.synthetic == bool(a.data):
         raise FgicError("train: give -d PATH (real data) or --synthetic, one of them")
     if a.synthetic and a.pipeline == "original":
@@ -180,7 +187,10 @@ def train_cmd(a) -> dict:
     extra = data.DataSpec.of(flags).extra
     opt = optim.build(model, device, flags, steps_per_epoch=a.warmup + a.steps)  # fgic.ddp's
     criterion = nn.CrossEntropyLoss(label_smoothing=flags.label_smoothing)
-    step_model = compile_as_asked(engine.WithLoss(model, criterion), a) if a.compile else model  # as fgic.ddp
+    # --compile: fgic.ddp's compiled step (the model with its loss, the backward compiled at once, the buffers kept for
+    # the eager fallback, the mega-cache written after the first step: all of it in the warm-up a run pays)
+    step_model = compiling.compiled(engine.WithLoss(model, criterion), Dist(cluster.Launch("single"), device),
+                                    a.compile_mode, run_dir, None) if a.compile else model
     pin = device.type == "cuda"
 
     # One batch kept on the device: the synthetic source, and the reference step's input on every source.
@@ -210,6 +220,9 @@ def train_cmd(a) -> dict:
         opt.step(loss)
         return loss
     seconds, loss, warmup = timed(step, a, device)
+    if a.compile and not step_model.compiled:  # fgic.ddp would go on eager: an eager rate is no compiled figure
+        raise FgicError(f"--compile: the compile failed ({step_model.reason}); no compiled figure to give")
+    skips = counters["inductor"]["cudagraph_skips"]  # inductor runs the graphs without CUDA graphs, and says why
     if hasattr(source, "close"):
         source.close()  # its producer and loader workers stop before prep_cost reads the loader again
     rate = a.steps * a.batch_size / seconds
@@ -219,6 +232,7 @@ def train_cmd(a) -> dict:
               else a.pipeline, "arch": a.arch, "crop": a.crop, "amp": a.amp, "batch_size": a.batch_size,
               "steps_timed": a.steps, "warmup_steps": a.warmup, "warmup_seconds": warmup, "workers": a.workers,
               "compile": a.compile, "compile_mode": a.compile_mode if a.compile else None,
+              "cudagraph_skips": skips if a.compile_mode == "reduce-overhead" and a.compile else None,
               "recipe": a.recipe, "step": step_name(flags), "sync_bn": a.sync_bn,
               "batchnorm": not a.no_batchnorm,
               "synchronised_batchnorms": sum(isinstance(m, syncbn.AllReduceBatchNorm) and m.synchronises()
@@ -298,12 +312,6 @@ def timed(step, a, device) -> tuple[float, torch.Tensor, float]:
     return time.perf_counter() - start, loss, warmup
 
 
-def compile_as_asked(module: nn.Module, a) -> nn.Module:
-    """torch.compile with --compile-mode (fgic.ddp's mode, without its fallback to eager: a failure here is the
-    measurement's)."""
-    return torch.compile(module, mode=None if a.compile_mode == "default" else a.compile_mode)
-
-
 REFERENCE = "the arch without fgic's keyed drop, channels_last on a GPU, autocast, SGD fused on a GPU, label smoothing"
 
 
@@ -320,7 +328,7 @@ def reference_step(a, classes: int, batch: Batch):
                                 **({"fused": True} if cuda else {}))
     scaler = torch.amp.GradScaler(device.type, enabled=a.amp == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    forward = compile_as_asked(model, a) if a.compile else model
+    forward = torch.compile(model, mode=a.compile_mode) if a.compile else model
     model.train()
 
     def step():
@@ -492,7 +500,9 @@ def get_parser() -> argparse.ArgumentParser:
     tr.add_argument("--warmup", type=int, default=10, help="steps before timing, at least 1 (default 10)")
     tr.add_argument("--num-classes", type=int, default=200, help="with --synthetic (default 200, CUB's)")
     tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+    tr.add_argument("--compile", action="store_true", help="compile the step as fgic.ddp --compile does (the model "
+                                                              "with its loss); a failed compile is an error "
+                                                              "here, not an eager figure")
     tr.add_argument("--compile-mode", default="default", choices=config.COMPILE_MODES,
                     help="torch.compile's mode with --compile (default default)")
     tr.add_argument("--sync-bn", action="store_true", help="fgic.ddp's synchronised BatchNorm of several processes, on "

@@ -96,18 +96,38 @@ def test_without_batchnorm_no_norm_is_left_and_the_activations_stay(arch):
 
 @pytest.mark.e2e  # in-process, but it trains: seconds
 def test_compile_compiles_the_reference_in_the_same_mode(tmp_path, monkeypatch):
-    """--compile --reference: fgic's step (the model with its loss) and the plain PyTorch step's model both go
-    through torch.compile in --compile-mode (the compiler itself stood in for: a CPU compile takes minutes)."""
+    """--compile --reference: fgic's step is fgic.ddp's (fgic.compiling: the model with its loss, through inductor in
+    --compile-mode) and the plain PyTorch step's model goes through torch.compile in the same mode (the compilers
+    stood in for: a CPU compile takes minutes)."""
     compiled = []
-    monkeypatch.setattr(bench, "compile_as_asked", lambda m, a: compiled.append((m, a.compile_mode)) or m)
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None, backend=None: compiled.append(
+        (type(m).__name__, mode, backend is not None)) or m)
+    monkeypatch.setattr(torch, "_TorchCompileInductorWrapper", lambda mode, *_: compiled.append(("inductor", mode)))
     out = tmp_path / "train.json"
     bench.main(["train", "--synthetic", *SMALL, "--arch", "resnet18", "-b", "4", "--steps", "1", "--warmup", "1",
                 "--amp", "off", "--device", "cpu", "--reference", "--compile", "--compile-mode",
                 "max-autotune-no-cudagraphs", "--json", str(out)])
     r = json.loads(out.read_text())
     assert r["compile"] and r["compile_mode"] == "max-autotune-no-cudagraphs" and r["reference_ratio"] > 0
-    assert [type(m).__name__ for m, _ in compiled] == ["WithLoss", "ResNet"]
-    assert {mode for _, mode in compiled} == {"max-autotune-no-cudagraphs"}
+    assert r["cudagraph_skips"] is None  # counted for reduce-overhead only
+    assert compiled == [("inductor", "max-autotune-no-cudagraphs"), ("WithLoss", None, True),
+                        ("ResNet", "max-autotune-no-cudagraphs", False)]
+
+
+@pytest.mark.e2e  # in-process: dynamo traces resnet18 (seconds)
+def test_a_failed_compile_gives_no_figure(tmp_path, monkeypatch):
+    """fgic.ddp goes on eager when the compile fails; the bench must not report that eager rate as compiled."""
+    def inductor(*_):
+        def fail(gm, example_inputs):
+            raise RuntimeError("no C++ compiler here")
+        return fail
+    monkeypatch.setattr(torch, "_TorchCompileInductorWrapper", inductor)
+    out = tmp_path / "train.json"
+    with pytest.raises(FgicError, match=r"--compile: the compile failed \(RuntimeError: no C\+\+ compiler here\); "
+                                        r"no compiled figure"):
+        bench.main(["train", "--synthetic", *SMALL, "--arch", "resnet18", "-b", "4", "--steps", "1", "--warmup", "1",
+                    "--amp", "off", "--device", "cpu", "--compile", "--json", str(out)])
+    assert not out.exists()
 
 
 @pytest.mark.e2e  # in-process, but seconds of work (the quick loop stays under a minute)

@@ -17,7 +17,7 @@ from fgic import augment, bench, config, data, drop, engine, models, optim, sync
 from fgic.batch import collate
 from fgic.cluster import Launch
 from fgic.dist import Dist
-from tests.helpers import read_jsonl, run_fgic, same_result, tiny_args, train_step
+from tests.helpers import final_weights, max_difference, read_jsonl, run_fgic, same_result, tiny_args, train_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -395,6 +395,30 @@ def test_two_gpus_nccl_sync_bn_match_one(tiny_data, tmp_path, compiled):
     assert diff < 1e-2
     assert [m["test_total"] for m in out[2][1]] == [101, 101]
     assert [m["test_correct"] for m in out[1][1]] == [m["test_correct"] for m in out[2][1]]
+
+
+@pytest.mark.e2e
+def test_one_gpu_compiled_trains_as_eager_does_within_rounding(tiny_data, tmp_path):
+    """fgic.ddp --compile on one GPU, in the default mode and with CUDA graphs (--compile-mode reduce-overhead): every
+    record says compiled, and the weights end within 10x the rounding control of the eager run's (the control: the
+    eager run with each batch's samples reversed), as on the CPU (tests/test_compile.py)."""
+    args = ["-d", str(tiny_data), *cuda_args(epochs=1)]
+    res = run_fgic([*args, "--output-dir", str(tmp_path / "control")], timeout=900,
+                   program=("-m", "tests.rounding_control", "--plain-to", str(tmp_path / "eager")))
+    assert res.returncode == 0, res.stderr
+
+    def weights(name: str) -> dict:
+        return final_weights(tmp_path / name / "tiny" / "resnet18-off-s2020")
+    eager = weights("eager")
+    control = max_difference(weights("control"), eager)
+    for mode in ("default", "reduce-overhead"):
+        res = run_fgic([*args, "--compile", "--compile-mode", mode, "--output-dir", str(tmp_path / mode)], timeout=900)
+        assert res.returncode == 0 and "fgic: --compile: first step" in res.stdout, res.stderr[-3000:]
+        assert all(r["compiled"] for r in read_jsonl(tmp_path / mode / "tiny" / "resnet18-off-s2020" /
+                                                     "metrics.jsonl"))
+        diff = max_difference(weights(mode), eager)
+        print(f"max abs weight difference from eager, compiled ({mode}): {diff:.3g}; rounding control {control:.3g}")
+        assert 0 < control and diff <= 10 * control, (mode, diff, control)
 
 
 @pytest.mark.e2e

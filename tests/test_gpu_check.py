@@ -101,6 +101,29 @@ def test_gpu_check_steps_runs_only_the_steps_named(tmp_path):
     assert res.returncode == 1
 
 
+def test_the_compile_that_decides_the_default_finds_no_other_runs_kernels(tmp_path):
+    """bench_set.sh resnet50: new-default-compiled (the cold compile of the whole-run figure) gets an inductor folder
+    of its own, which new-default-compiled-warm then finds filled; the other runs keep check.sh's."""
+    fake = tmp_path / "python3"  # records each fgic.bench run's inductor folder; merging passes
+    fake.write_text('#!/bin/bash\n[[ $1 == -m ]] || exit 0\n'
+                    'echo "${TORCHINDUCTOR_CACHE_DIR:-unset} ${*: -1}" >> "$(dirname "$0")/runs"\n')
+    fake.chmod(0o755)
+    scratch = tmp_path / "s"
+    scratch.mkdir()
+    res = subprocess.run(["bash", str(REPO / "tests" / "gpu" / "bench_set.sh"), "resnet50", str(scratch),
+                          str(tmp_path / "out.json")], env={**os.environ, "PY": str(fake),
+                                                            "TORCHINDUCTOR_CACHE_DIR": "/check/inductor"},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    own = f"{scratch}/inductor-new-default"
+    assert (tmp_path / "runs").read_text().splitlines() == [
+        f"/check/inductor {scratch}/{label}.json" for label in ("old-default", "new-default", "bf16-b128",
+                                                               "bf16-b128-compiled")] + [
+        f"{own} {scratch}/new-default-compiled.json", f"{own} {scratch}/new-default-compiled-warm.json"]
+    assert f"--- resnet50 new-default-compiled: TORCHINDUCTOR_CACHE_DIR={own} fgic.bench train --synthetic" \
+        in res.stdout
+
+
 def test_report_reads_the_benchmarks_and_pytest_results(tmp_path):
     """tests/gpu/results.py report, on the JSON that fgic.bench writes (merged by label as bench_set.sh does) and a
     junit file with one failure."""

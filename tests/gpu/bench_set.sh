@@ -3,11 +3,12 @@
 # most eight files), rewritten after each run (a set stopped at its step's limit keeps the runs it finished). A failed
 # run is left out of the file and makes the exit status 1; the others still run.
 #   bash tests/gpu/bench_set.sh resnet50|families|cache|loader|bounds SCRATCH_DIR OUT_JSON  ($PY: the Python; $D: JPEGs)
+# A run is "label|[NAME=VALUE ...] fgic.bench's arguments": the NAME=VALUE words go to its environment.
 #   resnet50  ResNet-50 at 448 px, synthetic: the old default (fp32, eager, batch 64) and the new one (-a auto: bf16
 #             on this GPU, eager); bf16 batch 128 eager and compiled, each beside a plain PyTorch step
-#             (--reference); the new default compiled, with an empty inductor cache (check.sh's own) and again with
-#             the cache that run filled (what a first run and a requeued one pay: the figures that decide
-#             --compile's default)
+#             (--reference); the new default compiled, with an inductor cache of its own, empty (no kernel of the
+#             other compiled runs found there), and again with the cache that run filled (what a first run and a
+#             requeued one pay: the figures that decide --compile's default)
 #   families  ViT-B/16 and ConvNeXt-T at 448 px, bf16 batch 64, eager and compiled, each beside --reference
 #   cache     ResNet-50 448 px bf16 batch 128 fed from fgic's cache: the seed's recipe (crops on the GPU), tv-v2's
 #             (per-image policies and mixing partners in 16 loader workers), tv-v2's step on synthetic data, and the
@@ -28,8 +29,8 @@ case ${1:-} in
         "new-default|train $B64 --amp bf16"
         "bf16-b128|train $B128 --reference"
         "bf16-b128-compiled|train $B128 --reference --compile"
-        "new-default-compiled|train $B64 --amp bf16 --compile"
-        "new-default-compiled-warm|train $B64 --amp bf16 --compile") ;;
+        "new-default-compiled|TORCHINDUCTOR_CACHE_DIR=$2/inductor-new-default train $B64 --amp bf16 --compile"
+        "new-default-compiled-warm|TORCHINDUCTOR_CACHE_DIR=$2/inductor-new-default train $B64 --amp bf16 --compile") ;;
     families) RUNS=(
         "vit_b_16|train --synthetic --arch vit_b_16 --crop 448 --amp bf16 -b 64 --steps 15 --warmup 8 --reference"
         "vit_b_16-compiled|train --synthetic --arch vit_b_16 --crop 448 --amp bf16 -b 64 --steps 15 --warmup 8 --reference --compile"
@@ -56,9 +57,15 @@ rc=0
 files=()
 for run in "${RUNS[@]}"; do
     label=${run%%|*}
-    echo "--- $1 $label: fgic.bench ${run#*|}"
-    # shellcheck disable=SC2086  # the flags are split on purpose
-    if "$PY" -m fgic.bench ${run#*|} --json "$2/$label.json"; then files+=("$label=$2/$label.json"); else rc=1; fi
+    read -r -a words <<<"${run#*|}"
+    environment=()
+    while [[ ${words[0]} =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; do environment+=("${words[0]}"); words=("${words[@]:1}"); done
+    echo "--- $1 $label: ${environment[*]}${environment[*]:+ }fgic.bench ${words[*]}"
+    if env ${environment[@]+"${environment[@]}"} "$PY" -m fgic.bench "${words[@]}" --json "$2/$label.json"; then
+        files+=("$label=$2/$label.json")
+    else
+        rc=1
+    fi
     "$PY" "$(dirname "$0")/results.py" merge "$3" ${files[@]+"${files[@]}"} || rc=1
 done
 exit $rc

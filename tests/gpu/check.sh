@@ -95,8 +95,11 @@ export S
 S=$(mktemp -d "${TMPDIR:-/tmp}/fgic-gpu-check.XXXXXX") || { echo "gpu-check: mktemp failed" >&2; exit 2; }
 cleanup() { [[ ${GPU_CHECK_KEEP:-0} == 1 || -z $S || ! -d $S ]] || rm -rf -- "$S"; }
 trap cleanup EXIT
-# Inductor's cache of this run alone: every compile is timed from empty, as a user's first run on a fresh machine.
+# Inductor's cache of this run alone, Triton's inside it (inductor puts it there when TRITON_CACHE_DIR is unset): no
+# kernel of an earlier run is found, as on a user's fresh machine; the compile that decides --compile's default has a
+# folder of its own (bench_set.sh resnet50).
 export TORCHINDUCTOR_CACHE_DIR=$S/inductor
+unset TRITON_CACHE_DIR
 export D=$S/jpg FGIC_CACHE=$S/cache PYTHONUNBUFFERED=1 PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} XDIST=
 LOG=$R/log.txt
 STEPS_TSV=$S/steps.tsv

@@ -181,16 +181,18 @@ def _comparisons(step: str, r: dict, bench: dict) -> list[str]:
         return (ratio("new-default", "old-default", "new default / old") +
                 ratio("bf16-b128-compiled", "bf16-b128", "compiled / eager") + _whole_run(r))
     if step == "train-families":
-        return [x for arch in {label.removesuffix("-compiled") for label in r}
+        return [x for arch in sorted({label.removesuffix("-compiled") for label in r})
                 for x in ratio(f"{arch}-compiled", arch, f"{arch} compiled / eager")]
     resnet50 = bench.get("train-resnet50") or {}
+    # GPU_CHECK_STEPS without train-resnet50: the steps these are measured against are in another command's folder
+    missing = [] if resnet50 else ["no ratio to ResNet-50's synthetic steps: no train-resnet50 results in this folder"]
     if step == "train-bounds":
-        return (ratio("sync-bn", "bf16-b128", "SyncBN / plain BN", resnet50) +
+        return (missing + ratio("sync-bn", "bf16-b128", "SyncBN / plain BN", resnet50) +
                 ratio("no-batchnorm", "bf16-b128", "without BatchNorm / with, eager", resnet50) +
                 ratio("no-batchnorm-compiled", "bf16-b128-compiled", "without BatchNorm / with, compiled", resnet50) +
                 ratio("cuda-graphs", "bf16-b128-compiled", "CUDA graphs / default mode", resnet50) +
                 ratio("max-autotune", "bf16-b128-compiled", "max-autotune-no-cudagraphs / default mode", resnet50))
-    return (ratio("seed", "bf16-b128", "seed from the cache / synthetic", resnet50) +
+    return (missing + ratio("seed", "bf16-b128", "seed from the cache / synthetic", resnet50) +
             ratio("tv-v2", "tv-v2-synthetic", "tv-v2 from the cache / synthetic") +
             ratio("original", "bf16-b128", "the original pipeline / synthetic", resnet50))
 
@@ -223,6 +225,8 @@ def _train_figures(r: dict) -> str:
     text = f"{r['images_per_second']:,.0f} img/s, {r['step_ms']:.1f} ms/step, {r['achieved_tflops']:.1f} TFLOP/s"
     if r.get("fraction_of_peak") is not None:
         text += f" = {100 * r['fraction_of_peak']:.1f}% of {r['peak_tflops']:g}"
+    if r.get("cudagraph_skips"):
+        text += f"; CUDA GRAPHS SKIPPED {r['cudagraph_skips']} time(s) (inductor's log says why)"
     if r.get("synchronised_batchnorms"):
         text += f"; {r['synchronised_batchnorms']} BatchNorms synchronised"
     if r.get("reference_ratio") is not None:
@@ -266,7 +270,7 @@ def _summary(result: dict) -> str:
     tests = result["pytest"]
     if tests and tests["failed"]:
         lines += ["", "Failed tests (their output: log.txt):", ""] + [f"- {t}" for t in tests["failed"]]
-    lines += ["", f"Targets, for orientation (BENCHMARKS.md): {TARGETS}.", "",
+    lines += ["", f"Targets, for orientation (issue 27): {TARGETS}.", "",
               "Files: results.json (all of it), log.txt (every step's output, pytest's included), and the "
               "benchmarks' train_resnet50.json, train_families.json, train_cache.json, loader.json, "
               "train_bounds.json.", ""]
