@@ -86,12 +86,18 @@ def select(resume: str, run_dir: Path, env: os._Environ | dict = os.environ) -> 
     if resume == "auto":
         path = run_dir / CHECKPOINT
         return path if path.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise FgicError(f"--resume {resume}: no such file; give a checkpoint.pt, or auto or none")
+    path = named(resume)
     own = run_dir / CHECKPOINT
     if own.is_file() and not own.samefile(path) and continues(own, path):
         return own  # the same command again (a requeue, a stopped run): the run's own progress, not PATH's
+    return path
+
+
+def named(resume: str) -> Path:
+    """--resume PATH's file, which must be there."""
+    path = Path(resume)
+    if not path.is_file():
+        raise FgicError(f"--resume {resume}: no such file; give a checkpoint.pt, or auto or none")
     return path
 
 

@@ -92,10 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", type=Path, help="the file (default RUN_DIR/export/model.FORMAT)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction,
                    help="the checkpoint's EMA weights (default: where it has them)")
+    p.add_argument("--force", action="store_true", help="replace the file (and its .json) when it exists")
     args = p.parse_args(argv)
-    run = trained.load(args.source, args.ema)
     weights, _ = trained.resolve(args.source)
     path = args.output or weights.parent / "export" / f"model.{args.format}"
+    taken = next((f for f in (path, Path(f"{path}.json")) if f.exists()), None)
+    if taken and not args.force:  # an earlier export, perhaps of other weights (best.pt, --no-ema), kept
+        raise FgicError(f"-o/--output {taken}: exists (an earlier fgic.export's?); give another -o OUTPUT, or --force "
+                        f"to replace it")
+    run = trained.load(args.source, args.ema)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

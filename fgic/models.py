@@ -15,7 +15,7 @@ from torchvision import models
 from torchvision.models.vision_transformer import interpolate_embeddings
 from torchvision.ops import StochasticDepth
 
-from fgic import augment, drop, runlog, timm_models
+from fgic import augment, drop, optim, runlog, timm_models
 from fgic import weights as weights_mod
 from fgic.errors import FgicError
 from fgic.syncbn import convert_sync_batchnorm
@@ -266,6 +266,8 @@ def load_file(model: nn.Module, path: str, heads: list[str], new_head: bool = Tr
     head then stays freshly initialised; refused with new_head=False)."""
     state = fit_to_model(model, weights_mod.read_state_dict(path), path)
     own = model.state_dict()
+    if Path(path).name == runlog.BEST_EMA:  # an EMA's integer buffers are the model's constants (optim.exact_buffers)
+        state = optim.exact_buffers(state, own)
     head_keys = {k for k in own if k.rpartition(".")[0] in heads}
     mismatched = {k for k, v in state.items() if k in own and v.shape != own[k].shape}
     if mismatched - head_keys:

@@ -58,8 +58,8 @@ def layer_ids(model: nn.Module, arch: str) -> tuple[dict[str, int], int]:
         return timm_layer_ids(model, arch)
     names = blocks(model)
     if not names:
-        raise FgicError(f"--layer-decay: {arch} has no chain of blocks to number (supported: {FAMILIES}); leave "
-                        f"--layer-decay out")
+        raise FgicError(f"--layer-decay: {arch} has no chain of blocks to number (supported: {FAMILIES}); give "
+                        f"--layer-decay 1 (none) or leave it out")
     ids, seen = {}, 0  # seen: the id of the last block met
     for pname, _ in model.named_parameters():
         block = next((i for i, b in enumerate(names) if pname.startswith(f"{b}.")), None)
@@ -77,7 +77,8 @@ def timm_layer_ids(model: nn.Module, arch: str) -> tuple[dict[str, int], int]:
     heads = tuple(f"{h}." for h in timm_models.heads(model))
     ids.update({n: top for n in ids if n.startswith(heads)})
     if top < 2:
-        raise FgicError(f"--layer-decay: {arch}'s group_matcher numbers no blocks; leave --layer-decay out")
+        raise FgicError(f"--layer-decay: {arch}'s group_matcher numbers no blocks; give --layer-decay 1 (none) or "
+                        f"leave it out")
     return ids, top - 1
 
 
@@ -90,6 +91,8 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
     """Parameter groups by (layer, decay); one group of all parameters when neither option is set (the seed's
     optimizer, exactly). Norm layers' parameters and biases take `norm_weight_decay` when given."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if layer_decay == 1:  # every layer at the lr: nothing to number (a recipe's decay turned off, on any arch)
+        layer_decay = None
     if norm_weight_decay is None and layer_decay is None:
         return [{"params": [p for _, p in params], "weight_decay": weight_decay, "lr_scale": 1.0}]
     norms = {f"{m}.{n}" if m else n for m, mod in model.named_modules() if is_norm(mod)
@@ -296,7 +299,7 @@ def build(model: nn.Module, device: torch.device, args, steps_per_epoch: int) ->
     except FgicError as exc:
         if config.RECIPES[args.recipe].get("layer_decay") != args.layer_decay:
             raise
-        raise FgicError(f"{exc} (--layer-decay comes from --recipe {args.recipe}; pass it to override)") from None
+        raise FgicError(f"{exc} (--layer-decay {args.layer_decay:g} comes from --recipe {args.recipe})") from None
     for group in groups:
         group["lr"] = args.lr * group["lr_scale"]
     if args.opt == "adamw":

@@ -48,7 +48,9 @@ def target(args: argparse.Namespace, run_dir: Path, classes: list[str]) -> Targe
         trained = ckpt["config"] if ckpt else runlog.run_config(path)
         out_dir = path.parent / f"eval-{path.stem}"
     else:
-        path = checkpoint.select(args.resume, run_dir)
+        # the file named, even where training would continue the run it started (select): that run is not PATH
+        path = checkpoint.select(args.resume, run_dir) if args.resume in ("auto", "none") else \
+            checkpoint.named(args.resume)
         if path is None:
             raise FgicError(f"--eval-only: nothing to score (no {runlog.CHECKPOINT} in {run_dir}); give --resume PATH "
                             f"(a checkpoint) or --weights PATH (a state_dict file)")

@@ -92,7 +92,9 @@ def parse_axis(spec: str, parser: argparse.ArgumentParser) -> Axis:
         raise FgicError(f"--sweep {spec!r}: sweep {flag} with {OWN_LIST[action.dest]}")
     if action.dest in FIXED:
         raise FgicError(f"--sweep {spec!r}: {flag} cannot be swept: {FIXED[action.dest]}")
-    long = next(o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-"))  # --batch-size
+    # the long name the user gave (an alias may mean more: timm's --warmup-epochs is a linear warmup), else the first
+    long = flag if flag.startswith("--") and not flag.startswith("--no-") else \
+        next(o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-"))  # b: --batch-size
     vals = tuple(v.strip() for v in values.split(","))
     if "" in vals or len(set(vals)) != len(vals):
         raise FgicError(f"--sweep {spec!r}: give distinct, non-empty values separated by commas")

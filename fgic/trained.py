@@ -98,7 +98,11 @@ def load(source: str, ema: bool | None = None) -> Trained:
     obj = safe_load(weights, SOURCE)
     is_checkpoint = isinstance(obj, dict) and {"model", "config"} <= obj.keys()
     has_ema = is_checkpoint and isinstance(obj.get("model_ema"), dict)
-    if ema and not has_ema:
+    ema_file = Path(weights).name == BEST_EMA  # the EMA's weights alone
+    if ema is False and ema_file:
+        raise FgicError(f"--no-ema: {weights} holds the EMA's weights only; give {Path(weights).parent / BEST} or the "
+                        f"run folder for the plain ones")
+    if ema and not has_ema and not ema_file:
         raise FgicError(f"--ema: {weights} holds no EMA weights (trained without --model-ema, or not a checkpoint); "
                         f"leave --ema out")
     use_ema = has_ema and ema is not False
@@ -110,7 +114,7 @@ def load(source: str, ema: bool | None = None) -> Trained:
     del obj
     model = models.build(config["arch"], len(classes), "none", crop=config["crop"], keyed_drop=False,
                          stochastic_depth=config.get("stochastic_depth"), dropout=config.get("dropout"))
-    if Path(weights).name == BEST_EMA:  # an EMA's integer buffers are the model's constants (optim.exact_buffers)
+    if ema_file:  # an EMA's integer buffers are the model's constants (optim.exact_buffers)
         state = optim.exact_buffers(state, model.state_dict())
     try:
         model.load_state_dict(state)

@@ -67,6 +67,25 @@ def test_a_checkpoint_is_not_credited_to_another_runs_folder(trained, tmp_path):
     assert not (run / "eval.json").exists()
 
 
+def test_the_checkpoint_named_is_scored_not_the_run_it_started(trained, tmp_path):
+    """--eval-only --resume PATH with flags whose run folder holds a run started from PATH (training would continue
+    that run, as a requeue does): PATH is the model named, so the folder's other model is refused in one line, not
+    scored as PATH's."""
+    args, run = trained
+    snap = tmp_path / "snap.pt"
+    shutil.copy(run / "checkpoint.pt", snap)
+    started = tmp_path / "b" / "tiny" / run.name
+    shutil.copytree(run, started)
+    ckpt = torch.load(started / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["resume"] = str(snap)  # the run `--resume snap.pt` started in that folder
+    torch.save(ckpt, started / "checkpoint.pt")
+    res = run_fgic([*args, "--output-dir", str(tmp_path / "b"), "--eval-only", "--resume", str(snap)])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith(f"fgic.ddp: error: --eval-only --resume {snap}: the run "
+                                                          f"folder these flags name, {started}, holds another model")
+    assert not (started / "eval.json").exists()
+
+
 def test_a_checkpoint_given_as_weights_is_scored_as_one(trained):
     """--weights RUN/checkpoint.pt with --model-ema: the checkpoint's EMA model, as --resume scores it (before, its
     plain weights, the EMA flag unsaid), into eval-checkpoint/ beside it."""

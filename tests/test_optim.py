@@ -115,8 +115,20 @@ def test_a_layer_decay_that_would_freeze_a_deep_stem_is_refused_with_one_that_do
 
 def test_a_presets_layer_decay_that_would_freeze_says_where_it_comes_from():
     args = config.parse(["-d", "x", "--recipe", "transformer", "--arch", "resnet152", "--epochs", "9"])
-    with pytest.raises(FgicError, match=r"gives the stem .* \(--layer-decay comes from --recipe transformer; pass it"):
+    with pytest.raises(FgicError, match=r"gives the stem .*; --layer-decay 0.\d+ gives .* \(--layer-decay 0.65 comes "
+                                        r"from --recipe transformer\)"):
         optim.build(built("resnet152"), torch.device("cpu"), args, 10)
+
+
+def test_a_presets_layer_decay_is_turned_off_by_1_on_any_arch():
+    """--recipe transformer on an arch without blocks: its layer decay is refused, and --layer-decay 1 (the lr for
+    every layer) takes it away, as the refusal says (leaving the flag out gives the recipe's)."""
+    args = ["-d", "x", "--recipe", "transformer", "--arch", "squeezenet1_0", "--epochs", "9"]
+    with pytest.raises(FgicError, match=r"squeezenet1_0 has no chain of blocks .*; give --layer-decay 1 \(none\) "
+                                        r"or leave it out \(--layer-decay 0.65 comes from --recipe transformer\)"):
+        optim.build(built("squeezenet1_0"), torch.device("cpu"), config.parse(args), 10)
+    opt = optim.build(built("squeezenet1_0"), torch.device("cpu"), config.parse([*args, "--layer-decay", "1"]), 10)
+    assert {g["lr_scale"] for g in opt.optimizer.param_groups} == {1.0}
 
 
 def test_the_help_and_the_readme_name_the_same_families():

@@ -4,6 +4,7 @@ pictures and tables."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -241,11 +242,39 @@ def test_export_onnx_without_the_extra_is_one_line(tmp_path, monkeypatch):
         export.main([str(run / "best.pt"), "--format", "onnx"])
 
 
-def test_a_best_ema_file_with_truncated_indices_predicts_with_the_models_own(tmp_path):
-    """best_ema.pt of a Swin written before the EMA copied its integer buffers: loaded with the built model's."""
+def test_a_best_ema_file_with_truncated_indices_is_loaded_with_the_models_own(tmp_path):
+    """best_ema.pt of a Swin written before the EMA copied its integer buffers: loaded with the built model's, by
+    predict and export (fgic.trained) and by --weights (fgic.ddp --eval-only --weights best_ema.pt, a fine-tune)."""
     run = fake_run(tmp_path / "run", "swin_t", 224)
     state = torch.load(run / "best.pt", weights_only=True)
     index = "features.1.0.attn.relative_position_index"
     torch.save({**state, index: state[index] - (state[index] % 7 == 5).long()}, run / "best_ema.pt")
-    loaded = trained.load(str(run / "best_ema.pt")).model.state_dict()
-    assert torch.equal(loaded[index], state[index]) and torch.equal(loaded["head.weight"], state["head.weight"])
+    for loaded in (trained.load(str(run / "best_ema.pt")).model.state_dict(),
+                   models.build("swin_t", 3, str(run / "best_ema.pt"), crop=224, new_head=False).state_dict()):
+        assert torch.equal(loaded[index], state[index]) and torch.equal(loaded["head.weight"], state["head.weight"])
+
+
+def test_best_ema_is_the_emas_weights_whatever_ema_says(tmp_path):
+    """best_ema.pt holds the EMA's weights alone: --ema takes them, --no-ema (the plain weights) is refused in one
+    line rather than quietly given the EMA's."""
+    run = fake_run(tmp_path / "run", "resnet18", 32)
+    shutil.copy(run / "best.pt", run / "best_ema.pt")
+    assert trained.load(str(run / "best_ema.pt"), ema=True).weights == str(run / "best_ema.pt")
+    with pytest.raises(FgicError, match=re.escape(f"--no-ema: {run / 'best_ema.pt'} holds the EMA's weights only; "
+                                                  f"give {run / 'best.pt'} or the run folder for the plain ones")):
+        trained.load(str(run / "best_ema.pt"), ema=False)
+
+
+def test_an_earlier_export_is_replaced_only_with_force(tmp_path):
+    """Exports of other weights of the run (best.pt, then checkpoint.pt) go to the same default file: the second is
+    refused in one line, naming --force, and the first export stays."""
+    run = fake_run(tmp_path / "run", "resnet18", 32)
+    shutil.copy(run / "best.pt", run / "checkpoint.pt")  # a state_dict stands in for the checkpoint here
+    assert export.main([str(run / "best.pt")]) == 0
+    first = (run / "export" / "model.pt2").read_bytes(), (run / "export" / "model.pt2.json").read_text()
+    with pytest.raises(FgicError, match=re.escape(f"-o/--output {run / 'export' / 'model.pt2'}: exists (an earlier "
+                                                  f"fgic.export's?); give another -o OUTPUT, or --force")):
+        export.main([str(run / "checkpoint.pt")])
+    assert ((run / "export" / "model.pt2").read_bytes(), (run / "export" / "model.pt2.json").read_text()) == first
+    assert export.main([str(run / "checkpoint.pt"), "--force"]) == 0
+    assert json.loads((run / "export" / "model.pt2.json").read_text())["weights"] == str(run / "checkpoint.pt")

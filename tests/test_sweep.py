@@ -37,6 +37,16 @@ def test_any_flag_sweeps_into_its_own_run_folder(tiny_data):
     assert combos[2].swept == {"lr": "0.05", "arch": "vit_b_32", "batch_size": "32"}
 
 
+@pytest.mark.parametrize("flag,method", [("warmup-epochs", "linear"), ("lr-warmup-epochs", "constant")])
+def test_an_alias_is_passed_as_named(tiny_data, flag, method):
+    """timm's --warmup-epochs means a linear warmup, torchvision's --lr-warmup-epochs its --lr-warmup-method's
+    (constant): a sweep passes the name it was given, as on the command line."""
+    combos = sweep.plan([str(tiny_data)], [0], ["off"], [f"{flag}=0,2"], [])
+    run = config.parse(combos[1].argv)
+    assert (run.lr_warmup_epochs, run.lr_warmup_method) == (2, method)
+    assert names(combos)[1] == "resnet50-off-s0-lr-warmup-epochs2"
+
+
 def test_switches_sweep_as_on_and_off(tiny_data):
     combos = sweep.plan([str(tiny_data)], [0], ["off"], ["model-ema=on,off", "compile=on,off"], ["--recipe", "tv-v2"])
     parsed = [config.parse(c.argv) for c in combos]
