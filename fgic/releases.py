@@ -225,10 +225,11 @@ def _cars_devkit(src: Path, meta: Path) -> Release:
     names = [str(n) for n in _mat_field(meta / "cars_meta.mat", "class_names")]
     annos = {}
     for split, pattern in (("train", "cars_train_annos*.mat"), ("test", "cars_test_annos_withlabels*.mat")):
-        found = sorted(p for d in {meta, meta.parent, src} for p in d.glob(pattern))
+        inside = {d for d in (meta, meta.parent, src) if d == src or src in d.parents}  # never a folder above SRC's
+        found = sorted(p for d in inside for p in d.glob(pattern))
         if not found:
-            raise FgicError(f"{meta}: no {pattern.replace('*', '')} next to cars_meta.mat (or one folder up); "
-                            f"the devkit and cars_test_annos_withlabels.mat are needed")
+            raise FgicError(f"{meta}: no {pattern.replace('*', '')} next to cars_meta.mat (or one folder up, in "
+                            f"{src}); the devkit and cars_test_annos_withlabels.mat are needed")
         annos[split] = (found[0], _mat_annotations(found[0], ("fname", "class")))
     items, missing = {s: [] for s in SPLITS}, {s: [] for s in SPLITS}
     for split, (path, rows) in annos.items():

@@ -460,6 +460,24 @@ def test_cars_devkit_mat_files(tmp_path, nested):
         prepare.prepare("cars", src, tmp_path / "cars2", expected=Expected(3, 4, 3))
 
 
+def test_cars_devkit_files_are_read_inside_the_source_only(tmp_path):
+    """cars_meta.mat at SRC's top: the annotation files one folder up from it would be outside SRC. A file of the same
+    name there (another copy, other classes) is not read: SRC's own is."""
+    pytest.importorskip("scipy", reason="the .mat path needs the optional scipy (pip install 'fgic[cars]')")
+    src = make_cars_devkit(tmp_path / "stanford_cars")
+    for name in ("cars_meta.mat", "cars_train_annos.mat"):
+        (src / "devkit" / name).rename(src / name)
+    (src / "devkit").rmdir()
+    decoy = make_cars_devkit(tmp_path / "decoy")  # its test annotations with the classes of other images
+    from scipy.io import loadmat, savemat
+    mat = loadmat(decoy / "cars_test_annos_withlabels.mat")
+    mat["annotations"]["class"] = mat["annotations"]["class"][:, ::-1]
+    savemat(tmp_path / "cars_test_annos_withlabels.mat", {"annotations": mat["annotations"]})
+    dst = tmp_path / "cars"
+    prepare.prepare("cars", src, dst, expected=Expected(3, 4, 3))
+    check_cars(lambda s, f, c: src / f"cars_{s}" / f, dst)
+
+
 def test_cars_annos_mat_with_car_ims(tmp_path):
     """The later single-file release: cars_annos.mat (relative_im_path, class, test; class_names) and car_ims/."""
     pytest.importorskip("scipy", reason="the .mat path needs the optional scipy (pip install 'fgic[cars]')")
