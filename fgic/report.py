@@ -112,23 +112,30 @@ def find_runs(root: Path) -> list[Run]:
 
 def label_datasets(runs: list[Run]) -> None:
     """Runs on datasets of one name that are not the same data (Aircraft's 100 variants and its 70 families, two
-    birds folders, another test split) are labelled with what tells them apart: the class count, the test images, or
-    the class names; so that no column averages them together. A copy of the same data elsewhere keeps the name."""
+    birds folders, another test split) are labelled with all that tells them apart: the class count, the test images,
+    the class names, the files (config.json's data_files: paths relative to -d, sizes, labels); so that no column
+    averages them together. A copy of the same data elsewhere keeps the name."""
     names: dict[str, list[Run]] = {}
     for run in runs:
         names.setdefault(run.name, []).append(run)
     for name, group in names.items():
-        counts = [r.config.get("num_classes") for r in group]
-        tests = [r.records[-1].get("test_total") if r.records else None for r in group]
-        lists = [hashlib.sha1(json.dumps(r.config["classes"]).encode()).hexdigest()[:6]
-                 if isinstance(r.config.get("classes"), list) else None for r in group]  # None: an older config
-        told = next(((values, shown) for values, shown in ((counts, "{} classes"), (tests, "{} test images"),
-                                                            (lists, "classes #{}"))
-                     if len({v for v in values if v is not None}) > 1), None)
-        if told is None:
-            continue
-        for run, value in zip(group, told[0]):
-            run.label = f"{name} ({told[1].format(value) if value is not None else 'unknown'})"
+        def short(value) -> str | None:
+            return None if value is None else hashlib.sha1(json.dumps(value).encode()).hexdigest()[:6]
+        attributes = (([r.config.get("num_classes") for r in group], "{} classes"),
+                      ([r.records[-1].get("test_total") if r.records else None for r in group], "{} test images"),
+                      ([short(r.config.get("classes")) for r in group], "classes #{}"),  # None: an older config
+                      ([short(r.config.get("data_files")) for r in group], "data #{}"))
+        told: list[tuple[list, str]] = []
+        for values, shown in attributes:  # each that still differs among runs the ones before leave together
+            cells: dict[tuple, set] = {}
+            for i in range(len(group)):
+                cells.setdefault(tuple(v[i] for v, _ in told), set()).add(values[i])
+            if any(len(cell - {None}) > 1 for cell in cells.values()):
+                told.append((values, shown))
+        for i, run in enumerate(group):
+            if told:
+                parts = (shown.format(v[i]) if v[i] is not None else "unknown" for v, shown in told)
+                run.label = f"{name} ({', '.join(parts)})"
 
 
 def find_failures(root: Path) -> list[dict]:

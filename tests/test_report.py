@@ -184,6 +184,25 @@ def test_runs_of_other_data_under_one_dataset_name_get_columns_of_their_own(tmp_
     assert len({r.dataset for r in runs if r.name == "cub"}) == 2
 
 
+def test_every_difference_of_the_data_labels_a_column(tmp_path):
+    """Among runs of one dataset name whose class counts differ, two of 100 classes on other test splits are still
+    apart (the label said the class count alone, and averaged them); so are two of one count and split whose files
+    differ (config.json's data_files)."""
+    make_run(tmp_path / "a", "aircraft", 0, [90.0])
+    make_run(tmp_path / "b", "aircraft", 1, [50.0], test_total=60)
+    make_run(tmp_path / "c", "aircraft", 0, [96.0], num_classes=70)
+    for folder, files in (("d", "1" * 64), ("e", "2" * 64)):
+        run = make_run(tmp_path / folder, "birds", 0, [40.0 if folder == "d" else 60.0])
+        write_json(run / "config.json", {**json.loads((run / "config.json").read_text()), "data_files": files})
+    _, rows = results_table(run_report(tmp_path))
+    cells = rows["resnet50/off"]
+    assert cells["aircraft (100 classes, 100 test images) final epoch"] == spread([90.0])
+    assert cells["aircraft (100 classes, 60 test images) final epoch"] == spread([50.0])
+    assert cells["aircraft (70 classes, 100 test images) final epoch"] == spread([96.0])
+    birds = sorted(k for k in cells if k.startswith("birds (data #") and k.endswith("final epoch"))
+    assert len(birds) == 2 and sorted(cells[k] for k in birds) == sorted([spread([40.0]), spread([60.0])])
+
+
 def test_a_published_number_is_shown_only_beside_the_official_classes(tmp_path):
     make_run(tmp_path, "cub", 0, [80.0], num_classes=150)  # a subset of CUB
     _, rows = results_table(run_report(tmp_path))
