@@ -47,3 +47,25 @@ def test_scalars_per_epoch_and_no_repeat_after_resume(tmp_path):
     assert {"train/loss", "train/acc", "test/loss", "test/acc", "test/top5", "lr"} <= set(events.Tags()["scalars"])
     assert [(e.step, e.value) for e in events.Scalars("test/acc")] == [(1, 40.0), (2, 55.0), (3, 60.0)]
     assert [e.value for e in events.Scalars("lr")] == pytest.approx([0.1, 0.05, 0.1 / 3])
+
+
+def test_an_epoch_1_redone_is_shown_once_with_the_emas_scalars(tmp_path):
+    """Killed after epoch 1's record, before its checkpoint: the resume redoes epoch 1 (0 epochs done), whose first
+    events are dropped as a later epoch's are; the EMA's test scalars are there too."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def with_ema(epoch, acc):
+        return {**record(epoch, acc), "ema_test_acc": acc + 1, "ema_test_loss": 0.5, "ema_test_top5": 99.0}
+    log = RunLog(tmp_path, is_main=True, tensorboard=True)
+    log.start({"epochs": 2}, 0)
+    log.epoch(with_ema(1, 40.0))
+    log = RunLog(tmp_path, is_main=True, tensorboard=True)
+    log.start({"epochs": 2}, 0)
+    log.epoch(with_ema(1, 45.0))
+    log.epoch(with_ema(2, 50.0))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("test/acc")] == [(1, 45.0), (2, 50.0)]
+    assert [(e.step, e.value) for e in events.Scalars("test_ema/acc")] == [(1, 46.0), (2, 51.0)]
+    assert {"test_ema/loss", "test_ema/top5"} <= set(events.Tags()["scalars"])
