@@ -177,10 +177,16 @@ def test_eval_only_reproduces_the_last_epoch(tiny_data, runs, tmp_path, world):
 
 
 def test_finished_run_is_not_trained_again_and_changed_options_are_refused(tiny_data, runs):
+    """The same command again trains nothing; a run killed after its last checkpoint but before its summary.json
+    (removed here) gets it then, equal to the one it would have written."""
     folder = runs[1][0]
     before = (run_dir(folder) / "checkpoint.pt").stat().st_mtime_ns
+    summary = run_dir(folder) / "summary.json"
+    written = json.loads(summary.read_text())
+    summary.unlink()
     res = run_fgic(["-d", str(tiny_data), *tiny_args(), "--output-dir", str(folder)])
     assert res.returncode == 0 and "already finished" in res.stdout and "resuming" not in res.stdout, res.stdout
+    assert "its summary.json written now" in res.stdout and json.loads(summary.read_text()) == written
     assert (run_dir(folder) / "checkpoint.pt").stat().st_mtime_ns == before
     res = run_fgic(["-d", str(tiny_data), *tiny_args(epochs=3), "--output-dir", str(folder)])
     assert res.returncode == 2 and "--epochs: 2 -> 3" in res.stderr and "Traceback" not in res.stderr
