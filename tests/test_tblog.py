@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from fgic import tblog
 from fgic.runlog import RunLog, read_records
 
 
@@ -30,42 +31,29 @@ def test_off_by_default(tmp_path):
     assert not (tmp_path / "tb").exists()
 
 
-def test_scalars_per_epoch_and_no_repeat_after_resume(tmp_path):
+@pytest.mark.parametrize("done", [1, 0])
+def test_scalars_per_epoch_none_repeated_after_a_resume(tmp_path, done):
+    """An attempt killed after epoch done+1's record, before its checkpoint: the resume (done epochs done) redoes that
+    epoch, and TensorBoard shows each epoch once (done 0: epoch 1, purged as a later epoch is), the EMA's test scalars
+    with the model's."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    log = RunLog(tmp_path, is_main=True, tensorboard=True)
-    log.start({"epochs": 3}, 0)
-    log.epoch(record(1, 40.0))
-    log.epoch(record(2, 50.0))  # written, then killed before the epoch-2 checkpoint: resume redoes epoch 2
-    log = RunLog(tmp_path, is_main=True, tensorboard=True)
-    log.start({"epochs": 3}, 1)
-    log.epoch(record(2, 55.0))
-    log.epoch(record(3, 60.0))
-    events = EventAccumulator(str(tmp_path / "tb"))
-    events.Reload()
-    assert {"train/loss", "train/acc", "test/loss", "test/acc", "test/top5", "lr"} <= set(events.Tags()["scalars"])
-    assert [(e.step, e.value) for e in events.Scalars("test/acc")] == [(1, 40.0), (2, 55.0), (3, 60.0)]
-    assert [e.value for e in events.Scalars("lr")] == pytest.approx([0.1, 0.05, 0.1 / 3])
-
-
-def test_an_epoch_1_redone_is_shown_once_with_the_emas_scalars(tmp_path):
-    """Killed after epoch 1's record, before its checkpoint: the resume redoes epoch 1 (0 epochs done), whose first
-    events are dropped as a later epoch's are; the EMA's test scalars are there too."""
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    def with_ema(epoch, acc):
+    def scored(epoch, attempt):
+        acc = 40.0 + 10 * epoch + attempt
         return {**record(epoch, acc), "ema_test_acc": acc + 1, "ema_test_loss": 0.5, "ema_test_top5": 99.0}
     log = RunLog(tmp_path, is_main=True, tensorboard=True)
-    log.start({"epochs": 2}, 0)
-    log.epoch(with_ema(1, 40.0))
+    log.start({"epochs": 3}, 0)
+    for epoch in range(1, done + 2):
+        log.epoch(scored(epoch, 0))
     log = RunLog(tmp_path, is_main=True, tensorboard=True)
-    log.start({"epochs": 2}, 0)
-    log.epoch(with_ema(1, 45.0))
-    log.epoch(with_ema(2, 50.0))
+    log.start({"epochs": 3}, done)
+    for epoch in range(done + 1, 4):
+        log.epoch(scored(epoch, 5))
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("test/acc")] == [(1, 45.0), (2, 50.0)]
-    assert [(e.step, e.value) for e in events.Scalars("test_ema/acc")] == [(1, 46.0), (2, 51.0)]
-    assert {"test_ema/loss", "test_ema/top5"} <= set(events.Tags()["scalars"])
+    assert set(tblog.SCALARS) == set(events.Tags()["scalars"])
+    accs = [scored(e, 0 if e <= done else 5)["test_acc"] for e in (1, 2, 3)]
+    assert [(e.step, e.value) for e in events.Scalars("test/acc")] == list(zip((1, 2, 3), accs, strict=True))
+    assert [(e.step, e.value) for e in events.Scalars("test_ema/acc")] == [(e, a + 1) for e, a in zip((1, 2, 3), accs)]
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([0.1, 0.05, 0.1 / 3])
