@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -137,11 +138,16 @@ def normalization(arch: str, weights: str) -> augment.Normalization:
     return augment.IMAGENET
 
 
+# torchvision's published DenseNet files name a dense layer's parts norm.1, relu.1, conv.1, norm.2, ... (the module
+# names of its first release); the modules are norm1, relu1, conv1, ... since (torchvision renames them on load too)
+OLD_DENSE_LAYER = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
+
+
 def fit_to_model(model: nn.Module, state: dict, source: str) -> dict:
-    """A state_dict made fit for fgic's build of its arch: auxiliary heads dropped, and a ViT's position embeddings
-    for another image size interpolated to the model's patch grid (torchvision's interpolate_embeddings), with a
-    notice."""
-    state = {k: v for k, v in state.items() if not k.startswith(AUX_HEADS)}
+    """A state_dict made fit for fgic's build of its arch: DenseNet's old key names renamed, auxiliary heads dropped,
+    and a ViT's position embeddings for another image size interpolated to the model's patch grid (torchvision's
+    interpolate_embeddings), with a notice."""
+    state = {OLD_DENSE_LAYER.sub(r"\1\2.", k): v for k, v in state.items() if not k.startswith(AUX_HEADS)}
     key = "encoder.pos_embedding"
     if not isinstance(model, models.VisionTransformer) or key not in state:
         return state

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -104,6 +105,20 @@ def imagenet_file(arch: str, state: dict) -> None:
     path = weights.cache_file(weights.imagenet_weights(arch))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
+
+
+def test_densenet_imagenet_weights_with_their_old_key_names_load(torch_home):
+    """torchvision's DenseNet files name a dense layer's parts norm.1, conv.1, ... and have no num_batches_tracked (a
+    file made so here, as no download is possible): loaded whole, as torchvision's own loader does."""
+    torch.manual_seed(0)
+    reference = tvm.densenet121(weights=None).state_dict()
+    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in reference.items()
+           if not k.endswith("num_batches_tracked")}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    imagenet_file("densenet121", old)
+    model = models.build("densenet121", 5, "imagenet")
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in reference.items() if not k.startswith("classifier"))
 
 
 @pytest.mark.e2e  # in-process, but seconds of work (the quick loop stays under a minute)
