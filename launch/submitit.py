@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import submitit
+import torch
 
 from fgic import config, ddp, requeue, sweep
 from fgic.cli import run_cli
@@ -31,7 +32,8 @@ def launcher_parser(add_help: bool) -> argparse.ArgumentParser:
     g.add_argument("--datasets", nargs="+", metavar="NAME|PATH", help="datasets to sweep (default: -d's)")
     g.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds to sweep (default: --seed's)")
     g.add_argument("--amps", nargs="+", metavar="MODE", help="AMP modes to sweep (default: --amp's; auto is bf16 with "
-                                                              "--gpus-per-node, off without)")
+                                                              "--gpus-per-node, off without, with --device cpu, or "
+                                                              "for a local job where torch has no CUDA)")
     g.add_argument("--sweep", action="append", default=[], metavar="FLAG=V1,V2",
                    help="sweep any other fgic.ddp flag too, e.g. lr=0.05,0.1 or arch=resnet50,vit_b_16 (repeat for a "
                         "grid; switches as compile=on,off); values outside the run name's arch, amp and seed go into "
@@ -201,14 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.datasets:
         raise FgicError(f"--datasets: name at least one dataset ({', '.join(config.REGISTRY)} or a folder), or give -d")
     args.seeds = args.seeds or [full.seed]
-    # -a auto is resolved here, where the run folders are named: bf16 for GPU jobs (a GPU without it says so in one
-    # line at the job's start), off for CPU jobs
-    args.amps = [("bf16" if args.gpus_per_node else "off") if a == "auto" else a for a in args.amps or [full.amp]]
     for flag in ("nodes", "tasks_per_node", "cpus_per_task"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise FgicError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a number of at least 1")
     if args.gpus_per_node < 0:
         raise FgicError(f"--gpus-per-node {args.gpus_per_node}: give 0 (CPU) or more")
+    if args.gpus_per_node and args.tasks_per_node not in (None, args.gpus_per_node):  # fgic.ddp: one GPU a process
+        wasted = "sit idle" if args.tasks_per_node < args.gpus_per_node else "be shared"
+        raise FgicError(f"--tasks-per-node {args.tasks_per_node} with --gpus-per-node {args.gpus_per_node}: each "
+                        f"process trains on one GPU, so GPUs would {wasted}; leave --tasks-per-node out (one per GPU)")
+    # -a auto is resolved here, where the run folders are named: bf16 for jobs that train on a GPU (a GPU without it
+    # says so in one line at the job's start), off for the others (fgic.ddp's auto on the CPU)
+    on_gpu = args.gpus_per_node > 0 and full.device != "cpu" and (cluster(args) == "slurm" or
+                                                                    torch.cuda.is_available())
+    args.amps = [("bf16" if on_gpu else "off") if a == "auto" else a for a in args.amps or [full.amp]]
     planned = [(c.argv, c.run_dir) for c in sweep.plan(args.datasets, args.seeds, args.amps, args.sweep, fgic_argv)]
     cpus = cpus_per_task(args) if cluster(args) == "slurm" else None
     folder = Path(args.logs or Path(full.output_dir) / "submitit")

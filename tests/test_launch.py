@@ -100,16 +100,21 @@ def test_submitit_dry_run_plans_one_checked_job_per_combination(tiny_data, tmp_p
     assert lines[3].endswith(f"{tmp_path}/tiny/resnet50-bf16-s1") and "--epochs 3" in lines[3]
 
 
-def test_submitit_gives_each_job_its_dataset_seed_and_amp_once(tiny_data, tmp_path, capsys):
+@pytest.mark.parametrize("gpus,cuda,device,amp", [("0", True, [], "off"), ("2", True, [], "bf16"),
+                                                  ("2", False, [], "off"), ("2", True, ["--device", "cpu"], "off")],
+                         ids=["cpu-job", "gpu-job", "local-job-without-cuda", "device-cpu"])
+def test_submitit_gives_each_job_its_dataset_seed_and_amp_once(tiny_data, tmp_path, capsys, monkeypatch, gpus, cuda,
+                                                               device, amp):
     """-d, --seed and --amp name the grid's one value: each job's command holds them once (it showed -d twice), and
-    -a auto is bf16 for GPU jobs, off for CPU ones (the run folder's name holds it)."""
+    -a auto is bf16 for jobs that train on a GPU, off for the others, as fgic.ddp's auto (the run folder's name holds
+    it): a local job on a machine without CUDA, or one given --device cpu, trained in CPU bf16 named so."""
     from launch import submitit as launcher
-    for gpus, amp in (("0", "off"), ("2", "bf16")):
-        launcher.main(["-d", str(tiny_data), "-s", "4", "--epochs", "3", "--gpus-per-node", gpus, "--cluster", "local",
-                       "--output-dir", str(tmp_path), "--dry-run"])
-        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("would submit"))
-        assert line == (f"would submit: fgic.ddp --epochs 3 --output-dir {tmp_path} -d "
-                        f"{tiny_data} --seed 4 --amp {amp}  ->  {tmp_path}/tiny/resnet50-{amp}-s4"), line
+    monkeypatch.setattr(launcher.torch.cuda, "is_available", lambda: cuda)
+    launcher.main(["-d", str(tiny_data), "-s", "4", "--epochs", "3", *device, "--gpus-per-node", gpus, "--cluster",
+                   "local", "--output-dir", str(tmp_path), "--dry-run"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("would submit"))
+    assert line == (f"would submit: fgic.ddp --epochs 3 {' '.join(device)}{' ' if device else ''}--output-dir "
+                    f"{tmp_path} -d {tiny_data} --seed 4 --amp {amp}  ->  {tmp_path}/tiny/resnet50-{amp}-s4"), line
 
 
 def test_the_launchers_help_says_what_they_do():
@@ -143,6 +148,11 @@ def test_submitit_sweeps_any_flag_into_distinct_run_folders(tiny_data, tmp_path,
     (["--datasets", "DATA", "--seeds", "0", "-s", "5"], "--seeds and -s: give one of them"),
     (["--datasets", "DATA", "--seeds", "0", "-s5"], "--seeds and -s: give one of them"),
     (["--datasets", "DATA", "--amps", "off", "-a", "bf16"], "--amps and -a: give one of them"),
+    # fgic.ddp trains on one GPU a process: GPUs sat idle (or were shared) without a word
+    (["-d", "DATA", "--gpus-per-node", "2", "--tasks-per-node", "1"], "--tasks-per-node 1 with --gpus-per-node 2: "
+                                                                      "each process trains on one GPU, so GPUs would "
+                                                                      "sit idle; leave --tasks-per-node out"),
+    (["-d", "DATA", "--gpus-per-node", "2", "--tasks-per-node", "4"], "so GPUs would be shared"),
 ])
 def test_submitit_checks_every_combination_before_submitting(tiny_data, argv, message):
     from fgic.errors import FgicError
@@ -182,13 +192,13 @@ def fake_bin(tmp_path, **scripts) -> str:
     # the fewest CPUs per GPU among the default partition's nodes with 4 GPUs or more: 32/4 (not 6/2, not big's)
     (["--gpus-per-node", "4"], {}, "4 task(s), 4 GPU(s) per node, --cpus-per-task 8 (8 CPUs per GPU on the nodes "
                                    "of the default partition, from sinfo)"),
-    (["--gpus-per-node", "2", "--tasks-per-node", "1"], {}, "--cpus-per-task 6 (3 CPUs per GPU"),  # 6/2 now fits
-    (["--gpus-per-node", "4", "--tasks-per-node", "1", "--partition", "big"], {}, "--cpus-per-task 40 (10 CPUs"),
+    (["--gpus-per-node", "2"], {}, "--cpus-per-task 3 (3 CPUs per GPU"),  # 6/2 now fits
+    (["--gpus-per-node", "4", "--partition", "big"], {}, "--cpus-per-task 10 (10 CPUs"),
     (["--gpus-per-node", "4"], {"SBATCH_PARTITION": "big"}, "--cpus-per-task 10 (10 CPUs per GPU on the nodes of "
                                                            "partition big"),
     (["--gpus-per-node", "4", "--cpus-per-task", "3"], {"SINFO_NODES": ""}, "GPU(s) per node, --cpus-per-task 3\n"),
     ([], {"SINFO_NODES": ""}, "1 task(s), 0 GPU(s) per node, Slurm's default CPUs per task, 1 (give --cpus-per-task"),
-], ids=["default-partition", "one-task-two-gpus", "partition-flag", "SBATCH_PARTITION", "given", "cpu-job"])
+], ids=["default-partition", "two-gpus", "partition-flag", "SBATCH_PARTITION", "given", "cpu-job"])
 @pytest.mark.e2e
 def test_submitit_default_cpus_per_task_is_the_nodes_share_per_gpu(tiny_data, tmp_path, capsys, monkeypatch, flags,
                                                                      env, expected):
