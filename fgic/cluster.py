@@ -42,16 +42,24 @@ def detect(env: os._Environ | dict = os.environ) -> Launch:
     by_submitit = any(k in env for k in ("SUBMITIT_EXECUTOR", "SUBMITIT_LOCAL_JOB_ID", "SUBMITIT_DEBUG_JOB_ID"))
     launcher = "submitit" if by_submitit else ""
     kind = rendezvous(env)
-    if kind == "torchrun":
-        return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank(env),
-                      int(env.get("LOCAL_WORLD_SIZE", 1)), env.get("MASTER_ADDR"), _int_or_none(env.get("MASTER_PORT")),
-                      launcher)
+    if kind == "torchrun":  # RANK and WORLD_SIZE set by hand in a Slurm step may come without the LOCAL_ ones
+        here = int(env.get("LOCAL_WORLD_SIZE", slurm_tasks_here(env) if "SLURM_LOCALID" in env else 1))
+        return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank(env), here,
+                      env.get("MASTER_ADDR"), _int_or_none(env.get("MASTER_PORT")), launcher)
     if kind == "srun":
         addr, port = slurm_master(env)
-        tasks_here = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1"))
         return Launch("srun", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), local_rank(env),
-                      int(re.match(r"\d+", tasks_here).group()), addr, port, launcher)
+                      slurm_tasks_here(env), addr, port, launcher)
     return Launch("single", launcher=launcher)
+
+
+def slurm_tasks_here(env: os._Environ | dict = os.environ) -> int:
+    """The step's tasks on this node: SLURM_STEP_TASKS_PER_NODE ("4(x2),1": 4 on nodes 0 and 1, 1 on node 2) at
+    SLURM_NODEID."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1"))
+    counts = [int(n) for n, times in re.findall(r"(\d+)(?:\(x(\d+)\))?", spec) for _ in range(int(times or 1))]
+    node = int(env.get("SLURM_NODEID", 0))
+    return counts[node] if node < len(counts) else counts[0]
 
 
 def rendezvous(env: os._Environ | dict = os.environ) -> str:
@@ -66,17 +74,20 @@ def rendezvous(env: os._Environ | dict = os.environ) -> str:
 def local_rank(env: os._Environ | dict = os.environ) -> int:
     """This process's place on its node (detect's local_rank), for a node's first process to speak for the node."""
     kind = rendezvous(env)
-    return int(env.get({"torchrun": "LOCAL_RANK", "srun": "SLURM_LOCALID"}.get(kind, ""), 0))
+    if kind == "torchrun":
+        return int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    return int(env.get("SLURM_LOCALID", 0)) if kind == "srun" else 0
 
 
 def slurm_master(env: os._Environ | dict = os.environ) -> tuple[str, int]:
-    """The rendezvous of a Slurm job: its first host, and MASTER_PORT or a port derived from the job id."""
+    """The rendezvous of a Slurm job: MASTER_ADDR or its first host (what init_process_group's env:// then uses
+    too), and MASTER_PORT or a port derived from the job id."""
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         raise FgicError("Slurm sets no SLURM_JOB_NODELIST here: run inside an allocation (sbatch/salloc) or use "
                         "torchrun")
     port = _int_or_none(env.get("MASTER_PORT")) or 10000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
-    return first_host(nodelist), port
+    return env.get("MASTER_ADDR") or first_host(nodelist), port
 
 
 def first_host(nodelist: str) -> str:

@@ -39,6 +39,35 @@ def test_srun_task_environment(monkeypatch):
     assert cluster.detect({**env, "MASTER_PORT": "1234"}).master_port == 1234
 
 
+@pytest.mark.parametrize("spec,node,here", [("4(x2)", "1", 4), ("2,1", "1", 1), ("2(x2),1", "2", 1),
+                                             ("2(x2),1", "1", 2), ("3", None, 3)])
+def test_an_srun_tasks_local_world_is_its_nodes_share(monkeypatch, spec, node, here):
+    monkeypatch.setattr(cluster.shutil, "which", lambda name: None)
+    env = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "2", "SLURM_NTASKS": "5", "SLURM_LOCALID": "0",
+           "SLURM_STEP_TASKS_PER_NODE": spec, "SLURM_JOB_NODELIST": "n[1-3]"}
+    if node is not None:
+        env["SLURM_NODEID"] = node
+    assert cluster.detect(env).local_world_size == here
+
+
+def test_torchruns_variables_set_by_hand_in_a_slurm_step_take_slurms_place_on_the_node(monkeypatch):
+    """RANK and WORLD_SIZE from a job script's srun line without LOCAL_RANK: every task was local rank 0, so all of a
+    node's tasks took GPU 0."""
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "n1", "MASTER_PORT": "29555", "SLURM_STEP_ID": "0",
+           "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2"}
+    assert cluster.detect(env) == cluster.Launch("torchrun", 1, 2, 1, 2, "n1", 29555)
+    assert cluster.local_rank(env) == 1
+
+
+def test_an_srun_steps_rendezvous_is_master_addr_when_set(monkeypatch):
+    """init_process_group (env://) takes MASTER_ADDR where it is set: the port check and config.json name that host,
+    not the node list's first."""
+    monkeypatch.setattr(cluster.shutil, "which", lambda name: None)
+    env = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu[007-008]"}
+    assert cluster.detect(env).master_addr == "gpu007"
+    assert cluster.detect({**env, "MASTER_ADDR": "login-given"}).master_addr == "login-given"
+
+
 def test_batch_script_without_srun_is_a_single_process():
     # sbatch --ntasks=4 runs the script once: SLURM_NTASKS is set but there is no step id.
     assert cluster.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "a1"}).kind == "single"
