@@ -170,7 +170,7 @@ def train(run: Run, dist: Dist, stop: StopRequest, lock: RunLock, hooks: testhoo
         if not (run_dir / "summary.json").is_file() and last.get("epoch") == args.epochs:
             # killed after its last checkpoint, before its summary: both are in the checkpoint and metrics.jsonl
             trained_on = checkpoint.saved_config(ckpt_path).get("world_size", dist.world_size)
-            log.write("summary.json", run_summary(last, progress, args.epochs, trained_on))
+            log.summary(run_summary(last, progress, args.epochs, trained_on))
             say(f"fgic: {run_dir}: its summary.json written now, from its last checkpoint and records")
         say(f"fgic: {run_dir} already finished (epoch {args.epochs}/{args.epochs}); nothing to do (--resume none "
             f"starts over, moving this run aside to {run_dir.name}.old-N)")

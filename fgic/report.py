@@ -119,11 +119,9 @@ def label_datasets(runs: list[Run]) -> None:
     for run in runs:
         names.setdefault(run.name, []).append(run)
     for name, group in names.items():
-        def short(value) -> str | None:
-            return None if value is None else hashlib.sha1(json.dumps(value).encode()).hexdigest()[:6]
         attributes = (([r.config.get("num_classes") for r in group], "{} classes"),
                       ([r.records[-1].get("test_total") if r.records else None for r in group], "{} test images"),
-                      ([short(r.config.get("classes")) for r in group], "classes #{}"),  # None: an older config
+                      ([short(r.config.get("classes")) for r in group], "classes #{}"),
                       ([short(r.config.get("data_files")) for r in group], "data #{}"))
         told: list[tuple[list, str]] = []
         for values, shown in attributes:  # each that still differs among runs the ones before leave together
@@ -136,6 +134,11 @@ def label_datasets(runs: list[Run]) -> None:
             if told:
                 parts = (shown.format(v[i]) if v[i] is not None else "unknown" for v, shown in told)
                 run.label = f"{name} ({', '.join(parts)})"
+
+
+def short(value) -> str | None:
+    """A value's 6-character digest (None stays None: an older config without it)."""
+    return None if value is None else hashlib.sha1(json.dumps(value).encode()).hexdigest()[:6]
 
 
 def find_failures(root: Path) -> list[dict]:
